@@ -1,0 +1,97 @@
+"""Prompt normalization: defined once, used by training and by the runtime.
+
+The served model must see exactly the text it was trained on, so both sides call
+:func:`normalize_prompt`. :func:`prompt_key` is the identity used for dedupe and
+decontamination: it also folds case and all whitespace, so trivially different copies of
+a prompt count as one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections.abc import Iterable, Mapping
+
+# C0/C1 control characters except tab and newline (carriage returns are handled first), and
+# invisible format characters: zero-width spaces/joiners, word joiner, byte-order mark.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200d\u2060\ufeff]")
+_TRAILING_SPACE = re.compile(r"[ \t]+\n")
+_MANY_NEWLINES = re.compile(r"\n{3,}")
+_ANY_SPACE = re.compile(r"\s+")
+
+
+def normalize_prompt(text: str) -> str:
+    """Return the canonical form of a prompt, the form the model sees.
+
+    NFKC Unicode normalization, ``\\r\\n``/``\\r`` to ``\\n``, control characters removed,
+    trailing spaces on lines dropped, runs of blank lines cut to one, outer white space
+    stripped. Meaningful layout (single newlines, indentation) is kept.
+
+    Args:
+        text: the raw prompt.
+
+    Returns:
+        The normalized prompt; empty if ``text`` held nothing but white space.
+    """
+    text = unicodedata.normalize("NFKC", text)
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = _CONTROL.sub("", text)
+    text = _TRAILING_SPACE.sub("\n", text)
+    text = _MANY_NEWLINES.sub("\n\n", text)
+    return text.strip()
+
+
+def prompt_key(text: str) -> str:
+    """Return the dedupe identity of a prompt: a hex sha256 of its case- and space-folded form.
+
+    Args:
+        text: a raw or normalized prompt.
+
+    Returns:
+        A 64-character hex digest.
+    """
+    folded = _ANY_SPACE.sub(" ", normalize_prompt(text)).casefold()
+    return hashlib.sha256(folded.encode("utf-8")).hexdigest()
+
+
+def messages_to_prompt(messages: Iterable[Mapping[str, object]]) -> str:
+    """Return the text classified for an OpenAI-style chat: the last user turn.
+
+    The last user message is what the next model call has to answer; system prompts and
+    earlier turns (few-shot examples, history) say little about its difficulty and would
+    push the question itself out of the truncation window.
+
+    Args:
+        messages: ``{"role": ..., "content": ...}`` mappings, oldest first. ``content`` may
+            be a string or a list of OpenAI content parts (``{"type": "text", "text": ...}``).
+
+    Returns:
+        The last user turn's text.
+
+    Raises:
+        ValueError: when there is no user message with text.
+    """
+    last: str | None = None
+    for message in messages:
+        if message.get("role") != "user":
+            continue
+        text = _content_text(message.get("content"))
+        if text is not None:
+            last = text
+    if last is None:
+        raise ValueError("the chat has no user message with text content")
+    return last
+
+
+def _content_text(content: object) -> str | None:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = [
+            p["text"]
+            for p in content
+            if isinstance(p, Mapping) and p.get("type") == "text" and isinstance(p.get("text"), str)
+        ]
+        return "\n".join(parts) if parts else None
+    return None

@@ -1,0 +1,57 @@
+"""The ``tierpick`` command: one entry point whose command groups live in their own packages.
+
+The dispatcher imports a group's module only when that group is asked for, so ``tierpick
+serve`` works on a runtime-only install and ``classifier`` never imports ``training`` at
+import time. Each group module exposes ``register(subparsers)``, which adds its commands and
+sets ``func`` on each parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from classifier.errors import TierpickError
+
+# command group -> (module that implements it, pip extra it needs, one-line help)
+_GROUPS: dict[str, tuple[str, str | None, str]] = {
+    "data": ("training.cli", None, "build and inspect training datasets from eval outcomes"),
+}
+
+
+def build_parser(groups: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """Build the argument parser, loading only the named command groups (all when None)."""
+    parser = argparse.ArgumentParser(prog="tierpick", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in groups if groups is not None else _GROUPS:
+        module_name, _extra, _help = _GROUPS[name]
+        module = importlib.import_module(module_name)
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``tierpick`` command line; returns the process exit code."""
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    wanted = [a for a in args_list[:1] if a in _GROUPS]
+    try:
+        parser = build_parser(wanted or None)
+    except ImportError as exc:  # an optional extra is missing for this group
+        extra = _GROUPS[wanted[0]][1] if wanted else None
+        hint = f" (pip install 'tierpick[{extra}]')" if extra else ""
+        print(f"tierpick: cannot load this command: {exc}{hint}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(args_list)
+    try:
+        code: int = args.func(args)
+    except TierpickError as exc:
+        print(f"tierpick: error: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

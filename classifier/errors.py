@@ -1,0 +1,32 @@
+"""The project's error types.
+
+Every error that bad input can cause is a ``ValueError`` subclass whose message says what was
+wrong and what is allowed::
+
+    TierpickError (ValueError)
+    ├── ConfigError        a tier config or training config that does not validate
+    ├── IngestError        an input file that cannot be read at all, or yields no rows
+    └── DatasetError       a dataset that cannot train a model (a tier with no targets, ...)
+"""
+
+from __future__ import annotations
+
+
+class TierpickError(ValueError):
+    """Base class of every error caused by bad input to tierpick."""
+
+
+class ConfigError(TierpickError):
+    """A configuration file or value is invalid."""
+
+
+class IngestError(TierpickError):
+    """An input file cannot be read at all, or yields zero usable rows."""
+
+
+class DatasetError(TierpickError):
+    """A built dataset is unusable, or a dataset directory is missing or corrupt."""
+
+
+class MissingDependencyError(TierpickError, ImportError):
+    """An optional dependency group is needed for this command but is not installed."""

@@ -1,0 +1,4 @@
+"""tierpick serving: the gRPC service and batch scoring.
+
+Imports ``classifier``, never ``training``.
+"""

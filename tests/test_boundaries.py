@@ -1,0 +1,46 @@
+"""The package boundaries of ARCHITECTURE.md, checked on the source: the runtime never imports
+training or torch, and serving never imports training."""
+
+import ast
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def _imports(package: str) -> set[tuple[str, str]]:
+    found = set()
+    for path in (REPO / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found |= {(str(path.relative_to(REPO)), a.name.split(".")[0]) for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                found.add((str(path.relative_to(REPO)), node.module.split(".")[0]))
+    return found
+
+
+@pytest.mark.parametrize(
+    ("package", "forbidden"),
+    [
+        ("classifier", {"training", "torch", "transformers", "sentence_transformers", "mlflow"}),
+        ("serving", {"training", "torch", "transformers", "sentence_transformers"}),
+    ],
+)
+def test_package_does_not_import(package: str, forbidden: set[str]) -> None:
+    bad = sorted((f, m) for f, m in _imports(package) if m in forbidden)
+    assert not bad, f"{package} imports {bad}"
+
+
+def test_public_surface_of_classifier() -> None:
+    import classifier
+
+    assert sorted(classifier.__all__) == [
+        "ConfigError",
+        "DatasetError",
+        "IngestError",
+        "MissingDependencyError",
+        "TierpickError",
+        "messages_to_prompt",
+        "normalize_prompt",
+        "prompt_key",
+    ]

@@ -1,0 +1,90 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from classifier.errors import ConfigError
+from tests.conftest import DEFAULT_CONFIG
+from training.config import load_config, parse_config
+
+
+def _base() -> dict:  # type: ignore[type-arg]
+    return {
+        "name": "t",
+        "tiers": [
+            {"name": "cheap", "price_input": 0, "price_output": 0, "models": ["a"]},
+            {"name": "dear", "price_input": 1, "price_output": 2, "models": ["b"]},
+        ],
+        "sources": ["x.jsonl"],
+    }
+
+
+def test_default_config_loads(data_dir: Path) -> None:
+    cfg = load_config(DEFAULT_CONFIG, data_root=str(data_dir))
+    assert cfg.tier_names == ("local", "mid", "frontier")
+    assert cfg.data_root == data_dir
+    assert cfg.tier_of_model()["gemini-1.5-pro-002"] == "frontier"
+    assert cfg.decontamination.paths[0].path == "routellm/mmlu_abstract_algebra.csv"
+
+
+def test_default_config_resolves_data_root_relative_to_file(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TIERPICK_DATA_ROOT", raising=False)
+    cfg = load_config(DEFAULT_CONFIG)
+    assert (cfg.data_root / "mmlu-pro").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda c: c["tiers"].pop(), "'tiers' needs at least 2 tiers"),
+        (lambda c: c["tiers"][0].update(name="Bad Name"), "'tiers[0].name' must match"),
+        (lambda c: c["tiers"][1].update(name="cheap"), "duplicate tier name 'cheap'"),
+        (lambda c: c["tiers"][0].update(price_input=-1), "'tiers[0].price_input' must be a number"),
+        (lambda c: c["tiers"][0].update(models=[]), "'tiers[0].models' needs at least one"),
+        (lambda c: c["tiers"][1].update(models=["a"]), "model 'a' is already in tier 'cheap'"),
+        (
+            lambda c: (
+                c["tiers"][1].update(price_input=0, price_output=0)
+                or c["tiers"][0].update(price_input=3)
+            ),
+            "ordered cheapest first",
+        ),
+        (lambda c: c.update(sources=[]), "'sources' needs at least one source"),
+        (
+            lambda c: c.update(sources=[{"path": "x", "format": "xml"}]),
+            "'sources[0].format' must be one of",
+        ),
+        (lambda c: c.update(colour="red"), "unknown key(s) ['colour']"),
+        (lambda c: c.update(split={"val_fraction": 0.6, "test_fraction": 0.5}), "must be < 1"),
+        (
+            lambda c: c.update(split={"holdout": {"column": "model", "values": ["x"]}}),
+            "'split.holdout.column' must be one of ['task', 'source']",
+        ),
+        (
+            lambda c: c.update(decontaminate={"paths": ["e.csv"], "method": "fuzzy"}),
+            "'decontaminate.method' must be one of",
+        ),
+    ],
+)
+def test_bad_config_names_the_key(mutate, message: str) -> None:  # type: ignore[no-untyped-def]
+    cfg = _base()
+    mutate(cfg)
+    with pytest.raises(ConfigError) as info:
+        parse_config(cfg, base_dir=Path("."), where="t.yaml")
+    assert message in str(info.value)
+    assert str(info.value).startswith("t.yaml:")
+
+
+def test_unreadable_and_non_yaml_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tiers: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text(yaml.safe_dump("just a string"))
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(scalar)

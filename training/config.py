@@ -1,0 +1,301 @@
+"""The training config: tiers (cheapest first), the eval-outcome sources, decontamination and split.
+
+Edited by people as YAML and validated on load: every problem names its key path and what is
+allowed. Relative paths are taken from ``data_root``, which is itself relative to the config
+file's folder unless absolute (``TIERPICK_DATA_ROOT`` or ``--data-root`` override it).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import yaml
+
+from classifier.errors import ConfigError
+
+FORMATS = ("auto", "mmlu-pro", "lm-eval", "wide-csv", "alpaca-eval", "long")
+# Eval sets named for decontamination may also be plain prompt lists (JSONL/CSV/Parquet/TXT).
+DECON_FORMATS = (*FORMATS, "prompts")
+_TIER_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+SPLIT_NAMES = ("train", "val", "test", "ood")
+
+
+@dataclass(frozen=True)
+class Tier:
+    """One price tier: the models that represent it and what it costs per 1M tokens (USD)."""
+
+    name: str
+    price_input: float
+    price_output: float
+    models: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Source:
+    """One eval-outcome input: a file, a directory or a glob, and its format."""
+
+    path: str
+    format: str = "auto"
+    name: str | None = None  # source label in the dataset; default: derived by the reader
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Decontamination:
+    """Eval sets whose prompts must not be trained on, and how a match is found."""
+
+    paths: tuple[Source, ...] = ()
+    method: str = "ngram"  # "exact" normalized-text match, or "ngram" word n-gram overlap
+    ngram: int = 13
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """Whole groups kept out of train/val as the out-of-distribution split."""
+
+    column: str  # "task" or "source"
+    values: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Deterministic split by prompt hash, with optional group hold-out."""
+
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    salt: str = "tierpick"
+    holdout: Holdout | None = None
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """A whole training-data config: the one place tier names and their order come from."""
+
+    name: str
+    tiers: tuple[Tier, ...]
+    sources: tuple[Source, ...]
+    data_root: Path
+    decontamination: Decontamination = Decontamination()
+    split: SplitConfig = SplitConfig()
+    path: Path | None = None
+
+    @property
+    def tier_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tiers)
+
+    def tier_of_model(self) -> dict[str, str]:
+        """Map each configured model name to its tier's name."""
+        return {m: t.name for t in self.tiers for m in t.models}
+
+    def resolve(self, path: str) -> Path:
+        """Resolve a source path against ``data_root``."""
+        p = Path(os.path.expanduser(path))
+        return p if p.is_absolute() else self.data_root / p
+
+
+def load_config(path: str | os.PathLike[str], data_root: str | None = None) -> TierConfig:
+    """Load and validate a YAML training config.
+
+    Args:
+        path: the YAML file.
+        data_root: overrides the file's ``data_root`` (else ``TIERPICK_DATA_ROOT``, else the key).
+
+    Returns:
+        The validated config.
+
+    Raises:
+        ConfigError: the file is missing, not YAML, or does not validate; the message names
+            the offending key.
+    """
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
+    return parse_config(raw, base_dir=path.parent, where=str(path), data_root=data_root)
+
+
+def parse_config(
+    raw: object, base_dir: Path, where: str = "config", data_root: str | None = None
+) -> TierConfig:
+    """Validate an already-parsed config mapping (see :func:`load_config`)."""
+    c = _Checker(where)
+    top = c.mapping(raw, "")
+    c.known_keys(top, "", {"name", "data_root", "tiers", "sources", "decontaminate", "split"})
+    name = c.string(top.get("name", "tierpick"), "name")
+
+    root_value = data_root or os.environ.get("TIERPICK_DATA_ROOT") or top.get("data_root", ".")
+    root = Path(os.path.expanduser(c.string(root_value, "data_root")))
+    root = (root if root.is_absolute() else (base_dir / root)).resolve()
+
+    tiers = tuple(_parse_tier(c, t, f"tiers[{i}]") for i, t in enumerate(c.seq(top, "tiers")))
+    if len(tiers) < 2:
+        c.fail("tiers", f"needs at least 2 tiers (cheapest first), got {len(tiers)}")
+    seen: dict[str, str] = {}
+    for i, tier in enumerate(tiers):
+        if tier.name in seen:
+            c.fail(f"tiers[{i}].name", f"duplicate tier name {tier.name!r}")
+        seen[tier.name] = tier.name
+    owner: dict[str, str] = {}
+    for i, tier in enumerate(tiers):
+        for model in tier.models:
+            if model in owner:
+                c.fail(
+                    f"tiers[{i}].models",
+                    f"model {model!r} is already in tier {owner[model]!r}; a model has one tier",
+                )
+            owner[model] = tier.name
+    for i in range(1, len(tiers)):
+        prev, cur = tiers[i - 1], tiers[i]
+        if cur.price_input + cur.price_output < prev.price_input + prev.price_output:
+            c.fail(
+                f"tiers[{i}]",
+                f"tiers must be ordered cheapest first: {cur.name!r} costs less than {prev.name!r}",
+            )
+
+    sources = tuple(
+        _parse_source(c, s, f"sources[{i}]") for i, s in enumerate(c.seq(top, "sources"))
+    )
+    if not sources:
+        c.fail("sources", "needs at least one source")
+
+    decon = Decontamination()
+    if "decontaminate" in top:
+        d = c.mapping(top["decontaminate"], "decontaminate")
+        c.known_keys(d, "decontaminate", {"paths", "method", "ngram"})
+        method = c.choice(d.get("method", "ngram"), "decontaminate.method", ("exact", "ngram"))
+        ngram = c.integer(d.get("ngram", 13), "decontaminate.ngram", minimum=3)
+        paths = tuple(
+            _parse_source(c, s, f"decontaminate.paths[{i}]", DECON_FORMATS)
+            for i, s in enumerate(c.seq(d, "paths", "decontaminate"))
+        )
+        decon = Decontamination(paths=paths, method=method, ngram=ngram)
+
+    split = SplitConfig()
+    if "split" in top:
+        s = c.mapping(top["split"], "split")
+        c.known_keys(s, "split", {"val_fraction", "test_fraction", "salt", "holdout"})
+        val = c.fraction(s.get("val_fraction", 0.1), "split.val_fraction")
+        test = c.fraction(s.get("test_fraction", 0.1), "split.test_fraction")
+        if val + test >= 1.0:
+            c.fail("split", f"val_fraction + test_fraction must be < 1, got {val + test:g}")
+        holdout = None
+        if s.get("holdout") is not None:
+            h = c.mapping(s["holdout"], "split.holdout")
+            c.known_keys(h, "split.holdout", {"column", "values"})
+            column = c.choice(h.get("column"), "split.holdout.column", ("task", "source"))
+            values = tuple(
+                c.string(v, f"split.holdout.values[{i}]")
+                for i, v in enumerate(c.seq(h, "values", "split.holdout"))
+            )
+            if not values:
+                c.fail("split.holdout.values", "needs at least one value")
+            holdout = Holdout(column=column, values=values)
+        split = SplitConfig(
+            val_fraction=val,
+            test_fraction=test,
+            salt=c.string(s.get("salt", "tierpick"), "split.salt"),
+            holdout=holdout,
+        )
+
+    return TierConfig(
+        name=name,
+        tiers=tiers,
+        sources=sources,
+        data_root=root,
+        decontamination=decon,
+        split=split,
+        path=Path(where) if where != "config" else None,
+    )
+
+
+def _parse_tier(c: _Checker, raw: object, key: str) -> Tier:
+    t = c.mapping(raw, key)
+    c.known_keys(t, key, {"name", "price_input", "price_output", "models"})
+    name = c.string(t.get("name"), f"{key}.name")
+    if not _TIER_NAME.match(name):
+        c.fail(
+            f"{key}.name", f"must match {_TIER_NAME.pattern} (used in column names), got {name!r}"
+        )
+    models = tuple(c.string(m, f"{key}.models[{j}]") for j, m in enumerate(c.seq(t, "models", key)))
+    if not models:
+        c.fail(f"{key}.models", "needs at least one model name")
+    return Tier(
+        name=name,
+        price_input=c.price(t.get("price_input"), f"{key}.price_input"),
+        price_output=c.price(t.get("price_output"), f"{key}.price_output"),
+        models=models,
+    )
+
+
+def _parse_source(c: _Checker, raw: object, key: str, formats: tuple[str, ...] = FORMATS) -> Source:
+    if isinstance(raw, str):
+        return Source(path=raw)
+    s = c.mapping(raw, key)
+    c.known_keys(s, key, {"path", "format", "name", "options"})
+    options = c.mapping(s.get("options", {}), f"{key}.options")
+    name = s.get("name")
+    return Source(
+        path=c.string(s.get("path"), f"{key}.path"),
+        format=c.choice(s.get("format", "auto"), f"{key}.format", formats),
+        name=None if name is None else c.string(name, f"{key}.name"),
+        options=dict(options),
+    )
+
+
+class _Checker:
+    """Type checks that raise ConfigError naming the file and the key path."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def fail(self, key: str, message: str) -> NoReturn:
+        raise ConfigError(f"{self.where}: '{key or '<top>'}' {message}")
+
+    def mapping(self, value: object, key: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            self.fail(key, f"must be a mapping, got {type(value).__name__}")
+        return value
+
+    def known_keys(self, value: dict[str, Any], key: str, allowed: set[str]) -> None:
+        unknown = sorted(set(value) - allowed)
+        if unknown:
+            self.fail(key, f"has unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+
+    def seq(self, parent: dict[str, Any], name: str, parent_key: str = "") -> list[Any]:
+        key = f"{parent_key}.{name}" if parent_key else name
+        value = parent.get(name)
+        if not isinstance(value, list):
+            self.fail(key, f"must be a list, got {type(value).__name__}")
+        return value
+
+    def string(self, value: object, key: str) -> str:
+        if not isinstance(value, str) or not value.strip():
+            self.fail(key, f"must be a non-empty string, got {value!r}")
+        return value
+
+    def choice(self, value: object, key: str, allowed: tuple[str, ...]) -> str:
+        if value not in allowed:
+            self.fail(key, f"must be one of {list(allowed)}, got {value!r}")
+        return value
+
+    def price(self, value: object, key: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+            self.fail(key, f"must be a number >= 0 (USD per 1M tokens), got {value!r}")
+        return float(value)
+
+    def fraction(self, value: object, key: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+            self.fail(key, f"must be a number in [0, 1), got {value!r}")
+        return float(value)
+
+    def integer(self, value: object, key: str, minimum: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            self.fail(key, f"must be an integer >= {minimum}, got {value!r}")
+        return value

@@ -1,0 +1,461 @@
+"""One reader per eval-outcome format. Each yields :class:`Outcome` rows and records every row it
+cannot use in the :class:`IngestReport`, with file, line (or index) and reason."""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import csv
+import gzip
+import io
+import json
+import math
+import re
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+from classifier._text import messages_to_prompt, normalize_prompt
+from training.ingest._report import IngestReport, Outcome
+
+Reader = Callable[[Path, IngestReport, "str | None", Mapping[str, Any]], Iterator[Outcome]]
+
+_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def _prompt_or_drop(raw: object, origin: str, report: IngestReport) -> str | None:
+    if not isinstance(raw, str):
+        report.drop(origin, "prompt missing or not a string", type(raw).__name__)
+        return None
+    prompt = normalize_prompt(raw)
+    if not prompt:
+        report.drop(origin, "empty prompt")
+        return None
+    return prompt
+
+
+_TRUE = {"true", "t", "yes", "y"}
+_FALSE = {"false", "f", "no", "n"}
+
+
+def parse_score(value: object) -> float | None:
+    """Turn a bool, a number in [0, 1] or a True/False/number string into a score, else None."""
+    if isinstance(value, bool):
+        return 1.0 if value else 0.0
+    if isinstance(value, int | float):
+        score = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower()
+        if text in _TRUE:
+            return 1.0
+        if text in _FALSE:
+            return 0.0
+        try:
+            score = float(text)
+        except ValueError:
+            return None
+    else:
+        return None
+    if math.isnan(score) or not 0.0 <= score <= 1.0:
+        return None
+    return score
+
+
+def _score_or_drop(value: object, origin: str, report: IngestReport, what: str) -> float | None:
+    score = parse_score(value)
+    if score is None:
+        report.drop(origin, f"{what} is not a score in [0, 1]", repr(value)[:80])
+    return score
+
+
+def _open_text(path: Path) -> IO[str]:
+    if path.name.endswith(".gz"):
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return path.open(encoding="utf-8", newline="")
+
+
+def _jsonl(path: Path, report: IngestReport) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield (origin, object) per line; bad lines are reported, blank lines skipped."""
+    with _open_text(path) as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            origin = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                report.drop(origin, "invalid JSON line", exc.msg)
+                continue
+            if not isinstance(obj, dict):
+                report.drop(origin, "row is not a JSON object", type(obj).__name__)
+                continue
+            yield origin, obj
+
+
+# --------------------------------------------------------------------------- MMLU-Pro
+
+
+def format_multiple_choice(question: str, options: list[str]) -> str:
+    """Present a multiple-choice question the way eval harnesses do: stem, then lettered options."""
+    lines = [question.strip(), ""]
+    lines += [f"{_LETTERS[i]}. {str(opt).strip()}" for i, opt in enumerate(options)]
+    return "\n".join(lines)
+
+
+def read_mmlu_pro(
+    path: Path, report: IngestReport, source: str | None, options: Mapping[str, Any]
+) -> Iterator[Outcome]:
+    """MMLU-Pro `model_outputs_<model>_5shots.zip` (or its `.json`): correct = pred == answer."""
+    model = options.get("model") or _mmlu_pro_model(path.name)
+    if path.suffix == ".zip":
+        with zipfile.ZipFile(path) as zf:
+            members = [n for n in zf.namelist() if n.endswith(".json")]
+            if not members:
+                report.warn(f"{path}: zip holds no .json member")
+            for member in members:
+                rows = json.loads(zf.read(member))
+                yield from _mmlu_pro_rows(rows, f"{path}!{member}", model, report, source)
+    else:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        yield from _mmlu_pro_rows(rows, str(path), model, report, source)
+
+
+def _mmlu_pro_model(filename: str) -> str:
+    m = re.match(r"model_outputs_(.+?)(?:_\d+shots?)?\.(?:zip|json)$", filename)
+    return m.group(1) if m else Path(filename).stem
+
+
+def _mmlu_pro_rows(
+    rows: object, where: str, model: str, report: IngestReport, source: str | None
+) -> Iterator[Outcome]:
+    if not isinstance(rows, list):
+        report.drop(where, "file is not a JSON list of rows", type(rows).__name__)
+        return
+    src = source or "mmlu-pro"
+    for index, row in enumerate(rows):
+        origin = f"{where}[{index}]"
+        if not isinstance(row, dict):
+            report.drop(origin, "row is not a JSON object", repr(row)[:40])
+            continue
+        question, opts, answer = row.get("question"), row.get("options"), row.get("answer")
+        if isinstance(opts, str):  # some dumps hold the list as its Python repr
+            with contextlib.suppress(ValueError, SyntaxError):
+                opts = ast.literal_eval(opts)
+        if not isinstance(opts, list) or not opts:
+            report.drop(origin, "options missing or not a list")
+            continue
+        if not isinstance(answer, str) or not answer.strip():
+            report.drop(origin, "answer missing")
+            continue
+        if not isinstance(question, str):
+            report.drop(origin, "prompt missing or not a string", type(question).__name__)
+            continue
+        if not question.strip():
+            report.drop(origin, "empty prompt")
+            continue
+        prompt = _prompt_or_drop(format_multiple_choice(question, opts), origin, report)
+        if prompt is None:
+            continue
+        pred = row.get("pred")
+        if pred is None:
+            report.note("mmlu-pro: pred is null (no answer extracted), scored 0")
+        qid = row.get("question_id")
+        yield Outcome(
+            prompt_id=f"{src}:{qid}" if qid is not None else f"{src}:{where}[{index}]",
+            prompt=prompt,
+            model=model,
+            score=1.0 if pred is not None and str(pred).strip() == answer.strip() else 0.0,
+            source=src,
+            task=str(row.get("category") or "unknown"),
+            origin=origin,
+        )
+
+
+# --------------------------------------------------------------------------- lm-evaluation-harness
+
+_SAMPLES = re.compile(r"^samples_(?P<task>.+)_(?P<ts>\d{4}-\d{2}-\d{2}T[\d\-.]+)\.jsonl(?:\.gz)?$")
+# Metric keys in the order they are preferred when a row does not list its own ``metrics``.
+METRIC_KEYS = ("exact_match", "acc", "acc_norm", "em", "pass@1", "f1", "mc2", "mc1")
+
+# Chat templates seen in --log_samples output. The user turn is kept so that the same question
+# asked through different chat templates dedupes to one prompt.
+_TEMPLATES = [
+    re.compile(r"\[\|user\|\](.*?)(?:\[\|endofturn\|\]|\[\|assistant\|\]|$)", re.S),  # EXAONE
+    re.compile(r"### User:\n(.*?)(?:\n### Assistant:|$)", re.S),  # SOLAR, Orca
+    re.compile(r"<\|im_start\|>user\n(.*?)(?:<\|im_end\|>|$)", re.S),  # ChatML
+    re.compile(r"<\|start_header_id\|>user<\|end_header_id\|>\n\n(.*?)(?:<\|eot_id\|>|$)", re.S),
+    re.compile(r"<start_of_turn>user\n(.*?)(?:<end_of_turn>|$)", re.S),  # Gemma
+    re.compile(r"<\|user\|>\n?(.*?)(?:<\|end\|>|<\|assistant\|>|$)", re.S),  # Phi-3, Zephyr
+    re.compile(r"\[INST\](.*?)\[/INST\]", re.S),  # Llama-2, Mistral
+]
+
+
+def unwrap_chat_template(text: str) -> str:
+    """Return the last user turn of a prompt in a known chat template, else ``text``."""
+    for pattern in _TEMPLATES:
+        turns = [t for t in pattern.findall(text) if t.strip()]
+        if turns:
+            return str(turns[-1])
+    return text
+
+
+def lm_eval_prompt(arguments: object) -> str | None:
+    """The prompt of an lm-eval sample: ``gen_args_0.arg_0`` (new) or ``arguments[0][0]`` (old),
+    a string, a one-element list, or a JSON chat-message list (API models)."""
+    arg: object = None
+    if isinstance(arguments, dict):
+        first = arguments.get("gen_args_0")
+        arg = first.get("arg_0") if isinstance(first, dict) else None
+    elif isinstance(arguments, list) and arguments and isinstance(arguments[0], list):
+        arg = arguments[0][0] if arguments[0] else None
+    if isinstance(arg, list) and len(arg) == 1 and isinstance(arg[0], str):
+        arg = arg[0]
+    if isinstance(arg, list):
+        return messages_to_prompt(arg)
+    if not isinstance(arg, str):
+        return None
+    stripped = arg.lstrip()
+    if stripped.startswith("[{"):
+        try:
+            messages = json.loads(stripped)
+        except json.JSONDecodeError:
+            messages = None
+        if isinstance(messages, list):
+            return messages_to_prompt(messages)
+    return unwrap_chat_template(arg)
+
+
+def _lm_eval_model(path: Path, ts: str, report: IngestReport) -> str:
+    results = path.with_name(f"results_{ts}.json")
+    if results.exists():
+        try:
+            meta = json.loads(results.read_text(encoding="utf-8"))
+            name = meta.get("model_name") or (meta.get("config") or {}).get("model_args")
+            if isinstance(name, str) and name:
+                return name
+            report.warn(f"{results}: no model_name; model taken from the folder name")
+        except (OSError, json.JSONDecodeError, AttributeError) as exc:
+            report.warn(f"{results}: unreadable ({exc}); model taken from the folder name")
+    else:
+        report.warn(f"{path}: no sibling {results.name}; model taken from the folder name")
+    # lm-eval sanitizes "org/model" to "org__model" for folder names.
+    return path.parent.name.replace("__", "/")
+
+
+def read_lm_eval(
+    path: Path, report: IngestReport, source: str | None, options: Mapping[str, Any]
+) -> Iterator[Outcome]:
+    """lm-evaluation-harness ``samples_<task>_<timestamp>.jsonl`` from ``--log_samples``."""
+    m = _SAMPLES.match(path.name)
+    task = options.get("task") or (m.group("task") if m else path.stem)
+    model = options.get("model") or (_lm_eval_model(path, m.group("ts"), report) if m else None)
+    if model is None:
+        model = path.parent.name.replace("__", "/")
+        report.warn(f"{path}: not named samples_<task>_<timestamp>.jsonl; model from folder name")
+    metric_option = options.get("metric")
+    src = source or "lm-eval"
+    for origin, row in _jsonl(path, report):
+        try:
+            raw_prompt = lm_eval_prompt(row.get("arguments"))
+        except ValueError as exc:
+            report.drop(origin, "chat prompt has no user message", str(exc))
+            continue
+        prompt = _prompt_or_drop(raw_prompt, origin, report)
+        if prompt is None:
+            continue
+        metrics = row.get("metrics")
+        listed = metrics if isinstance(metrics, list) else []
+        candidates = [metric_option] if metric_option else [*listed, *METRIC_KEYS]
+        metric = next((k for k in candidates if k in row), None)
+        if metric is None:
+            report.drop(origin, "no metric key in row", f"looked for {candidates[:6]}")
+            continue
+        score = _score_or_drop(row[metric], origin, report, f"metric {metric!r}")
+        if score is None:
+            continue
+        doc = row.get("doc_hash") or row.get("doc_id")
+        yield Outcome(
+            prompt_id=f"{src}:{task}:{doc}",
+            prompt=prompt,
+            model=str(model),
+            score=score,
+            source=src,
+            task=str(task),
+            origin=origin,
+        )
+
+
+# --------------------------------------------------------------------------- AlpacaEval
+
+
+def read_alpaca_eval(
+    path: Path, report: IngestReport, source: str | None, options: Mapping[str, Any]
+) -> Iterator[Outcome]:
+    """AlpacaEval ``annotations.json``: model = ``generator_2``, soft score = ``preference - 1``."""
+    rows = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(rows, list):
+        report.drop(str(path), "file is not a JSON list of rows", type(rows).__name__)
+        return
+    src = source or "alpaca-eval"
+    for index, row in enumerate(rows):
+        origin = f"{path}[{index}]"
+        if not isinstance(row, dict):
+            report.drop(origin, "row is not a JSON object", repr(row)[:40])
+            continue
+        prompt = _prompt_or_drop(row.get("instruction"), origin, report)
+        if prompt is None:
+            continue
+        model = row.get("generator_2")
+        if not isinstance(model, str) or not model:
+            report.drop(origin, "generator_2 missing")
+            continue
+        pref = row.get("preference")
+        pref_f = (
+            float(pref) if isinstance(pref, int | float) and not isinstance(pref, bool) else None
+        )
+        if pref_f is None or math.isnan(pref_f) or not 1.0 <= pref_f <= 2.0:
+            report.drop(origin, "preference missing or outside [1, 2]", repr(pref)[:40])
+            continue
+        yield Outcome(
+            prompt_id=f"{src}:{index}",
+            prompt=prompt,
+            model=model,
+            score=pref_f - 1.0,
+            source=src,
+            task=str(row.get("dataset") or "alpaca-eval"),
+            origin=origin,
+        )
+
+
+# --------------------------------------------------------------------------- wide CSV
+
+
+def read_wide_csv(
+    path: Path, report: IngestReport, source: str | None, options: Mapping[str, Any]
+) -> Iterator[Outcome]:
+    """A prompt column plus one True/False or numeric column per model (RouteLLM's layout)."""
+    prompt_col = options.get("prompt_column", "prompt")
+    id_col = options.get("id_column")
+    src = source or path.parent.name or "wide-csv"
+    task = options.get("task") or path.stem
+    with _open_text(path) as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None:
+            return
+        if prompt_col not in header:
+            raise ValueError(f"no prompt column {prompt_col!r} in header {header}")
+        p_idx = header.index(prompt_col)
+        skip = {p_idx} | ({header.index(id_col)} if id_col in header else set())
+        wanted = options.get("models")
+        model_cols = [
+            (i, name)
+            for i, name in enumerate(header)
+            if i not in skip and (not wanted or name in wanted)
+        ]
+        row_no = 0
+        while True:
+            line = reader.line_num + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as exc:
+                report.drop(f"{path}:{line}", "malformed CSV row", str(exc))
+                continue
+            row_no += 1
+            origin = f"{path}:{line}"
+            if len(row) != len(header):
+                report.drop(origin, "wrong number of CSV fields", f"{len(row)} != {len(header)}")
+                continue
+            prompt = _prompt_or_drop(row[p_idx], origin, report)
+            if prompt is None:
+                continue
+            pid = row[header.index(id_col)] if id_col in header else str(row_no)
+            for i, model in model_cols:
+                cell = row[i]
+                if not cell.strip():
+                    report.note("wide-csv: empty cell (no outcome for that model)")
+                    continue
+                score = _score_or_drop(cell, f"{origin} ({model})", report, f"column {model!r}")
+                if score is None:
+                    continue
+                yield Outcome(f"{src}:{task}:{pid}", prompt, model, score, src, str(task), origin)
+
+
+# --------------------------------------------------------------------------- generic long format
+
+
+def read_long(
+    path: Path, report: IngestReport, source: str | None, options: Mapping[str, Any]
+) -> Iterator[Outcome]:
+    """JSONL, CSV or Parquet rows: prompt, model, score (optional prompt_id, task, source)."""
+    pf = options.get("prompt_field", "prompt")
+    mf = options.get("model_field", "model")
+    sf = options.get("score_field", "score")
+    default_source = source or path.name.split(".")[0]
+    for origin, row in _long_rows(path, report):
+        prompt = _prompt_or_drop(row.get(pf), origin, report)
+        if prompt is None:
+            continue
+        model = row.get(mf)
+        if not isinstance(model, str) or not model.strip():
+            report.drop(origin, f"field {mf!r} missing or not a string")
+            continue
+        score = _score_or_drop(row.get(sf), origin, report, f"field {sf!r}")
+        if score is None:
+            continue
+        src = source or str(row.get("source") or default_source)
+        pid = row.get("prompt_id")
+        yield Outcome(
+            prompt_id=f"{src}:{pid}" if pid is not None else f"{src}:{origin.rsplit(':', 1)[-1]}",
+            prompt=prompt,
+            model=model.strip(),
+            score=score,
+            source=src,
+            task=str(row.get("task") or src),
+            origin=origin,
+        )
+
+
+def _long_rows(path: Path, report: IngestReport) -> Iterator[tuple[str, dict[str, Any]]]:
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        offset = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=8192):
+            for i, row in enumerate(batch.to_pylist()):
+                yield f"{path}:row {offset + i + 1}", row
+            offset += batch.num_rows
+    elif name.endswith(".csv") or name.endswith(".csv.gz"):
+        with _open_text(path) as fh:
+            reader = csv.DictReader(fh)
+            while True:
+                line = reader.line_num + 1
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    break
+                except csv.Error as exc:
+                    report.drop(f"{path}:{line}", "malformed CSV row", str(exc))
+                    continue
+                if None in row:
+                    report.drop(f"{path}:{line}", "wrong number of CSV fields")
+                    continue
+                yield f"{path}:{line}", row
+    else:
+        yield from _jsonl(path, report)
+
+
+READERS: dict[str, Reader] = {
+    "mmlu-pro": read_mmlu_pro,
+    "lm-eval": read_lm_eval,
+    "alpaca-eval": read_alpaca_eval,
+    "wide-csv": read_wide_csv,
+    "long": read_long,
+}
