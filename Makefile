@@ -38,8 +38,11 @@ data: $(STAMP)
 serve: $(STAMP)
 	@echo "make serve: the gRPC service is not built yet (see the gRPC service issue)" >&2; exit 2
 
+# Full retrain of the shipped default from ../shared/data: dataset, teacher, student, evaluation,
+# export to models/default (with REPORT.md), MLflow run in sqlite:///mlflow.db (or $$MLFLOW_TRACKING_URI).
 model: $(STAMP)
-	@echo "make model: the training pipeline (issue 3) is not built yet" >&2; exit 2
+	TIERPICK_DATA_ROOT=$(abspath $(DATA)) $(BIN)/tierpick train --config training/configs/default.yaml \
+		--out models/default --workdir build/model
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

@@ -5,22 +5,36 @@ This package imports no torch and never imports ``training``.
 
 from __future__ import annotations
 
+from classifier._artifact import Manifest, TierSpec, read_manifest
+from classifier._runtime import Decision, RoutingPolicy, TierClassifier, load, prepare_prompt
 from classifier._text import messages_to_prompt, normalize_prompt, prompt_key
 from classifier.errors import (
+    ArtifactError,
     ConfigError,
     DatasetError,
     IngestError,
     MissingDependencyError,
+    PolicyError,
     TierpickError,
 )
 
 __all__ = [
+    "ArtifactError",
     "ConfigError",
     "DatasetError",
+    "Decision",
     "IngestError",
+    "Manifest",
     "MissingDependencyError",
+    "PolicyError",
+    "RoutingPolicy",
+    "TierClassifier",
+    "TierSpec",
     "TierpickError",
+    "load",
     "messages_to_prompt",
     "normalize_prompt",
+    "prepare_prompt",
     "prompt_key",
+    "read_manifest",
 ]

@@ -3,21 +3,25 @@
 The dispatcher imports a group's module only when that group is asked for, so ``tierpick
 serve`` works on a runtime-only install and ``classifier`` never imports ``training`` at
 import time. Each group module exposes ``register(subparsers)``, which adds its commands and
-sets ``func`` on each parser.
+sets ``func`` on each parser; the table below names it as ``module:function``.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from collections.abc import Sequence
 
 from classifier.errors import TierpickError
 
 # command group -> (module that implements it, pip extra it needs, one-line help)
-_GROUPS: dict[str, tuple[str, str | None, str]] = {
-    "data": ("training.cli", None, "build and inspect training datasets from eval outcomes"),
+_GROUPS: dict[str, tuple[str, str | None]] = {
+    "data": ("training.cli:register_data", None),
+    "train": ("training.cli:register_train", "train"),
+    "evaluate": ("training.cli:register_evaluate", "train"),
+    "promote": ("training.cli:register_promote", "train"),
 }
 
 
@@ -27,9 +31,8 @@ def build_parser(groups: Sequence[str] | None = None) -> argparse.ArgumentParser
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in groups if groups is not None else _GROUPS:
-        module_name, _extra, _help = _GROUPS[name]
-        module = importlib.import_module(module_name)
-        module.register(sub)
+        module_name, function = _GROUPS[name][0].split(":")
+        getattr(importlib.import_module(module_name), function)(sub)
     return parser
 
 
@@ -37,6 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``tierpick`` command line; returns the process exit code."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     wanted = [a for a in args_list[:1] if a in _GROUPS]
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr
+    )
     try:
         parser = build_parser(wanted or None)
     except ImportError as exc:  # an optional extra is missing for this group

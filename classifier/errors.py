@@ -6,7 +6,9 @@ wrong and what is allowed::
     TierpickError (ValueError)
     ├── ConfigError        a tier config or training config that does not validate
     ├── IngestError        an input file that cannot be read at all, or yields no rows
-    └── DatasetError       a dataset that cannot train a model (a tier with no targets, ...)
+    ├── DatasetError       a dataset that cannot train a model (a tier with no targets, ...)
+    ├── ArtifactError      a model directory that is incomplete, tampered with or of another schema
+    └── PolicyError        a routing policy that names an unknown tier or is out of range
 """
 
 from __future__ import annotations
@@ -26,6 +28,14 @@ class IngestError(TierpickError):
 
 class DatasetError(TierpickError):
     """A built dataset is unusable, or a dataset directory is missing or corrupt."""
+
+
+class ArtifactError(TierpickError):
+    """A model artifact is missing files, fails its checksums, or cannot be loaded."""
+
+
+class PolicyError(TierpickError):
+    """A routing policy is invalid for the loaded model."""
 
 
 class MissingDependencyError(TierpickError, ImportError):

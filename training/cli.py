@@ -1,16 +1,18 @@
-"""``tierpick data ...`` commands."""
+"""``tierpick data|train|evaluate|promote`` commands."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+from pathlib import Path
 from typing import Any
 
 from classifier.errors import ConfigError
 
 
-def register(sub: Any) -> None:
+def register_data(sub: Any) -> None:
     """Add the ``data`` command group to the ``tierpick`` parser."""
     data = sub.add_parser("data", help="build and inspect training datasets from eval outcomes")
     dsub = data.add_subparsers(dest="data_command", metavar="ACTION")
@@ -28,6 +30,42 @@ def register(sub: Any) -> None:
     stats.add_argument("--data-root", help="override the config's data_root")
     stats.add_argument("--json", dest="json_out", help="also write the stats as JSON here")
     stats.set_defaults(func=_stats)
+
+
+def _tracking_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
+
+
+def register_train(sub: Any) -> None:
+    p = sub.add_parser("train", help="train teacher and student, evaluate, export, log to MLflow")
+    p.add_argument("--config", required=True, help="tier config YAML (with its train: section)")
+    p.add_argument("--out", required=True, help="model directory to write (e.g. models/default)")
+    p.add_argument("--workdir", default="build/train", help="resumable intermediate state")
+    p.add_argument("--dataset", help="a dataset directory from `tierpick data build`")
+    p.add_argument("--data-root", help="override the config's data_root")
+    p.add_argument("--experiment", default="tierpick", help="MLflow experiment name")
+    p.add_argument("--register-name", help="registered model name (default: tierpick-<model>)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    _tracking_args(p)
+    p.set_defaults(func=_train)
+
+
+def register_evaluate(sub: Any) -> None:
+    p = sub.add_parser("evaluate", help="print the evaluation report of a trained model")
+    p.add_argument("report", help="a training workdir's report/ folder or report.json")
+    p.set_defaults(func=_evaluate)
+
+
+def register_promote(sub: Any) -> None:
+    p = sub.add_parser("promote", help="move the champion alias to a registered model version")
+    p.add_argument("--name", required=True, help="registered model name")
+    p.add_argument("--version", help="version to promote (default: the challenger)")
+    p.add_argument("--force", action="store_true", help="promote even if it evaluates worse")
+    _tracking_args(p)
+    p.set_defaults(func=_promote)
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -61,3 +99,82 @@ def _stats(args: argparse.Namespace) -> int:
         with open(args.json_out, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=2)
     return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training import tracking
+    from training.config import load_config
+    from training.pipeline import run_training
+
+    config = load_config(args.config, data_root=args.data_root)
+    client = None if args.no_mlflow else tracking.connect(args.tracking_uri)  # fail fast
+    result = run_training(
+        config,
+        Path(args.out),
+        Path(args.workdir),
+        dataset_dir=Path(args.dataset) if args.dataset else None,
+    )
+    out = Path(args.out)
+    shutil.copy(result.report_dir / "report.md", out / "REPORT.md")
+    for png in result.report_dir.glob("*.png"):
+        shutil.copy(png, out / png.name)
+    sys.stdout.write((result.report_dir / "report.md").read_text(encoding="utf-8"))
+    if client is not None:
+        name = args.register_name or f"tierpick-{config.train.model_name}"
+        params = {
+            "config": str(args.config),
+            "data_fingerprint": result.report["data_fingerprint"],
+            "model_version": result.report["model_version"],
+            **_flatten("train", _asdict(config.train)),
+            "tiers": ",".join(config.tier_names),
+        }
+        run_id, version = tracking.log_training_run(
+            client,
+            experiment=args.experiment,
+            registered_name=name,
+            params=params,
+            metrics=result.metrics,
+            model_dir=out,
+            report_dir=result.report_dir,
+            tags={"data_fingerprint": result.report["data_fingerprint"]},
+        )
+        print(f"\nMLflow run {run_id}: registered {name} version {version} as @challenger")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import render_markdown
+
+    path = Path(args.report)
+    path = path / "report.json" if path.is_dir() else path
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read evaluation report {path}: {exc}") from exc
+    sys.stdout.write(render_markdown(report, report["tiers"]))
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from training import tracking
+
+    client = tracking.connect(args.tracking_uri)
+    promoted, table = tracking.promote(client, args.name, args.version, args.force)
+    print(table)
+    return 0 if promoted else 1
+
+
+def _asdict(obj: Any) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(obj)
+
+
+def _flatten(prefix: str, d: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(f"{prefix}.{k}", v))
+        else:
+            out[f"{prefix}.{k}"] = v
+    return out

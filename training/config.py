@@ -7,6 +7,7 @@ file's folder unless absolute (``TIERPICK_DATA_ROOT`` or ``--data-root`` overrid
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -72,6 +73,52 @@ class SplitConfig:
 
 
 @dataclass(frozen=True)
+class TeacherConfig:
+    """Fine-tuning all-MiniLM-L6-v2 end to end with a multi-tier head, sized for a 2-core CPU."""
+
+    max_tokens: int = 128  # sequence length; MMLU-Pro's median prompt is ~134 tokens
+    epochs: int = 1
+    batch_size: int = 16
+    lr: float = 3e-5  # encoder
+    head_lr: float = 1e-3
+    max_train: int = 4000  # train prompts sampled for fine-tuning (all are used by the student)
+    warmup_fraction: float = 0.1
+    checkpoint_every: int = 50  # optimizer steps between resumable checkpoints
+    inference_batch: int = 64
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """Static token embeddings distilled from the fine-tuned teacher + mean pooling + MLP head."""
+
+    dim: int = 256  # PCA dimension of the static embeddings
+    hidden: int = 256
+    dropout: float = 0.2
+    max_tokens: int = 256
+    max_chars: int = 4096
+    epochs: int = 12
+    patience: int = 3  # epochs without val-loss improvement before stopping
+    batch_size: int = 64
+    lr: float = 1e-3
+    embedding_lr: float = 2e-4  # 0 freezes the distilled embeddings
+    distill_weight: float = 0.5  # share of the loss on the teacher's probabilities
+    vocab: str = "full"  # "full" tokenizer vocabulary, or "seen": only tokens in the dataset
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `tierpick train` needs beyond the data: seeds, model sizes, calibration."""
+
+    seed: int = 0
+    model_name: str = "default"
+    teacher: TeacherConfig = TeacherConfig()
+    student: StudentConfig = StudentConfig()
+    calibration: str = "platt"  # "platt" per tier, or "none"
+    target_quality: float = 0.95  # default threshold: cheapest routing reaching this share of
+    # the top tier's quality on the validation split
+
+
+@dataclass(frozen=True)
 class TierConfig:
     """A whole training-data config: the one place tier names and their order come from."""
 
@@ -81,6 +128,7 @@ class TierConfig:
     data_root: Path
     decontamination: Decontamination = Decontamination()
     split: SplitConfig = SplitConfig()
+    train: TrainConfig = TrainConfig()
     path: Path | None = None
 
     @property
@@ -127,7 +175,9 @@ def parse_config(
     """Validate an already-parsed config mapping (see :func:`load_config`)."""
     c = _Checker(where)
     top = c.mapping(raw, "")
-    c.known_keys(top, "", {"name", "data_root", "tiers", "sources", "decontaminate", "split"})
+    c.known_keys(
+        top, "", {"name", "data_root", "tiers", "sources", "decontaminate", "split", "train"}
+    )
     name = c.string(top.get("name", "tierpick"), "name")
 
     root_value = data_root or os.environ.get("TIERPICK_DATA_ROOT") or top.get("data_root", ".")
@@ -204,6 +254,22 @@ def parse_config(
             holdout=holdout,
         )
 
+    train = TrainConfig()
+    if top.get("train") is not None:
+        t = c.mapping(top["train"], "train")
+        teacher = _dataclass_from(c, TeacherConfig, t.pop("teacher", {}), "train.teacher")
+        student = _dataclass_from(c, StudentConfig, t.pop("student", {}), "train.student")
+        train = _dataclass_from(c, TrainConfig, t, "train")
+        train = dataclasses.replace(train, teacher=teacher, student=student)
+        if train.calibration not in ("platt", "none"):
+            c.fail(
+                "train.calibration", f"must be one of ['platt', 'none'], got {train.calibration!r}"
+            )
+        if train.student.vocab not in ("full", "seen"):
+            c.fail("train.student.vocab", f"must be 'full' or 'seen', got {train.student.vocab!r}")
+        if not 0 <= train.student.distill_weight <= 1:
+            c.fail("train.student.distill_weight", "must be in [0, 1]")
+
     return TierConfig(
         name=name,
         tiers=tiers,
@@ -211,8 +277,32 @@ def parse_config(
         data_root=root,
         decontamination=decon,
         split=split,
+        train=train,
         path=Path(where) if where != "config" else None,
     )
+
+
+def _dataclass_from(c: _Checker, cls: Any, raw: object, key: str) -> Any:
+    """Build a flat dataclass of numbers/strings from a mapping, checking names and types."""
+    values = c.mapping(raw, key)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(f.default)}
+    c.known_keys(values, key, set(fields))
+    out = {}
+    for name, value in values.items():
+        default = fields[name].default
+        ok = (
+            isinstance(value, type(default)) and not isinstance(value, bool)
+            if not isinstance(default, bool)
+            else isinstance(value, bool)
+        )
+        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            c.fail(f"{key}.{name}", f"must be {type(default).__name__}, got {value!r}")
+        if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+            c.fail(f"{key}.{name}", f"must be >= 0, got {value!r}")
+        out[name] = value
+    return cls(**out)
 
 
 def _parse_tier(c: _Checker, raw: object, key: str) -> Tier:

@@ -1,0 +1,135 @@
+"""The model artifact contract: a directory with an ONNX graph, a tokenizer and ``manifest.json``.
+
+The manifest says everything the runtime needs and nothing is hard-coded elsewhere: tiers in
+order with prices, calibration, the default routing threshold, how prompts are cut, the training
+data fingerprint, an evaluation summary and the sha256 of every file. Loading verifies it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from classifier.errors import ArtifactError
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+
+
+@dataclass(frozen=True)
+class TierSpec:
+    """A tier as the artifact describes it: name and USD price per 1M input/output tokens."""
+
+    name: str
+    price_input: float
+    price_output: float
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The parsed ``manifest.json`` of a model artifact."""
+
+    schema_version: int
+    model_name: str
+    model_version: str
+    tiers: tuple[TierSpec, ...]
+    graph: str  # ONNX file of the served (student) model
+    tokenizer: str
+    calibration: dict[str, Any]  # {"method": "platt", "a": [...], "b": [...]}
+    default_threshold: float
+    max_chars: int  # a prompt is cut to this many characters before tokenizing ...
+    max_tokens: int  # ... and to this many tokens after
+    files: dict[str, str]  # file name -> sha256
+    created: str
+    data_fingerprint: str = ""
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    extra_graphs: dict[str, str] = field(default_factory=dict)  # e.g. {"teacher": "teacher.onnx"}
+    quantized: bool = False
+
+    @property
+    def tier_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tiers)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["tiers"] = [asdict(t) for t in self.tiers]
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(model_dir: Path, verify: bool = True) -> Manifest:
+    """Read and (by default) verify a model directory's manifest.
+
+    Raises:
+        ArtifactError: the manifest is missing or malformed, of another schema version, or a
+            listed file is missing or fails its sha256.
+    """
+    path = model_dir / MANIFEST_FILE
+    if not model_dir.is_dir():
+        raise ArtifactError(f"model directory {model_dir} does not exist")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"{model_dir} has no {MANIFEST_FILE}: not a tierpick model") from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path} is unreadable or not JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ArtifactError(f"{path} must hold a JSON object")
+    if raw.get("schema_version") != SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{path}: schema_version {raw.get('schema_version')!r} is not supported "
+            f"(this runtime reads {SCHEMA_VERSION})"
+        )
+    try:
+        manifest = Manifest(**{**raw, "tiers": tuple(TierSpec(**t) for t in raw["tiers"])})
+    except (KeyError, TypeError) as exc:
+        raise ArtifactError(f"{path} is missing or has unexpected fields: {exc}") from exc
+    _check_fields(manifest, path)
+    if verify:
+        verify_files(model_dir, manifest)
+    return manifest
+
+
+def _check_fields(m: Manifest, path: Path) -> None:
+    k = len(m.tiers)
+    if k < 2 or len(set(m.tier_names)) != k:
+        raise ArtifactError(f"{path}: needs >= 2 distinct tiers, got {list(m.tier_names)}")
+    cal = m.calibration
+    if cal.get("method") not in ("platt", "none"):
+        raise ArtifactError(f"{path}: calibration method {cal.get('method')!r} is not known")
+    if cal.get("method") == "platt" and not (len(cal.get("a", [])) == len(cal.get("b", [])) == k):
+        raise ArtifactError(f"{path}: calibration needs one (a, b) pair per tier ({k})")
+    if not 0.0 <= m.default_threshold <= 1.0:
+        raise ArtifactError(f"{path}: default_threshold must be in [0, 1]")
+    needed = {m.graph, m.tokenizer, *m.extra_graphs.values()}
+    missing = sorted(needed - set(m.files))
+    if missing:
+        raise ArtifactError(f"{path}: files {missing} are used but have no checksum entry")
+
+
+def verify_files(model_dir: Path, manifest: Manifest) -> None:
+    """Check every listed file exists and matches its sha256."""
+    for name, expected in sorted(manifest.files.items()):
+        file = model_dir / name
+        if not file.is_file():
+            raise ArtifactError(f"{model_dir}: file {name} listed in the manifest is missing")
+        actual = sha256_file(file)
+        if actual != expected:
+            raise ArtifactError(
+                f"{model_dir}: {name} fails its checksum (sha256 {actual[:12]}…, manifest says "
+                f"{expected[:12]}…): the artifact was changed after export"
+            )
+
+
+def write_manifest(model_dir: Path, manifest: Manifest) -> None:
+    (model_dir / MANIFEST_FILE).write_text(manifest.to_json(), encoding="utf-8")

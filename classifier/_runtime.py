@@ -1,0 +1,246 @@
+"""The torch-free runtime: an ONNX student model + tokenizer + calibration, and tier routing."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from classifier._artifact import Manifest, read_manifest
+from classifier._text import normalize_prompt
+from classifier.errors import ArtifactError, MissingDependencyError, PolicyError
+
+DEFAULT_MODEL_ENV = "TIERPICK_MODEL"
+_REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
+DEFAULT_MODEL_NAME = "default"
+
+
+def prepare_prompt(text: str, max_chars: int) -> str:
+    """The text the encoder sees: the normalized prompt, cut to ``max_chars`` characters.
+
+    Cutting characters before tokenizing bounds the tokenizer's cost on very long prompts;
+    the tokenizer then keeps at most the manifest's ``max_tokens``.
+    """
+    return normalize_prompt(text)[:max_chars]
+
+
+@dataclass(frozen=True)
+class RoutingPolicy:
+    """How probabilities become a tier; set per request, separate from the model.
+
+    Attributes:
+        min_success: the probability a tier must reach to be chosen; 0 means the model's
+            default threshold.
+        allowed_tiers: tiers that may be chosen (empty: all).
+        max_price: the highest price per 1M output tokens (USD) a chosen tier may have
+            (None: no cap).
+    """
+
+    min_success: float = 0.0
+    allowed_tiers: tuple[str, ...] = ()
+    max_price: float | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The routing decision for one prompt."""
+
+    tier: str
+    probabilities: dict[str, float] = field(default_factory=dict)
+    met_threshold: bool = True  # False: no allowed tier reached it; the fallback was chosen
+
+
+class TierClassifier:
+    """A loaded model: calibrated per-tier success probabilities and routing.
+
+    Use :func:`load` to build one. Thread-safe: ONNX Runtime sessions may be shared by threads.
+    """
+
+    def __init__(self, model_dir: Path, manifest: Manifest, threads: int = 1) -> None:
+        try:
+            import onnxruntime as ort
+            from tokenizers import Tokenizer
+        except ImportError as exc:  # pragma: no cover - both are core dependencies
+            raise MissingDependencyError(
+                f"the runtime needs onnxruntime and tokenizers: {exc}"
+            ) from exc
+        self.model_dir = model_dir
+        self.manifest = manifest
+        self.tiers: tuple[str, ...] = manifest.tier_names
+        self.version = manifest.model_version
+        self._prices = np.array([t.price_output for t in manifest.tiers])
+        cal = manifest.calibration
+        k = len(self.tiers)
+        self._cal_a = np.array(cal.get("a", [1.0] * k), dtype=np.float32)
+        self._cal_b = np.array(cal.get("b", [0.0] * k), dtype=np.float32)
+        try:
+            self._tokenizer = Tokenizer.from_file(str(model_dir / manifest.tokenizer))
+        except Exception as exc:  # the tokenizers library raises a bare Exception
+            raise ArtifactError(f"{model_dir / manifest.tokenizer}: unreadable: {exc}") from exc
+        self._tokenizer.no_padding()
+        self._tokenizer.enable_truncation(max_length=manifest.max_tokens)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        providers = [
+            p
+            for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+            if p in ort.get_available_providers()
+        ]
+        try:
+            self._session = ort.InferenceSession(
+                str(model_dir / manifest.graph), sess_options=opts, providers=providers
+            )
+        except Exception as exc:  # onnxruntime raises its own non-ValueError types
+            raise ArtifactError(
+                f"{model_dir / manifest.graph}: not a loadable graph: {exc}"
+            ) from exc
+        names = [i.name for i in self._session.get_inputs()]
+        if names != ["input_ids", "attention_mask"]:
+            raise ArtifactError(f"{manifest.graph}: inputs {names} != [input_ids, attention_mask]")
+        self._lock = threading.Lock()  # the tokenizer's truncation state is not ours to race on
+
+    # ------------------------------------------------------------------ inference
+
+    def encode(
+        self, prompts: Sequence[str]
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        """Token ids and mask, padded to the longest prompt of the batch."""
+        texts = [prepare_prompt(p, self.manifest.max_chars) for p in prompts]
+        if len(texts) == 1:
+            ids_list = [self._tokenizer.encode(texts[0]).ids]
+        else:
+            ids_list = [e.ids for e in self._tokenizer.encode_batch(texts)]
+        width = max(1, max(len(ids) for ids in ids_list))
+        ids = np.zeros((len(ids_list), width), dtype=np.int64)
+        mask = np.zeros((len(ids_list), width), dtype=np.float32)
+        for i, row in enumerate(ids_list):
+            ids[i, : len(row)] = row
+            mask[i, : len(row)] = 1.0
+        return ids, mask
+
+    def predict_logits(self, prompts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """Uncalibrated per-tier logits, shape (n, n_tiers)."""
+        if isinstance(prompts, str):
+            raise TypeError("predict_* take a sequence of prompts, not one string")
+        if not prompts:
+            return np.zeros((0, len(self.tiers)), dtype=np.float32)
+        ids, mask = self.encode(prompts)
+        out = self._session.run(None, {"input_ids": ids, "attention_mask": mask})
+        logits: npt.NDArray[np.float32] = out[0]
+        return logits
+
+    def calibrate(self, logits: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """Apply the manifest's per-tier calibration to logits."""
+        z = logits * self._cal_a + self._cal_b
+        p: npt.NDArray[np.float32] = (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+        return p
+
+    def predict_proba(self, prompts: Sequence[str]) -> npt.NDArray[np.float32]:
+        """Calibrated success probability per tier, shape (n, n_tiers), cheapest tier first."""
+        return self.calibrate(self.predict_logits(prompts))
+
+    # ------------------------------------------------------------------ routing
+
+    def check_policy(self, policy: RoutingPolicy) -> tuple[float, npt.NDArray[np.bool_]]:
+        """Validate a policy against this model; returns (threshold, allowed-tier mask)."""
+        if not 0.0 <= policy.min_success <= 1.0:
+            raise PolicyError(f"min_success must be in [0, 1], got {policy.min_success}")
+        unknown = [t for t in policy.allowed_tiers if t not in self.tiers]
+        if unknown:
+            raise PolicyError(
+                f"unknown tier(s) {unknown}; this model's tiers are {list(self.tiers)}"
+            )
+        allowed = np.array(
+            [not policy.allowed_tiers or t in policy.allowed_tiers for t in self.tiers]
+        )
+        if policy.max_price is not None:
+            if policy.max_price < 0:
+                raise PolicyError(f"max_price must be >= 0, got {policy.max_price}")
+            allowed &= self._prices <= policy.max_price
+        if not allowed.any():
+            raise PolicyError("no tier is allowed by allowed_tiers and max_price together")
+        threshold = policy.min_success or self.manifest.default_threshold
+        return threshold, allowed
+
+    def route_proba(
+        self, proba: npt.NDArray[np.float32], policy: RoutingPolicy | None = None
+    ) -> list[Decision]:
+        """Route already-computed probabilities: the cheapest allowed tier whose probability
+        reaches the threshold; when none does, the dearest allowed tier (the most capable)."""
+        threshold, allowed = self.check_policy(policy or RoutingPolicy())
+        allowed_idx = np.flatnonzero(allowed)
+        fallback = int(allowed_idx[-1])
+        decisions = []
+        for row in proba:
+            ok = allowed_idx[row[allowed_idx] >= threshold]
+            choice = int(ok[0]) if ok.size else fallback
+            decisions.append(
+                Decision(
+                    tier=self.tiers[choice],
+                    probabilities={t: float(p) for t, p in zip(self.tiers, row, strict=True)},
+                    met_threshold=bool(ok.size),
+                )
+            )
+        return decisions
+
+    def route(self, prompts: Sequence[str], policy: RoutingPolicy | None = None) -> list[Decision]:
+        """Predict and route each prompt (see :meth:`route_proba`)."""
+        policy = policy or RoutingPolicy()
+        self.check_policy(policy)  # fail before inference
+        return self.route_proba(self.predict_proba(prompts), policy)
+
+
+def default_model_dir() -> Path:
+    """The shipped default model: ``$TIERPICK_MODEL``, else ``models/default`` in the repo."""
+    env = os.environ.get(DEFAULT_MODEL_ENV)
+    return Path(env) if env else _REPO_MODELS / DEFAULT_MODEL_NAME
+
+
+def resolve_model_dir(path_or_uri: str | os.PathLike[str] | None) -> Path:
+    """A local model directory for a path, ``None`` (the default) or an MLflow ``models:/`` URI."""
+    if path_or_uri is None:
+        return default_model_dir()
+    text = str(path_or_uri)
+    if text.startswith(("models:/", "runs:/")):
+        try:
+            import mlflow.artifacts
+        except ImportError as exc:
+            raise MissingDependencyError(
+                f"loading {text} needs mlflow (pip install 'tierpick[train]')"
+            ) from exc
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=text)
+        except Exception as exc:  # mlflow raises MlflowException and transport errors
+            raise ArtifactError(f"cannot fetch {text} from MLflow: {exc}") from exc
+        root = Path(local)
+        # a registered pyfunc model keeps the tierpick artifact under artifacts/model
+        for candidate in (root, root / "artifacts" / "model", *root.glob("artifacts/*")):
+            if (candidate / "manifest.json").is_file():
+                return candidate
+        raise ArtifactError(f"{text} holds no tierpick manifest.json")
+    return Path(text)
+
+
+def load(path_or_uri: str | os.PathLike[str] | None = None, threads: int = 1) -> TierClassifier:
+    """Load and verify a model.
+
+    Args:
+        path_or_uri: a model directory, an MLflow ``models:/name@alias`` URI, or None for the
+            shipped default.
+        threads: ONNX Runtime intra-op threads (1 is fastest for single prompts).
+
+    Returns:
+        The loaded :class:`TierClassifier`.
+
+    Raises:
+        ArtifactError: the artifact is missing, incomplete, tampered with or unloadable.
+    """
+    model_dir = resolve_model_dir(path_or_uri)
+    manifest = read_manifest(model_dir, verify=True)
+    return TierClassifier(model_dir, manifest, threads=threads)

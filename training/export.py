@@ -1,0 +1,114 @@
+"""Export a trained student to a verified, self-describing model directory (see
+:mod:`classifier._artifact`): ``student.onnx`` + ``tokenizer.json`` + ``manifest.json``."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from classifier._artifact import SCHEMA_VERSION, Manifest, TierSpec, sha256_file, write_manifest
+from training.config import TierConfig
+from training.encoders import Student, minilm_dir
+
+GRAPH = "student.onnx"
+TOKENIZER = "tokenizer.json"
+
+
+def export_onnx(model: torch.nn.Module, path: Path, vocab_hint: int = 2) -> None:
+    """Export a (input_ids, attention_mask) -> logits module with dynamic batch and length."""
+    model.eval()
+    x = torch.ones((1, 4), dtype=torch.long) * min(vocab_hint - 1, 1000)
+    m = torch.ones((1, 4), dtype=torch.float32)
+    with warnings.catch_warnings():
+        # the TorchScript exporter is deprecated but is the one that works beside transformers 5
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (x, m),
+            str(path),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["logits"],
+            dynamic_axes={
+                "input_ids": {0: "batch", 1: "tokens"},
+                "attention_mask": {0: "batch", 1: "tokens"},
+                "logits": {0: "batch"},
+            },
+            opset_version=17,
+            dynamo=False,
+        )
+
+
+def write_tokenizer(path: Path, max_tokens: int) -> None:
+    """The teacher's tokenizer.json with padding off and truncation at ``max_tokens``."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
+    tok.no_padding()
+    tok.enable_truncation(max_length=max_tokens)
+    tok.save(str(path))
+
+
+def export_model(
+    student: Student,
+    config: TierConfig,
+    out_dir: Path,
+    *,
+    version: str,
+    calibration: dict[str, Any],
+    default_threshold: float,
+    data_fingerprint: str,
+    evaluation: dict[str, Any],
+) -> Manifest:
+    """Write the model directory and its manifest (replacing ``out_dir`` atomically)."""
+    scfg = config.train.student
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    export_onnx(student, tmp / GRAPH, vocab_hint=student.embedding.num_embeddings)
+    write_tokenizer(tmp / TOKENIZER, scfg.max_tokens)
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION,
+        model_name=config.train.model_name,
+        model_version=version,
+        tiers=tuple(TierSpec(t.name, t.price_input, t.price_output) for t in config.tiers),
+        graph=GRAPH,
+        tokenizer=TOKENIZER,
+        calibration=calibration,
+        default_threshold=round(float(default_threshold), 4),
+        max_chars=scfg.max_chars,
+        max_tokens=scfg.max_tokens,
+        files={name: sha256_file(tmp / name) for name in (GRAPH, TOKENIZER)},
+        created=dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
+        data_fingerprint=data_fingerprint,
+        evaluation=json.loads(json.dumps(evaluation, default=float)),
+    )
+    write_manifest(tmp, manifest)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return manifest
+
+
+def parity(student: Student, model_dir: Path, prompts: list[str]) -> float:
+    """Max |ONNX - torch| logit difference on ``prompts`` through the exported artifact."""
+    import classifier
+    from training.encoders import pad_ids
+
+    clf = classifier.load(model_dir)
+    worst = 0.0
+    for s in range(0, len(prompts), 64):
+        batch = prompts[s : s + 64]
+        ids, mask = clf.encode(batch)
+        onnx_logits = clf.predict_logits(batch)
+        x, m = pad_ids([list(r[: int(k.sum())]) for r, k in zip(ids, mask, strict=True)])
+        with torch.no_grad():
+            torch_logits = student(x, m).numpy()
+        worst = max(worst, float(np.abs(onnx_logits - torch_logits).max()))
+    return worst

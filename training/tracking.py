@@ -1,0 +1,141 @@
+"""MLflow tracking: every training run logs its config, data fingerprint, metrics, report and
+model; models are registered with the alias ``challenger``; ``promote`` moves ``champion``.
+
+The tracking store is ``MLFLOW_TRACKING_URI`` when set, else a sqlite file (``mlflow.db`` in the
+working directory): no server is needed, and any server works.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from classifier.errors import ConfigError, TierpickError
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+PRIMARY_METRIC = "test_student_apgr"  # N-tier APGR of the student on the in-distribution test split
+COMPARED = (PRIMARY_METRIC, "test_student_mean_auc", "ood_student_apgr", "ood_student_mean_auc")
+
+
+def tracking_uri(uri: str | None = None) -> str:
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def connect(uri: str | None = None) -> Any:
+    """Point MLflow at the tracking store and check it answers; a clear error when it does not."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    resolved = tracking_uri(uri)
+    mlflow.set_tracking_uri(resolved)
+    mlflow.set_registry_uri(resolved)
+    client = MlflowClient(resolved, resolved)
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as exc:  # MlflowException, requests and sqlalchemy errors alike
+        raise ConfigError(f"MLflow tracking store {resolved} is unreachable: {exc}") from exc
+    return client
+
+
+def log_training_run(
+    client: Any,
+    *,
+    experiment: str,
+    registered_name: str,
+    params: dict[str, Any],
+    metrics: dict[str, float],
+    model_dir: Path,
+    report_dir: Path,
+    tags: dict[str, str],
+) -> tuple[str, str]:
+    """Log one run and register its model as a new version with alias ``challenger``.
+
+    Returns:
+        (run id, registered model version).
+    """
+    import mlflow
+
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run() as run:
+        mlflow.set_tags(tags)
+        mlflow.log_params(params)
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        mlflow.log_artifacts(str(report_dir), artifact_path="report")
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(Path(__file__).with_name("mlflow_model.py")),  # models from code
+            artifacts={"model": str(model_dir)},
+            pip_requirements=["onnxruntime", "tokenizers", "numpy", "pandas"],
+            registered_model_name=registered_name,
+        )
+        version = str(info.registered_model_version)
+        for key, value in metrics.items():
+            if key in COMPARED:
+                client.set_model_version_tag(registered_name, version, key, str(value))
+        client.set_model_version_tag(registered_name, version, "run_id", run.info.run_id)
+        client.set_registered_model_alias(registered_name, "challenger", version)
+        return run.info.run_id, version
+
+
+def promote(
+    client: Any, name: str, version: str | None = None, force: bool = False
+) -> tuple[bool, str]:
+    """Move ``champion`` to ``version`` (default: the ``challenger``) when its evaluation is not
+    worse than the current champion's on the primary metric, or when forced.
+
+    Returns:
+        (promoted, a comparison table as text).
+    """
+    from training._table import format_table
+
+    try:
+        cand = (
+            client.get_model_version(name, version)
+            if version
+            else client.get_model_version_by_alias(name, "challenger")
+        )
+    except Exception as exc:
+        raise TierpickError(
+            f"model {name!r}: no version {version or '@challenger'}: {exc}"
+        ) from exc
+    try:
+        champ = client.get_model_version_by_alias(name, "champion")
+    except Exception:
+        champ = None
+    rows = []
+    for key in COMPARED:
+        new = _tag_float(cand.tags, key)
+        old = _tag_float(champ.tags, key) if champ else None
+        rows.append([key, old, new, None if new is None or old is None else new - old])
+    table = format_table(
+        [
+            "metric",
+            f"champion v{champ.version}" if champ else "champion (none)",
+            f"candidate v{cand.version}",
+            "change",
+        ],
+        rows,
+    )
+    new_p = _tag_float(cand.tags, PRIMARY_METRIC)
+    old_p = _tag_float(champ.tags, PRIMARY_METRIC) if champ else None
+    ok = champ is None or (new_p is not None and (old_p is None or new_p >= old_p - 1e-12))
+    if champ is not None and champ.version == cand.version:
+        return False, table + f"\nversion {cand.version} is already the champion"
+    if ok or force:
+        client.set_registered_model_alias(name, "champion", cand.version)
+        why = "forced" if force and not ok else "not worse on " + PRIMARY_METRIC
+        return True, table + f"\npromoted version {cand.version} to champion ({why})"
+    return False, table + (
+        f"\nrefused: candidate {PRIMARY_METRIC} {new_p} is worse than the champion's {old_p} "
+        "(use --force to promote anyway)"
+    )
+
+
+def _tag_float(tags: dict[str, str], key: str) -> float | None:
+    try:
+        return float(tags[key])
+    except (KeyError, TypeError, ValueError):
+        return None
