@@ -7,6 +7,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -135,7 +136,7 @@ class TierClassifier:
         logits: npt.NDArray[np.float32] = out[0]
         return logits
 
-    def calibrate(self, logits: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    def calibrate(self, logits: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float32]:
         """Apply the manifest's per-tier calibration to logits."""
         z = logits * self._cal_a + self._cal_b
         p: npt.NDArray[np.float32] = (1.0 / (1.0 + np.exp(-z))).astype(np.float32)

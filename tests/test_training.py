@@ -131,3 +131,34 @@ def test_unreachable_tracking_store_is_refused_before_training(
     assert "MLflow tracking store http://127.0.0.1:9 is unreachable" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()  # nothing was started
     assert time.perf_counter() - t0 < 60
+
+
+def test_evaluate_command_on_exported_model(
+    tiny_trained, tiny_config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "eval"
+    code = main(
+        [
+            "evaluate",
+            "--model",
+            str(tiny_trained.model_dir),
+            "--config",
+            str(tiny_config),
+            "--out",
+            str(out),
+            "--no-mlflow",
+        ]
+    )
+    assert code == 0
+    assert "N-tier APGR" in capsys.readouterr().out
+    import json
+
+    report = json.loads((out / "report.json").read_text())
+    # the ONNX model evaluated here is the one training evaluated in torch: same figures
+    ours = report["splits"]["test"]["routing"]["student"]["apgr"]
+    trained = tiny_trained.report["splits"]["test"]["routing"]["student"]["apgr"]
+    assert ours == pytest.approx(trained, abs=1e-3)
+    assert {"tfidf_lr", "category_prior", "random", "oracle", "best_fixed_mix"} <= set(
+        report["splits"]["ood"]["routing"]
+    )
+    assert (out / "routing_ood.png").is_file()

@@ -54,8 +54,15 @@ def register_train(sub: Any) -> None:
 
 
 def register_evaluate(sub: Any) -> None:
-    p = sub.add_parser("evaluate", help="print the evaluation report of a trained model")
-    p.add_argument("report", help="a training workdir's report/ folder or report.json")
+    p = sub.add_parser("evaluate", help="evaluate a model on a dataset's test and ood splits")
+    p.add_argument("--model", required=True, help="model directory or models:/name@alias URI")
+    p.add_argument("--dataset", help="a dataset directory from `tierpick data build`")
+    p.add_argument("--config", help="build the dataset from this config instead")
+    p.add_argument("--data-root", help="override the config's data_root")
+    p.add_argument("--out", required=True, help="report directory (Markdown + JSON + PNG)")
+    p.add_argument("--experiment", default="tierpick-eval", help="MLflow experiment name")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    _tracking_args(p)
     p.set_defaults(func=_evaluate)
 
 
@@ -143,15 +150,40 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from training.evaluate import render_markdown
+    from classifier._runtime import resolve_model_dir
+    from training import tracking
+    from training.config import load_config
+    from training.dataset import build_dataset, load_dataset
+    from training.evaluate import write_report
+    from training.pipeline import evaluate_model, flat_metrics
 
-    path = Path(args.report)
-    path = path / "report.json" if path.is_dir() else path
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"cannot read evaluation report {path}: {exc}") from exc
-    sys.stdout.write(render_markdown(report, report["tiers"]))
+    if bool(args.dataset) == bool(args.config):
+        raise ConfigError("give either --dataset or --config, not both or neither")
+    client = None if args.no_mlflow else tracking.connect(args.tracking_uri)
+    ds = (
+        load_dataset(args.dataset)
+        if args.dataset
+        else build_dataset(load_config(args.config, data_root=args.data_root))
+    )
+    report = evaluate_model(resolve_model_dir(args.model), ds)
+    out = Path(args.out)
+    md = write_report(report, out, ds.tiers)
+    sys.stdout.write(md.read_text(encoding="utf-8"))
+    if client is not None:
+        import mlflow
+
+        mlflow.set_experiment(args.experiment)
+        with mlflow.start_run() as run:
+            mlflow.log_params(
+                {
+                    "model": str(args.model),
+                    "model_version": report["model_version"],
+                    "data_fingerprint": report["data_fingerprint"],
+                }
+            )
+            mlflow.log_metrics(flat_metrics(report, ds.tiers))
+            mlflow.log_artifacts(str(out), artifact_path="report")
+        print(f"\nMLflow run {run.info.run_id}")
     return 0
 
 

@@ -206,10 +206,7 @@ def run_training(
         return apply_platt(student_z[name], a, b)
 
     # ---- default threshold from the validation routing curve
-    costs = metrics.tier_costs(
-        np.array([t.price_input for t in config.tiers]),
-        np.array([t.price_output for t in config.tiers]),
-    )
+    costs = tier_cost_vector(config.tiers)
     full_val = val.mask.min(axis=1) > 0
     threshold = 0.5
     if full_val.sum() >= 10:
@@ -231,14 +228,7 @@ def run_training(
             "student": student_p(s.name),
             "student_uncalibrated": 1 / (1 + np.exp(-student_z[s.name])),
             "teacher": apply_platt(teacher_z[s.name], ta, tb),
-            "tfidf_lr": baselines.tfidf_lr(
-                train.prompts, train.targets, train.mask, s.prompts, tcfg.seed
-            ),
-            "category_prior": baselines.category_prior(
-                train.tasks, train.targets, train.mask, s.tasks
-            ),
-            "random": baselines.random_scores(len(s.prompts), k, tcfg.seed),
-            "oracle": s.targets,
+            **reference_routers(train, s, tcfg.seed),
         }
         report["splits"][s.name] = evaluate_split(s, routers, costs, ds.tiers)
     per = report["splits"]["test"]["per_tier"] if "test" in report["splits"] else {}
@@ -275,6 +265,64 @@ def run_training(
         "exported %s (version %s) in %.0f s", out_dir, manifest.model_version, timings["total"]
     )
     return TrainResult(out_dir, report_dir, report, summary)
+
+
+def reference_routers(train: SplitData, split: SplitData, seed: int) -> dict[str, Array]:
+    """The reference rows of every report, fitted on ``train`` and scored on ``split``."""
+    k = train.targets.shape[1]
+    return {
+        "tfidf_lr": baselines.tfidf_lr(
+            train.prompts, train.targets, train.mask, split.prompts, seed
+        ),
+        "category_prior": baselines.category_prior(
+            train.tasks, train.targets, train.mask, split.tasks
+        ),
+        "random": baselines.random_scores(len(split.prompts), k, seed),
+        "oracle": split.targets,
+    }
+
+
+def tier_cost_vector(tiers: Any) -> Array:
+    """Cost per call of each tier (input + output price per 1M tokens), cheapest first."""
+    return metrics.tier_costs(
+        np.array([t.price_input for t in tiers]), np.array([t.price_output for t in tiers])
+    )
+
+
+def evaluate_model(model_dir: Path, ds: BuiltDataset, seed: int = 0) -> dict[str, Any]:
+    """Evaluate an exported model (through the ONNX runtime) on a dataset's test and ood splits,
+    with the same reference rows as training reports (the teacher is not part of an artifact)."""
+    import classifier
+
+    clf = classifier.load(model_dir)
+    if clf.tiers != ds.tiers:
+        raise DatasetError(f"model tiers {clf.tiers} differ from the dataset's {ds.tiers}")
+    train = split_arrays(ds, "train")
+    costs = tier_cost_vector(clf.manifest.tiers)
+    report: dict[str, Any] = {
+        "model_version": clf.version,
+        "data_fingerprint": ds.fingerprint,
+        "model_data_fingerprint": clf.manifest.data_fingerprint,
+        "default_threshold": clf.manifest.default_threshold,
+        "splits": {},
+        "tiers": list(ds.tiers),
+    }
+    if clf.manifest.data_fingerprint != ds.fingerprint:
+        report["warning"] = (
+            "the model was trained on other data: its training rows may overlap these test rows"
+        )
+    for name in ("test", "ood"):
+        s = split_arrays(ds, name)
+        if not s.prompts:
+            continue
+        z = clf.predict_logits(s.prompts).astype(np.float64)
+        routers = {
+            "student": clf.calibrate(z).astype(np.float64),
+            "student_uncalibrated": 1 / (1 + np.exp(-z)),
+            **reference_routers(train, s, seed),
+        }
+        report["splits"][name] = evaluate_split(s, routers, costs, ds.tiers)
+    return report
 
 
 def flat_metrics(report: dict[str, Any], tiers: tuple[str, ...]) -> dict[str, float]:
