@@ -22,6 +22,8 @@ _GROUPS: dict[str, tuple[str, str | None]] = {
     "train": ("training.cli:register_train", "train"),
     "evaluate": ("training.cli:register_evaluate", "train"),
     "promote": ("training.cli:register_promote", "train"),
+    "score": ("serving.cli:register_score", None),
+    "bench": ("serving.cli:register_bench", None),
 }
 
 

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from classifier._table import format_table
 from training import metrics
-from training._table import format_table
 
 Array = npt.NDArray[np.float64]
 # Routers whose per-tier probabilities are judged for AUC/Brier/ECE (the others only route).

@@ -7,7 +7,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from training._table import format_table
+from classifier._table import format_table
 from training.dataset import BuiltDataset
 
 

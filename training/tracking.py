@@ -89,7 +89,7 @@ def promote(
     Returns:
         (promoted, a comparison table as text).
     """
-    from training._table import format_table
+    from classifier._table import format_table
 
     try:
         cand = (

@@ -6,16 +6,15 @@ from __future__ import annotations
 import ast
 import contextlib
 import csv
-import gzip
-import io
 import json
 import math
 import re
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
+from classifier._io import open_text
 from classifier._text import messages_to_prompt, normalize_prompt
 from training.ingest._report import IngestReport, Outcome
 
@@ -72,15 +71,9 @@ def _score_or_drop(value: object, origin: str, report: IngestReport, what: str) 
     return score
 
 
-def _open_text(path: Path) -> IO[str]:
-    if path.name.endswith(".gz"):
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return path.open(encoding="utf-8", newline="")
-
-
 def _jsonl(path: Path, report: IngestReport) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield (origin, object) per line; bad lines are reported, blank lines skipped."""
-    with _open_text(path) as fh:
+    with open_text(path) as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -342,7 +335,7 @@ def read_wide_csv(
     id_col = options.get("id_column")
     src = source or path.parent.name or "wide-csv"
     task = options.get("task") or path.stem
-    with _open_text(path) as fh:
+    with open_text(path) as fh:
         reader = csv.reader(fh)
         header = next(reader, None)
         if header is None:
@@ -433,7 +426,7 @@ def _long_rows(path: Path, report: IngestReport) -> Iterator[tuple[str, dict[str
                 yield f"{path}:row {offset + i + 1}", row
             offset += batch.num_rows
     elif name.endswith(".csv") or name.endswith(".csv.gz"):
-        with _open_text(path) as fh:
+        with open_text(path) as fh:
             reader = csv.DictReader(fh)
             while True:
                 line = reader.line_num + 1

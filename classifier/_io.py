@@ -1,0 +1,18 @@
+"""Small I/O helpers shared by ingestion (training) and batch scoring (serving)."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+from typing import IO
+
+
+def open_text(path: Path, mode: str = "r") -> IO[str]:
+    """Open a UTF-8 text file for reading or writing, gzip-compressed when it ends in ``.gz``.
+
+    Newlines are not translated, as the csv module wants.
+    """
+    if path.name.lower().endswith(".gz"):
+        fh: IO[str] = gzip.open(path, mode + "t", encoding="utf-8", newline="")  # type: ignore[assignment]  # noqa: SIM115
+        return fh
+    return path.open(mode, encoding="utf-8", newline="")

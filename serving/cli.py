@@ -1,0 +1,52 @@
+"""``tierpick score|bench`` commands (runtime only: no torch, no training imports)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def register_score(sub: Any) -> None:
+    p = sub.add_parser("score", help="score a prompt log (JSONL, CSV or Parquet) with a model")
+    p.add_argument("input", help="input file: .jsonl, .jsonl.gz, .csv or .parquet")
+    p.add_argument("output", help="output file (same kinds)")
+    p.add_argument("--model", help="model directory or models:/ URI (default: shipped model)")
+    p.add_argument("--prompt-field", default="prompt", help="field holding the prompt text")
+    p.add_argument("--batch-size", type=int, default=4096)
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    p.set_defaults(func=_score)
+
+
+def _score(args: argparse.Namespace) -> int:
+    import classifier
+    from serving.score import score_file
+
+    clf = classifier.load(args.model, threads=args.threads)
+    summary = score_file(
+        clf, Path(args.input), Path(args.output), args.prompt_field, args.batch_size
+    )
+    print(summary.render())
+    print(f"model {clf.manifest.model_name} {clf.version} -> {args.output}")
+    return 0
+
+
+def register_bench(sub: Any) -> None:
+    p = sub.add_parser("bench", help="print latency tables measured on real prompts")
+    p.add_argument("--model", help="model directory (default: shipped model)")
+    p.add_argument(
+        "--prompts",
+        default="../shared/data/prompt-logs/arena-hard-v0.1-question.jsonl",
+        help="JSONL with a prompt field",
+    )
+    p.add_argument("--repeat", type=int, default=3, help="passes over the prompts")
+    p.add_argument("--teacher", help="a teacher ONNX file to time beside the student")
+    p.set_defaults(func=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from serving.bench import run_inprocess_bench
+
+    sys.stdout.write(run_inprocess_bench(args.model, Path(args.prompts), args.repeat, args.teacher))
+    return 0

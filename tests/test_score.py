@@ -1,0 +1,99 @@
+"""`tierpick score`: every input kind, every bad row kept and counted, row count out == in."""
+
+import csv
+import gzip
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+import classifier
+from classifier.cli import main
+from serving.score import score_file
+from tests.conftest import DATA
+
+
+@pytest.fixture(scope="module")
+def clf(tiny_trained):  # type: ignore[no-untyped-def]
+    return classifier.load(tiny_trained.model_dir)
+
+
+def _arena(n: int = 40) -> list[dict[str, object]]:
+    with (DATA / "prompt-logs" / "arena-hard-v0.1-question.jsonl").open() as fh:
+        return [json.loads(line) for line in fh][:n]
+
+
+def test_jsonl_with_junk_keeps_every_row(clf, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    rows = _arena()
+    lines = [json.dumps(r) for r in rows]
+    lines[3] = "{not json"
+    lines[5] = json.dumps({"uid": "x", "prompt": 42})
+    lines[7] = json.dumps({"uid": "y", "prompt": "   "})
+    lines[9] = json.dumps({"uid": "z"})
+    lines[11] = json.dumps(["a", "list"])
+    src = tmp_path / "log.jsonl.gz"
+    with gzip.open(src, "wt") as fh:
+        fh.write("\n".join(lines) + "\n")
+    summary = score_file(clf, src, tmp_path / "out.jsonl", batch_size=8, progress=False)
+    out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert len(out) == len(rows) == summary.rows
+    assert out[0]["uid"] == rows[0]["uid"] and out[0]["cluster"] == rows[0]["cluster"]
+    assert out[0]["tier"] in ("local", "mid", "frontier") and out[0]["error"] is None
+    assert 0 < out[0]["p_local"] < 1
+    assert out[3]["error"].startswith("invalid JSON") and out[3]["raw"] == "{not json"
+    assert out[3]["line"] == 4
+    assert out[5]["error"] == "prompt is not a string (int)" and out[5]["p_mid"] is None
+    assert out[7]["error"] == "empty prompt"
+    assert out[9]["error"] == "missing prompt"
+    assert out[11]["error"] == "row is not a JSON object"
+    assert sum(summary.errors.values()) == 5
+    assert sum(summary.tiers.values()) == len(rows) - 5
+    # the same prompts scored in batches and one by one agree
+    direct = clf.predict_proba([rows[0]["prompt"]])[0]
+    assert out[0]["p_frontier"] == pytest.approx(float(direct[2]), abs=1e-6)
+
+
+def test_csv_and_parquet_round_trips(clf, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    rows = _arena(25)
+    src_csv = tmp_path / "log.csv"
+    with src_csv.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["uid", "category", "cluster", "prompt"])
+        w.writeheader()
+        w.writerows(rows)
+        fh.write('"only-two",fields\n')
+    summary = score_file(clf, src_csv, tmp_path / "out.parquet", progress=False)
+    table = pq.read_table(tmp_path / "out.parquet")
+    assert table.num_rows == 26 == summary.rows
+    assert {"uid", "cluster", "prompt", "tier", "p_local", "p_mid", "p_frontier", "error"} <= set(
+        table.column_names
+    )
+    assert table["error"].to_pylist()[-1] == "wrong number of CSV fields"
+
+    src_pq = tmp_path / "log.parquet"
+    pq.write_table(pa.Table.from_pylist([*rows, {**rows[0], "prompt": None}]), src_pq)
+    score_file(clf, src_pq, tmp_path / "out.csv", progress=False)
+    with (tmp_path / "out.csv").open(newline="") as fh:
+        out = list(csv.DictReader(fh))
+    assert len(out) == 26
+    assert out[0]["uid"] == rows[0]["uid"] and out[-1]["error"] == "missing prompt"
+
+
+def test_score_command_and_errors(tiny_trained, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    src = tmp_path / "log.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in _arena(10)))
+    out = tmp_path / "scored.jsonl"
+    assert main(["score", str(src), str(out), "--model", str(tiny_trained.model_dir)]) == 0
+    text = capsys.readouterr().out
+    assert "rows: 10" in text and "tier mix:" in text
+    assert len(out.read_text().splitlines()) == 10
+    assert (
+        main(["score", str(src), str(tmp_path / "x.txt"), "--model", str(tiny_trained.model_dir)])
+        == 2
+    )
+    assert "unsupported file type" in capsys.readouterr().err
+    bad = tmp_path / "log.parquet"
+    pq.write_table(pa.table({"text": ["a"]}), bad)
+    assert main(["score", str(bad), str(out), "--model", str(tiny_trained.model_dir)]) == 2
+    assert "no column 'prompt'" in capsys.readouterr().err
