@@ -1,7 +1,7 @@
 """The model artifact contract: a directory with an ONNX graph, a tokenizer and ``manifest.json``.
 
 The manifest says everything the runtime needs and nothing is hard-coded elsewhere: tiers in
-order with prices, calibration, the default routing threshold, how prompts are cut, the training
+order with prices, calibration, the default routing cost weight, how prompts are cut, the training
 data fingerprint, an evaluation summary and the sha256 of every file. Loading verifies it.
 """
 
@@ -39,7 +39,7 @@ class Manifest:
     graph: str  # ONNX file of the served (student) model
     tokenizer: str
     calibration: dict[str, Any]  # {"method": "platt", "a": [...], "b": [...]}
-    default_threshold: float
+    default_cost_weight: float  # the utility rule's default price of cost, see RoutingPolicy
     max_chars: int  # a prompt is cut to this many characters before tokenizing ...
     max_tokens: int  # ... and to this many tokens after
     files: dict[str, str]  # file name -> sha256
@@ -109,8 +109,8 @@ def _check_fields(m: Manifest, path: Path) -> None:
         raise ArtifactError(f"{path}: calibration method {cal.get('method')!r} is not known")
     if cal.get("method") == "platt" and not (len(cal.get("a", [])) == len(cal.get("b", [])) == k):
         raise ArtifactError(f"{path}: calibration needs one (a, b) pair per tier ({k})")
-    if not 0.0 <= m.default_threshold <= 1.0:
-        raise ArtifactError(f"{path}: default_threshold must be in [0, 1]")
+    if not m.default_cost_weight >= 0.0:
+        raise ArtifactError(f"{path}: default_cost_weight must be >= 0")
     needed = {m.graph, m.tokenizer, *m.extra_graphs.values()}
     missing = sorted(needed - set(m.files))
     if missing:

@@ -30,21 +30,42 @@ def prepare_prompt(text: str, max_chars: int) -> str:
     return normalize_prompt(text)[:max_chars]
 
 
+def normalized_costs(
+    price_input: Sequence[float], price_output: Sequence[float]
+) -> npt.NDArray[np.float64]:
+    """Cost per call of each tier on a 0-1 scale: (input + output price per 1M tokens), mapped
+    so the cheapest tier is 0 and the dearest 1. Routing and evaluation share this scale."""
+    c = np.asarray(price_input, dtype=np.float64) + np.asarray(price_output, dtype=np.float64)
+    lo, hi = c.min(), c.max()
+    out: npt.NDArray[np.float64] = (c - lo) / (hi - lo) if hi > lo else np.zeros_like(c)
+    return out
+
+
 @dataclass(frozen=True)
 class RoutingPolicy:
     """How probabilities become a tier; set per request, separate from the model.
 
+    Two rules:
+
+    - ``min_success > 0``: the cheapest allowed tier whose probability reaches it; when none
+      does, the dearest allowed tier (the most capable one).
+    - ``min_success == 0`` (the default): the allowed tier with the best expected value,
+      probability - cost_weight x normalized cost (see :func:`normalized_costs`), with the
+      model's default cost weight unless ``cost_weight`` is given. With calibrated
+      probabilities this buys the most success per unit of cost.
+
     Attributes:
-        min_success: the probability a tier must reach to be chosen; 0 means the model's
-            default threshold.
+        min_success: the probability a tier must reach, in [0, 1]; 0 = the utility rule.
         allowed_tiers: tiers that may be chosen (empty: all).
         max_price: the highest price per 1M output tokens (USD) a chosen tier may have
             (None: no cap).
+        cost_weight: the utility rule's price of cost, >= 0 (None: the model's default).
     """
 
     min_success: float = 0.0
     allowed_tiers: tuple[str, ...] = ()
     max_price: float | None = None
+    cost_weight: float | None = None
 
 
 @dataclass(frozen=True)
@@ -53,7 +74,7 @@ class Decision:
 
     tier: str
     probabilities: dict[str, float] = field(default_factory=dict)
-    met_threshold: bool = True  # False: no allowed tier reached it; the fallback was chosen
+    met_threshold: bool = True  # threshold rule: False when no allowed tier reached it
 
 
 class TierClassifier:
@@ -75,6 +96,9 @@ class TierClassifier:
         self.tiers: tuple[str, ...] = manifest.tier_names
         self.version = manifest.model_version
         self._prices = np.array([t.price_output for t in manifest.tiers])
+        self._costs = normalized_costs(
+            [t.price_input for t in manifest.tiers], [t.price_output for t in manifest.tiers]
+        )
         cal = manifest.calibration
         k = len(self.tiers)
         self._cal_a = np.array(cal.get("a", [1.0] * k), dtype=np.float32)
@@ -148,10 +172,12 @@ class TierClassifier:
 
     # ------------------------------------------------------------------ routing
 
-    def check_policy(self, policy: RoutingPolicy) -> tuple[float, npt.NDArray[np.bool_]]:
-        """Validate a policy against this model; returns (threshold, allowed-tier mask)."""
+    def check_policy(self, policy: RoutingPolicy) -> npt.NDArray[np.bool_]:
+        """Validate a policy against this model; returns the allowed-tier mask."""
         if not 0.0 <= policy.min_success <= 1.0:
             raise PolicyError(f"min_success must be in [0, 1], got {policy.min_success}")
+        if policy.cost_weight is not None and not policy.cost_weight >= 0:
+            raise PolicyError(f"cost_weight must be >= 0, got {policy.cost_weight}")
         unknown = [t for t in policy.allowed_tiers if t not in self.tiers]
         if unknown:
             raise PolicyError(
@@ -166,29 +192,43 @@ class TierClassifier:
             allowed &= self._prices <= policy.max_price
         if not allowed.any():
             raise PolicyError("no tier is allowed by allowed_tiers and max_price together")
-        threshold = policy.min_success or self.manifest.default_threshold
-        return threshold, allowed
+        return allowed
+
+    def choose(
+        self, proba: npt.NDArray[np.float32], policy: RoutingPolicy | None = None
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+        """Tier index per row under ``policy`` (see :class:`RoutingPolicy`), and whether the
+        threshold was met (always True under the utility rule)."""
+        policy = policy or RoutingPolicy()
+        allowed = self.check_policy(policy)
+        n = proba.shape[0]
+        if policy.min_success > 0:
+            ok = (proba >= policy.min_success) & allowed
+            met = np.asarray(ok.any(axis=1), dtype=bool)
+            fallback = int(np.flatnonzero(allowed)[-1])
+            chosen = np.where(met, np.argmax(ok, axis=1), fallback).astype(np.int64)
+            return chosen, met
+        weight = (
+            self.manifest.default_cost_weight
+            if policy.cost_weight is None
+            else (policy.cost_weight)
+        )
+        value = np.where(allowed, proba - weight * self._costs, -np.inf)
+        return np.argmax(value, axis=1).astype(np.int64), np.ones(n, dtype=bool)
 
     def route_proba(
         self, proba: npt.NDArray[np.float32], policy: RoutingPolicy | None = None
     ) -> list[Decision]:
-        """Route already-computed probabilities: the cheapest allowed tier whose probability
-        reaches the threshold; when none does, the dearest allowed tier (the most capable)."""
-        threshold, allowed = self.check_policy(policy or RoutingPolicy())
-        allowed_idx = np.flatnonzero(allowed)
-        fallback = int(allowed_idx[-1])
-        decisions = []
-        for row in proba:
-            ok = allowed_idx[row[allowed_idx] >= threshold]
-            choice = int(ok[0]) if ok.size else fallback
-            decisions.append(
-                Decision(
-                    tier=self.tiers[choice],
-                    probabilities={t: float(p) for t, p in zip(self.tiers, row, strict=True)},
-                    met_threshold=bool(ok.size),
-                )
+        """Route already-computed probabilities (see :class:`RoutingPolicy`)."""
+        chosen, met = self.choose(proba, policy)
+        return [
+            Decision(
+                tier=self.tiers[int(c)],
+                probabilities={t: float(p) for t, p in zip(self.tiers, row, strict=True)},
+                met_threshold=bool(m),
             )
-        return decisions
+            for c, m, row in zip(chosen, met, proba, strict=True)
+        ]
 
     def route(self, prompts: Sequence[str], policy: RoutingPolicy | None = None) -> list[Decision]:
         """Predict and route each prompt (see :meth:`route_proba`)."""

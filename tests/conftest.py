@@ -37,9 +37,10 @@ TINY_MODELS = {
 }
 
 
-def write_tiny_config(folder: Path, data_file: Path, seed: int = 0) -> Path:
+def write_tiny_config(folder: Path, data_file: Path, seed: int = 0, holdout: bool = True) -> Path:
     """A config over a small derived sample of real MMLU-Pro outcomes, sized for seconds."""
     cfg = folder / f"tiny-{seed}.yaml"
+    hold = ", holdout: {column: task, values: [law]}" if holdout else ""
     cfg.write_text(
         f"""
 name: tiny
@@ -49,7 +50,7 @@ tiers:
   - {{name: mid, price_input: 0.5, price_output: 1.5, models: [Mixtral-8x7B-Instruct-v0.1]}}
   - {{name: frontier, price_input: 5, price_output: 15, models: [gemini-1.5-pro-002]}}
 sources: [{data_file.name}]
-split: {{val_fraction: 0.2, test_fraction: 0.2, holdout: {{column: task, values: [law]}}}}
+split: {{val_fraction: 0.2, test_fraction: 0.2{hold}}}
 train:
   seed: {seed}
   model_name: tiny

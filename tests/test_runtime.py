@@ -33,23 +33,32 @@ def test_predict_proba_shape_and_range(model_dir: Path) -> None:
 
 
 def test_routing_policies(model_dir: Path) -> None:
+    from classifier._runtime import normalized_costs
+
     clf = classifier.load(model_dir)
     prompts = ["What is 2 + 2?", "Compute the Lebesgue integral of x^2 over the Cantor set."]
     p = clf.predict_proba(prompts)
-    # min_success 1.0: nothing reaches it, the dearest allowed tier is the fallback
+    # threshold rule: nothing reaches 1.0, so the dearest allowed tier is the fallback
     top = clf.route(prompts, RoutingPolicy(min_success=1.0))
     assert [d.tier for d in top] == ["frontier", "frontier"] and not top[0].met_threshold
-    # min_success 0 -> the model's default threshold
-    dflt = clf.route_proba(p)
-    thr = clf.manifest.default_threshold
-    for d, row in zip(dflt, p, strict=True):
-        first_ok = next((t for t, v in zip(clf.tiers, row, strict=True) if v >= thr), "frontier")
-        assert d.tier == first_ok
+    low = clf.route(prompts, RoutingPolicy(min_success=1e-6))
+    assert [d.tier for d in low] == ["local", "local"] and low[0].met_threshold
+    # utility rule (the default): best probability - cost_weight x normalized cost
+    costs = normalized_costs([0, 0.5, 5], [0, 1.5, 15])
+    w = clf.manifest.default_cost_weight
+    for d, row in zip(clf.route_proba(p), p, strict=True):
+        assert d.tier == clf.tiers[int(np.argmax(row - w * costs))]
         assert d.probabilities == pytest.approx(dict(zip(clf.tiers, row.tolist(), strict=True)))
+    free = clf.route_proba(p, RoutingPolicy(cost_weight=0.0))
+    assert [d.tier for d in free] == [clf.tiers[int(np.argmax(row))] for row in p]
+    thrifty = clf.route_proba(p, RoutingPolicy(cost_weight=1e9))
+    assert {d.tier for d in thrifty} == {"local"}
     only_cheap = clf.route(prompts, RoutingPolicy(min_success=1.0, allowed_tiers=("local", "mid")))
     assert {d.tier for d in only_cheap} == {"mid"}
     capped = clf.route(prompts, RoutingPolicy(min_success=1.0, max_price=1.5))
     assert {d.tier for d in capped} == {"mid"}
+    capped_utility = clf.route(prompts, RoutingPolicy(cost_weight=0.0, max_price=0.0))
+    assert {d.tier for d in capped_utility} == {"local"}
 
 
 @pytest.mark.parametrize(
@@ -58,6 +67,7 @@ def test_routing_policies(model_dir: Path) -> None:
         (RoutingPolicy(min_success=1.5), "min_success must be in [0, 1]"),
         (RoutingPolicy(allowed_tiers=("gold",)), "unknown tier(s) ['gold']"),
         (RoutingPolicy(max_price=-1), "max_price must be >= 0"),
+        (RoutingPolicy(cost_weight=-0.5), "cost_weight must be >= 0"),
         (RoutingPolicy(allowed_tiers=("frontier",), max_price=1.0), "no tier is allowed"),
     ],
 )

@@ -114,8 +114,8 @@ class TrainConfig:
     teacher: TeacherConfig = TeacherConfig()
     student: StudentConfig = StudentConfig()
     calibration: str = "platt"  # "platt" per tier, or "none"
-    target_quality: float = 0.95  # default threshold: cheapest routing reaching this share of
-    # the top tier's quality on the validation split
+    target_quality: float = 0.95  # default cost weight: the cheapest utility-rule routing
+    # reaching this share of the top tier's quality on the validation split
 
 
 @dataclass(frozen=True)

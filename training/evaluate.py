@@ -58,6 +58,10 @@ def evaluate_split(
     q = data.targets[full]
     out["tier_quality"] = {t: float(v) for t, v in zip(tiers, q.mean(axis=0), strict=True)}
     curves = {name: metrics.sweep(s[full], q, costs) for name, s in routers.items()}
+    if "student" in routers:
+        curves["student_threshold_rule"] = metrics.sweep(
+            routers["student"][full], q, costs, rule="threshold"
+        )
     curves["best_fixed_mix"] = metrics.mix_curve(q, costs)
     out["curves"] = {
         name: {"cost": c.cost.tolist(), "quality": c.quality.tolist()} for name, c in curves.items()
@@ -86,7 +90,7 @@ def write_report(report: dict[str, Any], out_dir: Path, tiers: Sequence[str]) ->
 
 def render_markdown(report: dict[str, Any], tiers: Sequence[str], plots: Sequence[str] = ()) -> str:
     parts = [f"# Evaluation: {report.get('model_version', '')}", ""]
-    for key in ("data_fingerprint", "default_threshold", "train_seconds"):
+    for key in ("data_fingerprint", "default_cost_weight", "train_seconds"):
         if key in report:
             parts.append(f"- {key.replace('_', ' ')}: {report[key]}")
     cal = report.get("calibration_ece")
@@ -154,7 +158,9 @@ def render_markdown(report: dict[str, Any], tiers: Sequence[str], plots: Sequenc
                 )
             parts += [
                 "",
-                "Routing (cost normalized: 0 = cheapest tier only, 1 = dearest only):",
+                "Routing by the utility rule swept over the cost weight (the student also by the "
+                "threshold rule); cost normalized: 0 = cheapest tier only, 1 = dearest only; "
+                "pairwise APGR as RouteLLM defines it:",
                 "```",
                 format_table(
                     [

@@ -62,7 +62,7 @@ def export_model(
     *,
     version: str,
     calibration: dict[str, Any],
-    default_threshold: float,
+    default_cost_weight: float,
     data_fingerprint: str,
     evaluation: dict[str, Any],
 ) -> Manifest:
@@ -81,7 +81,7 @@ def export_model(
         graph=GRAPH,
         tokenizer=TOKENIZER,
         calibration=calibration,
-        default_threshold=round(float(default_threshold), 4),
+        default_cost_weight=round(float(default_cost_weight), 6),
         max_chars=scfg.max_chars,
         max_tokens=scfg.max_tokens,
         files={name: sha256_file(tmp / name) for name in (GRAPH, TOKENIZER)},

@@ -1,11 +1,11 @@
 """Evaluation metrics: per-tier discrimination and calibration, and routing quality against cost.
 
-Routing model: tiers are ordered cheapest first; a router gives each prompt a score per tier and,
-at threshold ``t``, sends it to the cheapest tier whose score reaches ``t`` (the dearest tier
-when none does). Sweeping ``t`` traces quality (the chosen tier's observed success on that
-prompt) against cost. Cost per call of a tier is its input + output price per 1M tokens (equal
-input and output token counts assumed); normalized cost maps cheapest-only to 0 and
-dearest-only to 1.
+Routing model: tiers are ordered cheapest first; a router gives each prompt a score per tier.
+The utility rule (the headline) sends a prompt to the tier maximizing score - w x cost; the
+threshold rule sends it to the cheapest tier whose score reaches ``t``. Sweeping ``w`` (or ``t``)
+traces quality (the chosen tier's observed success on that prompt) against cost. Cost per call is
+:func:`classifier._runtime.normalized_costs`: input + output price per 1M tokens (equal input and
+output token counts assumed), cheapest tier 0, dearest 1.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ Array = npt.NDArray[np.float64]
 # Below this quality gap between two tiers, PGR divides by noise and APGR is not reported.
 MIN_GAP = 0.02
 THRESHOLDS = np.concatenate([np.linspace(0.0, 1.0, 201), [1.0 + 1e-9]])
+# Cost weights swept by the utility rule: 0 picks the best score, 1e9 the cheapest tier.
+COST_WEIGHTS = np.concatenate([[0.0], np.geomspace(1e-4, 1e2, 300), [1e9]])
 
 
 def roc_auc(y_soft: Array, p: Array) -> float | None:
@@ -65,15 +67,22 @@ def ece(y_soft: Array, p: Array, bins: int = 10) -> float:
 # --------------------------------------------------------------------------- routing
 
 
-def tier_costs(price_input: Array, price_output: Array) -> Array:
-    return np.asarray(price_input, dtype=np.float64) + np.asarray(price_output, dtype=np.float64)
-
-
 def route(scores: Array, threshold: float) -> npt.NDArray[np.int64]:
-    """Index of the cheapest tier whose score reaches ``threshold``, else the dearest tier."""
+    """Threshold rule: the cheapest tier whose score reaches ``threshold``, else the dearest."""
     ok = scores >= threshold
     first = np.argmax(ok, axis=1)
     chosen: npt.NDArray[np.int64] = np.where(ok.any(axis=1), first, scores.shape[1] - 1)
+    return chosen.astype(np.int64)
+
+
+def route_utility(scores: Array, norm_costs: Array, cost_weight: float) -> npt.NDArray[np.int64]:
+    """Utility rule: the tier maximizing score - cost_weight x normalized cost (ties: cheaper).
+
+    With calibrated success probabilities this maximizes expected quality for its cost: sweeping
+    ``cost_weight`` traces the best cost-quality trade-off the scores allow, and a router whose
+    scores ignore the prompt traces exactly the best prompt-agnostic tier mix.
+    """
+    chosen: npt.NDArray[np.int64] = np.argmax(scores - cost_weight * norm_costs, axis=1)
     return chosen.astype(np.int64)
 
 
@@ -81,39 +90,39 @@ def route(scores: Array, threshold: float) -> npt.NDArray[np.int64]:
 class Curve:
     """A router's operating points, sorted by cost: normalized cost, quality, tier shares."""
 
-    thresholds: Array
+    params: Array  # the cost weight (utility rule) or threshold (threshold rule) of each point
     cost: Array  # normalized, 0 = cheapest tier only, 1 = dearest only
     quality: Array
     shares: Array  # (points, n_tiers)
 
 
-def sweep(scores: Array, quality: Array, costs: Array) -> Curve:
-    """Trace the cost-quality curve of a router over thresholds.
+def sweep(scores: Array, quality: Array, costs: Array, rule: str = "utility") -> Curve:
+    """Trace the cost-quality curve of a router.
 
     Args:
         scores: (n, k) router scores, tiers cheapest first.
         quality: (n, k) observed success of each tier on each prompt.
-        costs: (k,) cost per call of each tier.
+        costs: (k,) normalized cost per call of each tier (see ``normalized_costs``).
+        rule: "utility" (sweep the cost weight) or "threshold" (sweep the threshold).
     """
     n, k = quality.shape
-    c_lo, c_hi = costs.min(), costs.max()
+    norm = costs
     rows = np.arange(n)
+    params = COST_WEIGHTS if rule == "utility" else THRESHOLDS
     pts = []
-    for t in THRESHOLDS:
-        choice = route(scores, t)
-        shares = np.bincount(choice, minlength=k) / n
-        cost = float(costs[choice].mean())
+    for value in params:
+        choice = route_utility(scores, norm, value) if rule == "utility" else route(scores, value)
         pts.append(
             (
-                t,
-                (cost - c_lo) / (c_hi - c_lo) if c_hi > c_lo else 0.0,
+                value,
+                float(norm[choice].mean()),
                 float(quality[rows, choice].mean()),
-                shares,
+                np.bincount(choice, minlength=k) / n,
             )
         )
     pts.sort(key=lambda r: (r[1], r[2]))
     return Curve(
-        thresholds=np.array([p[0] for p in pts]),
+        params=np.array([p[0] for p in pts]),
         cost=np.array([p[1] for p in pts]),
         quality=np.array([p[2] for p in pts]),
         shares=np.array([p[3] for p in pts]),
@@ -124,8 +133,7 @@ def mix_curve(quality: Array, costs: Array) -> Curve:
     """The best prompt-agnostic tier mix: the upper concave hull of the single-tier points
     (a fixed share of traffic to each tier achieves any point on it)."""
     q = quality.mean(axis=0)
-    c_lo, c_hi = costs.min(), costs.max()
-    x = (costs - c_lo) / (c_hi - c_lo) if c_hi > c_lo else np.zeros_like(costs)
+    x = costs
     order = np.argsort(x, kind="stable")
     hull: list[int] = []
     for i in order:
@@ -190,16 +198,19 @@ def routing_summary(curve: Curve, quality: Array) -> dict[str, float | None]:
 
 
 def pair_apgr(scores: Array, quality: Array, weak: int, strong: int) -> dict[str, float | None]:
-    """RouteLLM's two-model APGR: route between ``weak`` and ``strong`` only (to ``weak`` when its
-    score reaches the threshold), and integrate PGR over the share of calls to ``strong``."""
+    """RouteLLM's two-model APGR between ``weak`` and ``strong`` only: a prompt goes to ``strong``
+    when its score advantage (score_strong - score_weak) exceeds a threshold, swept over all
+    values; PGR is integrated over the share of calls to ``strong``."""
     q_w, q_s = quality[:, weak], quality[:, strong]
-    xs, ys = [], []
-    for t in THRESHOLDS:
-        to_strong = scores[:, weak] < t
-        xs.append(float(to_strong.mean()))
-        ys.append(float(np.where(to_strong, q_s, q_w).mean()))
     if q_s.mean() - q_w.mean() < MIN_GAP:
         return {"apgr": None, "cpt50": None, "cpt80": None}  # no gap to recover
+    d = scores[:, strong] - scores[:, weak]
+    cuts = np.concatenate([[-np.inf], np.unique(np.quantile(d, np.linspace(0, 1, 201))), [np.inf]])
+    xs, ys = [], []
+    for c in cuts:
+        to_strong = d > c
+        xs.append(float(to_strong.mean()))
+        ys.append(float(np.where(to_strong, q_s, q_w).mean()))
     order = np.lexsort((np.array(ys), np.array(xs)))
     x, q = np.array(xs)[order], np.array(ys)[order]
     g = pgr(q, float(q_w.mean()), float(q_s.mean()))
@@ -210,10 +221,10 @@ def pair_apgr(scores: Array, quality: Array, weak: int, strong: int) -> dict[str
     }
 
 
-def pick_threshold(curve: Curve, quality: Array, target_quality: float) -> float:
-    """The threshold of the cheapest operating point that reaches ``target_quality`` x the top
-    tier's quality (the highest-quality point when none does)."""
+def pick_cost_weight(curve: Curve, quality: Array, target_quality: float) -> float:
+    """The cost weight of the cheapest utility-rule operating point reaching ``target_quality``
+    x the top tier's quality (the highest-quality point when none does)."""
     q_top = float(quality.mean(axis=0)[-1])
     ok = np.flatnonzero(curve.quality >= target_quality * q_top)
     i = int(ok[np.argmin(curve.cost[ok])]) if ok.size else int(np.argmax(curve.quality))
-    return float(min(curve.thresholds[i], 1.0))
+    return float(curve.params[i])

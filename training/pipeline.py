@@ -205,20 +205,20 @@ def run_training(
     def student_p(name: str) -> Array:
         return apply_platt(student_z[name], a, b)
 
-    # ---- default threshold from the validation routing curve
+    # ---- default cost weight from the validation routing curve
     costs = tier_cost_vector(config.tiers)
     full_val = val.mask.min(axis=1) > 0
-    threshold = 0.5
+    cost_weight = 0.0
     if full_val.sum() >= 10:
         curve = metrics.sweep(student_p("val")[full_val], val.targets[full_val], costs)
-        threshold = metrics.pick_threshold(curve, val.targets[full_val], tcfg.target_quality)
+        cost_weight = metrics.pick_cost_weight(curve, val.targets[full_val], tcfg.target_quality)
 
     # ---- evaluation with reference routers
     t0 = time.perf_counter()
     report: dict[str, Any] = {
         "model_version": version,
         "data_fingerprint": ds.fingerprint,
-        "default_threshold": round(threshold, 4),
+        "default_cost_weight": round(cost_weight, 6),
         "splits": {},
         "student_training": student_info,
         "tiers": list(ds.tiers),
@@ -248,7 +248,7 @@ def run_training(
         out_dir,
         version=version,
         calibration=calibration,
-        default_threshold=threshold,
+        default_cost_weight=cost_weight,
         data_fingerprint=ds.fingerprint,
         evaluation={k2: round(v, 4) for k2, v in summary.items()},
     )
@@ -283,10 +283,10 @@ def reference_routers(train: SplitData, split: SplitData, seed: int) -> dict[str
 
 
 def tier_cost_vector(tiers: Any) -> Array:
-    """Cost per call of each tier (input + output price per 1M tokens), cheapest first."""
-    return metrics.tier_costs(
-        np.array([t.price_input for t in tiers]), np.array([t.price_output for t in tiers])
-    )
+    """Normalized cost per call of each tier, the scale the runtime routes on."""
+    from classifier._runtime import normalized_costs
+
+    return normalized_costs([t.price_input for t in tiers], [t.price_output for t in tiers])
 
 
 def evaluate_model(model_dir: Path, ds: BuiltDataset, seed: int = 0) -> dict[str, Any]:
@@ -303,7 +303,7 @@ def evaluate_model(model_dir: Path, ds: BuiltDataset, seed: int = 0) -> dict[str
         "model_version": clf.version,
         "data_fingerprint": ds.fingerprint,
         "model_data_fingerprint": clf.manifest.data_fingerprint,
-        "default_threshold": clf.manifest.default_threshold,
+        "default_cost_weight": clf.manifest.default_cost_weight,
         "splits": {},
         "tiers": list(ds.tiers),
     }
