@@ -10,7 +10,7 @@ DATA ?= ../shared/data
 HOST ?= 127.0.0.1
 PORT ?= 50051
 
-.PHONY: venv check test test-slow serve model data clean
+.PHONY: venv check test test-slow serve model data proto clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,7 +36,12 @@ data: $(STAMP)
 	$(BIN)/tierpick data build --config training/configs/default.yaml --out build/dataset
 
 serve: $(STAMP)
-	@echo "make serve: the gRPC service is not built yet (see the gRPC service issue)" >&2; exit 2
+	$(BIN)/tierpick serve --host $(HOST) --port $(PORT)
+
+# Regenerate the Python gRPC stubs from proto/ (they are committed; never edit them by hand).
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Iserving/_proto=proto --python_out=. --grpc_python_out=. \
+		--pyi_out=. serving/_proto/tierpick/v1/tierpick.proto
 
 # Full retrain of the shipped default from ../shared/data: dataset, teacher, student, evaluation,
 # export to models/default (with REPORT.md), MLflow run in sqlite:///mlflow.db (or $$MLFLOW_TRACKING_URI).

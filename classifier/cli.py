@@ -23,6 +23,7 @@ _GROUPS: dict[str, tuple[str, str | None]] = {
     "evaluate": ("training.cli:register_evaluate", "train"),
     "promote": ("training.cli:register_promote", "train"),
     "score": ("serving.cli:register_score", None),
+    "serve": ("serving.cli:register_serve", None),
     "bench": ("serving.cli:register_bench", None),
 }
 

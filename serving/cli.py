@@ -32,6 +32,42 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def register_serve(sub: Any) -> None:
+    p = sub.add_parser("serve", help="serve a model over gRPC (TierRouter, health, reflection)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--model", help="model directory or models:/ URI (default: shipped model)")
+    p.add_argument("--max-batch", type=int, default=256, help="ClassifyBatch maximum")
+    p.add_argument(
+        "--max-concurrency", type=int, default=64, help="in-flight RPCs before RESOURCE_EXHAUSTED"
+    )
+    p.add_argument("--workers", type=int, default=8, help="handler threads")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    p.add_argument(
+        "--watch",
+        type=float,
+        default=2.0,
+        help="seconds between checks of the model's manifest for hot reload (0: off)",
+    )
+    p.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key: serve TLS)")
+    p.add_argument("--tls-key", help="PEM private key")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from serving.server import ServerConfig, serve
+
+    config = ServerConfig(
+        max_batch=args.max_batch,
+        max_concurrency=args.max_concurrency,
+        workers=args.workers,
+        watch_seconds=args.watch,
+    )
+    return serve(
+        args.host, args.port, args.model, config, args.metrics_port, args.tls_cert, args.tls_key
+    )
+
+
 def register_bench(sub: Any) -> None:
     p = sub.add_parser("bench", help="print latency tables measured on real prompts")
     p.add_argument("--model", help="model directory (default: shipped model)")

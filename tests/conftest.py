@@ -55,7 +55,7 @@ train:
   seed: {seed}
   model_name: tiny
   teacher: {{max_tokens: 32, max_train: 64, batch_size: 16, checkpoint_every: 2}}
-  student: {{dim: 32, hidden: 32, epochs: 3, vocab: seen, max_tokens: 64}}
+  student: {{dim: 32, epochs: 3, vocab: seen, max_tokens: 64, label_epochs: 1}}
 """
     )
     return cfg

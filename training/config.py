@@ -89,19 +89,19 @@ class TeacherConfig:
 
 @dataclass(frozen=True)
 class StudentConfig:
-    """Static token embeddings distilled from the fine-tuned teacher + mean pooling + MLP head."""
+    """Static token embeddings distilled from the fine-tuned teacher, trained to reproduce its
+    sentence embedding, read by the teacher's tier head (see ``training.encoders``)."""
 
     dim: int = 256  # PCA dimension of the static embeddings
-    hidden: int = 256
-    dropout: float = 0.2
     max_tokens: int = 256
     max_chars: int = 4096
-    epochs: int = 12
-    patience: int = 3  # epochs without val-loss improvement before stopping
+    epochs: int = 8  # embedding-distillation epochs (early stop on validation loss)
+    patience: int = 2
     batch_size: int = 64
     lr: float = 1e-3
-    embedding_lr: float = 2e-4  # 0 freezes the distilled embeddings
-    distill_weight: float = 0.5  # share of the loss on the teacher's probabilities
+    embedding_lr: float = 3e-4
+    label_epochs: int = 0  # optional fine-tune on labels + teacher probabilities
+    distill_weight: float = 0.9  # share of the teacher's probabilities in that fine-tune
     vocab: str = "full"  # "full" tokenizer vocabulary, or "seen": only tokens in the dataset
 
 

@@ -9,7 +9,7 @@ import logging
 import math
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -63,11 +63,15 @@ class Teacher(nn.Module):
         hidden = int(getattr(encoder, "config").hidden_size)  # noqa: B009 (untyped HF config)
         self.head = nn.Linear(hidden, n_tiers)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The mean of the encoder's token outputs: the sentence embedding the head reads."""
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         m = attention_mask.unsqueeze(-1).to(out.dtype)
-        pooled = (out * m).sum(1) / m.sum(1).clamp(min=1.0)
-        logits: torch.Tensor = self.head(pooled)
+        pooled: torch.Tensor = (out * m).sum(1) / m.sum(1).clamp(min=1.0)
+        return pooled
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        logits: torch.Tensor = self.head(self.pooled(input_ids, attention_mask))
         return logits
 
 
@@ -180,50 +184,54 @@ def train_teacher(
 
 
 @torch.no_grad()
-def teacher_logits(
-    model: Teacher,
-    prompts: Sequence[str],
-    cfg: TeacherConfig,
-    max_chars: int,
-    progress: Callable[[int, int], None] | None = None,
-) -> FloatArray:
-    """Teacher logits for many prompts, batched by length to limit padding."""
+def teacher_outputs(
+    model: Teacher, prompts: Sequence[str], cfg: TeacherConfig, max_chars: int
+) -> tuple[FloatArray, FloatArray]:
+    """Teacher logits and pooled sentence embeddings, batched by length to limit padding."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
     model.eval()
     texts = [prepare_prompt(p, max_chars) for p in prompts]
     order = np.argsort([len(t) for t in texts], kind="stable")
-    out = np.zeros((len(texts), model.head.out_features), dtype=np.float32)
+    logits = np.zeros((len(texts), model.head.out_features), dtype=np.float32)
+    pooled = np.zeros((len(texts), model.head.in_features), dtype=np.float32)
     for s in range(0, len(order), cfg.inference_batch):
         batch = order[s : s + cfg.inference_batch]
         enc = _tokenize(tokenizer, [texts[i] for i in batch], cfg.max_tokens)
-        out[batch] = model(**enc).numpy()
-        if progress:
-            progress(min(s + cfg.inference_batch, len(order)), len(order))
-    return out
+        emb = model.pooled(**enc)
+        pooled[batch] = emb.numpy()
+        logits[batch] = model.head(emb).numpy()
+        if s // cfg.inference_batch % 20 == 0:
+            log.info(
+                "teacher inference: %d/%d", min(s + cfg.inference_batch, len(order)), len(order)
+            )
+    return logits, pooled
 
 
 # --------------------------------------------------------------------------- student
 
 
 class Student(nn.Module):
-    """Static token embeddings (SIF-weighted rows) -> mean over tokens -> MLP -> tier logits."""
+    """Static token embeddings -> mean over tokens -> linear map into the teacher's sentence
+    embedding space -> the teacher's tier head. Costs one embedding gather, a mean and two
+    small matrix products per prompt."""
 
-    def __init__(self, embeddings: FloatArray, hidden: int, n_tiers: int, dropout: float) -> None:
+    def __init__(self, embeddings: FloatArray, teacher_head: nn.Linear) -> None:
         super().__init__()
         self.embedding = nn.Embedding.from_pretrained(torch.from_numpy(embeddings), freeze=False)
-        self.mlp = nn.Sequential(
-            nn.Linear(embeddings.shape[1], hidden),
-            nn.GELU(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden, n_tiers),
-        )
+        self.proj = nn.Linear(embeddings.shape[1], teacher_head.in_features)
+        self.head = nn.Linear(teacher_head.in_features, teacher_head.out_features)
+        self.head.load_state_dict(teacher_head.state_dict())
+
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        e = self.embedding(input_ids) * attention_mask.unsqueeze(-1)
+        mean = e.sum(1) / attention_mask.sum(1, keepdim=True).clamp(min=1.0)
+        out: torch.Tensor = self.proj(mean)
+        return out
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        e = self.embedding(input_ids) * attention_mask.unsqueeze(-1)
-        pooled = e.sum(1) / attention_mask.sum(1, keepdim=True).clamp(min=1.0)
-        logits: torch.Tensor = self.mlp(pooled)
+        logits: torch.Tensor = self.head(self.pooled(input_ids, attention_mask))
         return logits
 
 
@@ -285,73 +293,107 @@ def distill_static_embeddings(
     return emb
 
 
+def _embedding_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    cos = nn.functional.cosine_similarity(pred, target).mean()
+    return 1 - cos + 0.1 * nn.functional.mse_loss(pred, target)
+
+
 def train_student(
     embeddings: FloatArray,
+    teacher_head: nn.Linear,
     train_ids: Sequence[Sequence[int]],
+    teacher_emb: FloatArray,
+    teacher_logit: FloatArray,
     targets: FloatArray,
     mask: FloatArray,
-    teacher_prob: FloatArray,
     val_ids: Sequence[Sequence[int]],
-    val_targets: FloatArray,
-    val_mask: FloatArray,
+    val_teacher_emb: FloatArray,
     cfg: StudentConfig,
     seed: int,
 ) -> tuple[Student, dict[str, Any]]:
-    """Train the student on labels + teacher probabilities; early stop on validation label loss."""
+    """Two stages.
+
+    1. Embedding distillation (all ``cfg.epochs``, early stop on validation loss): token
+       embeddings and the projection learn to reproduce the fine-tuned teacher's sentence
+       embedding (cosine + 0.1 x MSE), so the teacher's tier head reads them unchanged.
+    2. Optional (``cfg.label_epochs``): embeddings frozen, projection and head fine-tuned on
+       the labels (masked BCE) mixed with the teacher's probabilities (``distill_weight``).
+       Measured on the default data it raises in-distribution AUC and lowers out-of-
+       distribution AUC, so the default is 0 epochs.
+    """
     seed_everything(seed)
-    n_tiers = targets.shape[1]
-    model = Student(embeddings, cfg.hidden, n_tiers, cfg.dropout)
-    groups = [{"params": model.mlp.parameters(), "lr": cfg.lr}]
-    if cfg.embedding_lr > 0:
-        groups.append(
-            {"params": model.embedding.parameters(), "lr": cfg.embedding_lr, "weight_decay": 0.0}
-        )
-    else:
-        model.embedding.weight.requires_grad_(False)
-    opt = torch.optim.AdamW(groups, weight_decay=0.01)
-    y, m, t = (torch.from_numpy(a) for a in (targets, mask, teacher_prob))
-    vx, vm = pad_ids(val_ids)
-    vy, vmask = torch.from_numpy(val_targets), torch.from_numpy(val_mask)
+    model = Student(embeddings, teacher_head)
     gen = torch.Generator().manual_seed(seed)
+    target = torch.from_numpy(teacher_emb)
+    vx, vm = pad_ids(val_ids)
+    vt = torch.from_numpy(val_teacher_emb)
+    opt = torch.optim.AdamW(
+        [
+            {"params": model.proj.parameters(), "lr": cfg.lr},
+            {"params": model.embedding.parameters(), "lr": cfg.embedding_lr, "weight_decay": 0.0},
+        ],
+        weight_decay=0.01,
+    )
+    model.head.requires_grad_(False)
     best: tuple[float, dict[str, torch.Tensor], int] | None = None
-    history = []
-    w = cfg.distill_weight
+    history: list[dict[str, float]] = []
     for epoch in range(cfg.epochs):
         model.train()
-        perm = torch.randperm(len(train_ids), generator=gen)
-        for s in range(0, len(perm), cfg.batch_size):
-            b = perm[s : s + cfg.batch_size]
+        for b in torch.randperm(len(train_ids), generator=gen).split(cfg.batch_size):
             x, xm = pad_ids([train_ids[i] for i in b])
-            z = model(x, xm)
-            loss = (1 - w) * masked_bce(z, y[b], m[b])
-            if w > 0:
-                loss = loss + w * nn.functional.binary_cross_entropy_with_logits(z, t[b])
+            loss = _embedding_loss(model.pooled(x, xm), target[b])
             opt.zero_grad()
             loss.backward()
             opt.step()
         model.eval()
         with torch.no_grad():
-            val_loss = float(masked_bce(model(vx, vm), vy, vmask))
-        history.append({"epoch": epoch + 1, "val_loss": val_loss})
-        log.info("student: epoch %d val loss %.4f", epoch + 1, val_loss)
+            val_loss = float(_embedding_loss(model.pooled(vx, vm), vt))
+        history.append({"epoch": epoch + 1, "val_embedding_loss": val_loss})
+        log.info("student: epoch %d val embedding loss %.4f", epoch + 1, val_loss)
         if best is None or val_loss < best[0] - 1e-5:
             best = (val_loss, {k: v.clone() for k, v in model.state_dict().items()}, epoch + 1)
         elif epoch + 1 - best[2] >= cfg.patience:
             break
-    assert best is not None
-    model.load_state_dict(best[1])
+    if best is not None:
+        model.load_state_dict(best[1])
+    if cfg.label_epochs > 0:
+        model.embedding.requires_grad_(False)
+        model.head.requires_grad_(True)
+        opt = torch.optim.AdamW(
+            [*model.proj.parameters(), *model.head.parameters()], lr=cfg.lr / 2, weight_decay=0.01
+        )
+        y, m = torch.from_numpy(targets), torch.from_numpy(mask)
+        t = torch.sigmoid(torch.from_numpy(teacher_logit))
+        w = cfg.distill_weight
+        for epoch in range(cfg.label_epochs):
+            model.train()
+            for b in torch.randperm(len(train_ids), generator=gen).split(cfg.batch_size):
+                x, xm = pad_ids([train_ids[i] for i in b])
+                z = model(x, xm)
+                loss = (1 - w) * masked_bce(z, y[b], m[b]) + w * (
+                    nn.functional.binary_cross_entropy_with_logits(z, t[b])
+                )
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            history.append({"label_epoch": epoch + 1, "loss": loss.item()})
     model.eval()
-    return model, {"best_epoch": best[2], "best_val_loss": best[0], "history": history}
+    return model, {
+        "best_epoch": best[2] if best else 0,
+        "best_val_embedding_loss": best[0] if best else None,
+        "history": history,
+    }
 
 
 @torch.no_grad()
-def student_logits(model: Student, ids: Sequence[Sequence[int]], batch: int = 512) -> FloatArray:
+def student_logits(model: nn.Module, ids: Sequence[Sequence[int]], batch: int = 512) -> FloatArray:
     out = []
     for s in range(0, len(ids), batch):
         x, m = pad_ids(ids[s : s + batch])
         out.append(model(x, m).numpy())
-    n_tiers = int(getattr(model.mlp[-1], "out_features"))  # noqa: B009
-    return np.concatenate(out) if out else np.zeros((0, n_tiers), np.float32)
+    if not out:  # the width comes from the model itself
+        return np.zeros((0, int(model(*pad_ids([[0]])).shape[1])), np.float32)
+    return np.concatenate(out)
 
 
 # --------------------------------------------------------------------------- helpers

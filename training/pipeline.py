@@ -154,18 +154,23 @@ def run_training(
     timings["teacher_train"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     all_splits = [train, val, *evals]
-    logits_path = workdir / "teacher" / f"logits-{version}.npz"
-    if logits_path.exists():
-        cached = np.load(logits_path)
-        teacher_z = {s.name: cached[s.name].astype(np.float64) for s in all_splits}
+    # keyed by the teacher fine-tune's own key: a change of student settings reuses them
+    teacher_key = (workdir / "teacher" / "teacher.key").read_text().strip()[:16]
+    outputs_path = workdir / "teacher" / f"outputs-{teacher_key}.npz"
+    if outputs_path.exists():
+        cached = np.load(outputs_path)
+        teacher_z = {s.name: cached[f"{s.name}_z"].astype(np.float64) for s in all_splits}
+        teacher_e = {s.name: cached[f"{s.name}_e"] for s in all_splits}
     else:
-        teacher_z = {
-            s.name: encoders.teacher_logits(
-                teacher, s.prompts, tcfg.teacher, scfg.max_chars
-            ).astype(np.float64)
-            for s in all_splits
-        }
-        np.savez(logits_path, **teacher_z)
+        teacher_z, teacher_e = {}, {}
+        for s in all_splits:
+            z, e = encoders.teacher_outputs(teacher, s.prompts, tcfg.teacher, scfg.max_chars)
+            teacher_z[s.name], teacher_e[s.name] = z.astype(np.float64), e
+        np.savez(
+            outputs_path,
+            **{f"{n}_z": v for n, v in teacher_z.items()},
+            **{f"{n}_e": v for n, v in teacher_e.items()},
+        )
     timings["teacher_inference"] = time.perf_counter() - t0
 
     # ---- student
@@ -175,16 +180,16 @@ def run_training(
     emb = encoders.distill_static_embeddings(teacher, tok, ids["train"], scfg)
     timings["static_distill"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    teacher_prob = (1 / (1 + np.exp(-teacher_z["train"]))).astype(np.float32)
     student, student_info = encoders.train_student(
         emb,
+        teacher.head,
         ids["train"],
+        teacher_e["train"],
+        teacher_z["train"].astype(np.float32),
         train.targets.astype(np.float32),
         train.mask.astype(np.float32),
-        teacher_prob,
         ids["val"],
-        val.targets.astype(np.float32),
-        val.mask.astype(np.float32),
+        teacher_e["val"],
         scfg,
         tcfg.seed,
     )

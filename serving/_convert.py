@@ -1,0 +1,94 @@
+"""Proto messages <-> domain objects, in one place: the servicer stays thin."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from classifier import Decision, RoutingPolicy, TierClassifier, messages_to_prompt, normalize_prompt
+from classifier.errors import TierpickError
+from serving._proto.tierpick.v1 import tierpick_pb2 as pb
+
+
+class RequestError(TierpickError):
+    """A request that cannot be served as sent (INVALID_ARGUMENT)."""
+
+
+def request_prompt(req: pb.ClassifyRequest) -> str:
+    """The text to classify: ``prompt``, or the last user turn of ``messages``."""
+    if req.prompt and req.messages:
+        raise RequestError("give prompt or messages, not both")
+    if req.messages:
+        try:
+            text = messages_to_prompt({"role": m.role, "content": m.content} for m in req.messages)
+        except ValueError as exc:
+            raise RequestError(f"messages: {exc}") from exc
+    else:
+        text = req.prompt
+    if not normalize_prompt(text):
+        raise RequestError("prompt is empty or only white space")
+    return text
+
+
+def to_policy(msg: pb.RoutingPolicy) -> RoutingPolicy:
+    return RoutingPolicy(
+        min_success=msg.min_success,
+        allowed_tiers=tuple(msg.allowed_tiers),
+        max_price=msg.max_price if msg.HasField("max_price") else None,
+        cost_weight=msg.cost_weight if msg.HasField("cost_weight") else None,
+    )
+
+
+def to_response(clf: TierClassifier, decision: Decision, request_id: str) -> pb.ClassifyResponse:
+    return pb.ClassifyResponse(
+        tier=decision.tier,
+        scores=[
+            pb.TierScore(
+                tier=t.name,
+                success_probability=decision.probabilities[t.name],
+                price_input=t.price_input,
+                price_output=t.price_output,
+            )
+            for t in clf.manifest.tiers
+        ],
+        model_version=clf.version,
+        request_id=request_id,
+        met_threshold=decision.met_threshold,
+    )
+
+
+def classify(
+    clf: TierClassifier, requests: Sequence[pb.ClassifyRequest], default: pb.RoutingPolicy | None
+) -> list[pb.ClassifyResponse]:
+    """Validate every request first (nothing is computed for a bad batch), then predict once."""
+    prompts = [request_prompt(r) for r in requests]
+    policies = [
+        to_policy(r.policy if r.HasField("policy") or default is None else default)
+        for r in requests
+    ]
+    for p in policies:
+        clf.check_policy(p)
+    proba = clf.predict_proba(prompts)
+    out = []
+    for r, policy, row in zip(requests, policies, proba, strict=True):
+        decision = clf.route_proba(np.asarray(row[None, :]), policy)[0]
+        out.append(to_response(clf, decision, r.request_id))
+    return out
+
+
+def model_info(clf: TierClassifier, max_batch: int) -> pb.ModelInfo:
+    m = clf.manifest
+    return pb.ModelInfo(
+        model_name=m.model_name,
+        model_version=m.model_version,
+        tiers=[
+            pb.TierInfo(name=t.name, price_input=t.price_input, price_output=t.price_output)
+            for t in m.tiers
+        ],
+        evaluation={k: float(v) for k, v in m.evaluation.items()},
+        default_cost_weight=m.default_cost_weight,
+        max_batch=max_batch,
+        max_prompt_chars=m.max_chars,
+        data_fingerprint=m.data_fingerprint,
+    )

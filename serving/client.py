@@ -1,0 +1,126 @@
+"""A small Python client for gateways: ``TierpickClient("127.0.0.1:50051").classify("...")``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from serving._proto.tierpick.v1 import tierpick_pb2 as pb
+from serving._proto.tierpick.v1 import tierpick_pb2_grpc as pb_grpc
+
+
+def policy(
+    min_success: float = 0.0,
+    allowed_tiers: Sequence[str] = (),
+    max_price: float | None = None,
+    cost_weight: float | None = None,
+) -> pb.RoutingPolicy:
+    """Build a RoutingPolicy message (unset optional fields stay unset)."""
+    msg = pb.RoutingPolicy(min_success=min_success, allowed_tiers=list(allowed_tiers))
+    if max_price is not None:
+        msg.max_price = max_price
+    if cost_weight is not None:
+        msg.cost_weight = cost_weight
+    return msg
+
+
+def request(
+    prompt: str = "",
+    messages: Iterable[Mapping[str, str]] = (),
+    routing: pb.RoutingPolicy | None = None,
+    request_id: str = "",
+) -> pb.ClassifyRequest:
+    req = pb.ClassifyRequest(
+        prompt=prompt,
+        messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
+        request_id=request_id,
+    )
+    if routing is not None:
+        req.policy.CopyFrom(routing)
+    return req
+
+
+class TierpickClient:
+    """A channel to a tierpick server with a default per-call timeout (seconds)."""
+
+    def __init__(
+        self,
+        target: str,
+        timeout: float = 1.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, object]] = (),
+    ) -> None:
+        opts = list(options)
+        self.channel = (
+            grpc.secure_channel(target, credentials, options=opts)
+            if credentials
+            else grpc.insecure_channel(target, options=opts)
+        )
+        self.stub = pb_grpc.TierRouterStub(self.channel)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.timeout = timeout
+
+    def classify(
+        self,
+        prompt: str = "",
+        *,
+        messages: Iterable[Mapping[str, str]] = (),
+        routing: pb.RoutingPolicy | None = None,
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> pb.ClassifyResponse:
+        resp: pb.ClassifyResponse = self.stub.Classify(
+            request(prompt, messages, routing, request_id), timeout=timeout or self.timeout
+        )
+        return resp
+
+    def classify_batch(
+        self,
+        prompts: Sequence[str],
+        routing: pb.RoutingPolicy | None = None,
+        timeout: float | None = None,
+    ) -> pb.ClassifyBatchResponse:
+        msg = pb.ClassifyBatchRequest(requests=[request(p) for p in prompts])
+        if routing is not None:
+            msg.policy.CopyFrom(routing)
+        resp: pb.ClassifyBatchResponse = self.stub.ClassifyBatch(
+            msg, timeout=timeout or self.timeout
+        )
+        return resp
+
+    def model_info(self, timeout: float | None = None) -> pb.ModelInfo:
+        info: pb.ModelInfo = self.stub.GetModelInfo(
+            pb.GetModelInfoRequest(), timeout=timeout or self.timeout
+        )
+        return info
+
+    def health_status(self, service: str = "") -> int:
+        resp = self.health.Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=self.timeout
+        )
+        return int(resp.status)
+
+    def wait_ready(self, deadline_seconds: float = 30.0) -> None:
+        """Poll health until SERVING, or raise TimeoutError."""
+        end = time.monotonic() + deadline_seconds
+        while True:
+            try:
+                if self.health_status() == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > end:
+                raise TimeoutError("tierpick server did not become SERVING in time")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> TierpickClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,268 @@
+"""The gRPC service on a real port: contract, bad input, health, reload, drain, load."""
+
+import json
+import shutil
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+
+from serving._proto.tierpick.v1 import tierpick_pb2 as pb
+from serving.client import TierpickClient, policy, request
+from serving.server import SERVICE_NAME, ServerConfig, create_server
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.fixture(scope="module")
+def model_copy(tiny_trained, tmp_path_factory: pytest.TempPathFactory) -> Path:  # type: ignore[no-untyped-def]
+    dst = tmp_path_factory.mktemp("served") / "model"
+    shutil.copytree(tiny_trained.model_dir, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def app(model_copy: Path):  # type: ignore[no-untyped-def]
+    app = create_server("127.0.0.1:0", str(model_copy), ServerConfig(max_batch=8))
+    yield app
+    app.shutdown(grace=1)
+
+
+@pytest.fixture
+def client(app):  # type: ignore[no-untyped-def]
+    with TierpickClient(f"127.0.0.1:{app.port}", timeout=5) as c:
+        c.wait_ready()
+        yield c
+
+
+def test_contract(client: TierpickClient) -> None:
+    info = client.model_info()
+    assert [t.name for t in info.tiers] == ["local", "mid", "frontier"]
+    assert info.max_batch == 8 and info.model_version and info.max_prompt_chars > 0
+    assert "test_student_apgr" in info.evaluation
+    resp = client.classify("What is 2 + 2?", request_id="r-1")
+    assert resp.tier in ("local", "mid", "frontier") and resp.request_id == "r-1"
+    assert [s.tier for s in resp.scores] == ["local", "mid", "frontier"]
+    assert all(0 < s.success_probability < 1 for s in resp.scores)
+    assert resp.scores[2].price_output == 15.0
+    assert resp.model_version == info.model_version
+    # chat: the last user turn is classified, so it matches the plain prompt
+    chat = client.classify(
+        messages=[
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": "hi"},
+            {"role": "user", "content": "What is 2 + 2?"},
+        ]
+    )
+    assert [s.success_probability for s in chat.scores] == pytest.approx(
+        [s.success_probability for s in resp.scores]
+    )
+    forced = client.classify("What is 2 + 2?", routing=policy(min_success=1.0))
+    assert forced.tier == "frontier" and not forced.met_threshold
+    cheap = client.classify("What is 2 + 2?", routing=policy(cost_weight=1e9))
+    assert cheap.tier == "local"
+    capped = client.classify("x", routing=policy(min_success=1.0, max_price=0.0))
+    assert capped.tier == "local"
+    batch = client.classify_batch(["a", "b", "What is 2 + 2?"], routing=policy(min_success=1.0))
+    assert [r.tier for r in batch.responses] == ["frontier"] * 3
+    assert batch.responses[2].scores[0].success_probability == pytest.approx(
+        resp.scores[0].success_probability
+    )
+    # a long prompt is cut and classified, not rejected
+    assert client.classify("word " * 200_000).tier
+
+
+@pytest.mark.parametrize(
+    ("req", "message"),
+    [
+        (request(""), "prompt is empty"),
+        (request("   \n "), "prompt is empty"),
+        (request("x", routing=policy(min_success=1.5)), "min_success must be in [0, 1]"),
+        (request("x", routing=policy(min_success=-0.1)), "min_success must be in [0, 1]"),
+        (request("x", routing=policy(allowed_tiers=["gold"])), "unknown tier(s) ['gold']"),
+        (request("x", routing=policy(cost_weight=-1)), "cost_weight must be >= 0"),
+        (request("x", messages=[{"role": "user", "content": "y"}]), "not both"),
+        (request(messages=[{"role": "system", "content": "y"}]), "no user message"),
+    ],
+)
+def test_bad_requests_are_invalid_argument(
+    client: TierpickClient, req: pb.ClassifyRequest, message: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        client.stub.Classify(req, timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in info.value.details()
+
+
+def test_batch_limit_and_bad_member(client: TierpickClient) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        client.classify_batch(["p"] * 9)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "over the maximum of 8" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        client.classify_batch(["fine", ""])
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert client.classify_batch([]).responses == []
+
+
+def test_health_and_reflection(client: TierpickClient) -> None:
+    assert client.health_status() == SERVING
+    assert client.health_status(SERVICE_NAME) == SERVING
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(client.channel)
+    responses = stub.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+    )
+    names = {s.name for r in responses for s in r.list_services_response.service}
+    assert SERVICE_NAME in names and "grpc.health.v1.Health" in names
+
+
+def test_concurrent_load_has_no_errors(client: TierpickClient) -> None:
+    prompts = [f"Question {i}: what is {i} + {i}?" for i in range(250)]
+
+    def worker(k: int) -> int:
+        errors = 0
+        with TierpickClient(client.channel._channel.target().decode(), timeout=10) as c:  # type: ignore[attr-defined]
+            for p in prompts:
+                try:
+                    c.classify(p, request_id=str(k))
+                except grpc.RpcError:
+                    errors += 1
+        return errors
+
+    with futures.ThreadPoolExecutor(16) as pool:
+        errors = sum(pool.map(worker, range(16)))
+    assert errors == 0  # 16 clients x 250 calls
+
+
+def test_hot_reload_good_and_bad_artifacts_under_load(
+    app,
+    client: TierpickClient,  # type: ignore[no-untyped-def]
+    model_copy: Path,
+) -> None:
+    before = client.model_info().model_version
+    stop = threading.Event()
+    failures: list[str] = []
+
+    def hammer() -> None:
+        while not stop.is_set():
+            try:
+                client.classify("keep serving while reloading", timeout=5)
+            except grpc.RpcError as exc:
+                failures.append(str(exc.code()))
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        # a tampered graph: refused, the old model keeps serving
+        onnx = model_copy / "student.onnx"
+        good = onnx.read_bytes()
+        onnx.write_bytes(good + b"\0")
+        assert app.holder.reload() is False
+        assert client.model_info().model_version == before
+        onnx.write_bytes(good)
+        # a good new version (same graph, new version string and checksums): swapped in
+        manifest = json.loads((model_copy / "manifest.json").read_text())
+        (model_copy / "manifest.json").write_text(
+            json.dumps({**manifest, "model_version": "v-next"})
+        )
+        assert app.holder.reload() is True
+        assert client.model_info().model_version == "v-next"
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        (model_copy / "manifest.json").write_text(json.dumps(manifest))
+        app.holder.reload()
+    assert failures == []
+    text = _metrics_text(app)
+    assert 'tierpick_reloads_total{outcome="refused"}' in text
+    assert 'tierpick_reloads_total{outcome="ok"}' in text
+
+
+def test_watch_reloads_on_manifest_change(model_copy: Path, tmp_path: Path) -> None:
+    model = tmp_path / "m"
+    shutil.copytree(model_copy, model)
+    app = create_server("127.0.0.1:0", str(model), ServerConfig(watch_seconds=0.05))
+    try:
+        with TierpickClient(f"127.0.0.1:{app.port}", timeout=5) as c:
+            manifest = json.loads((model / "manifest.json").read_text())
+            (model / "manifest.json").write_text(json.dumps({**manifest, "model_version": "w2"}))
+            deadline = time.monotonic() + 10
+            while c.model_info().model_version != "w2":
+                assert time.monotonic() < deadline, "watch did not reload"
+                time.sleep(0.02)
+    finally:
+        app.shutdown(grace=1)
+
+
+def test_graceful_shutdown_finishes_in_flight(model_copy: Path) -> None:
+    app = create_server("127.0.0.1:0", str(model_copy), ServerConfig(max_batch=4000))
+    c = TierpickClient(
+        f"127.0.0.1:{app.port}", timeout=60, options=[("grpc.max_send_message_length", 64 << 20)]
+    )
+    c.wait_ready()
+    # a batch long enough (about a second) to still be running when the drain starts
+    big = pb.ClassifyBatchRequest(requests=[request(f"{i} " + "word " * 2000) for i in range(4000)])
+    call = c.stub.ClassifyBatch.future(big, timeout=60)
+    deadline = time.monotonic() + 30
+    while app.metrics.in_flight._value.get() < 1:  # poll until the server is handling it
+        assert time.monotonic() < deadline and not call.done(), "the batch never arrived"
+        time.sleep(0.001)
+    app.shutdown(grace=30)
+    assert len(call.result().responses) == 4000  # finished, not cut off
+    with pytest.raises(grpc.RpcError) as info:
+        c.classify("after stop", timeout=2)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    c.close()
+
+
+def test_resource_exhausted_over_concurrency_limit(model_copy: Path) -> None:
+    app = create_server("127.0.0.1:0", str(model_copy), ServerConfig(max_concurrency=1, workers=4))
+    try:
+        with TierpickClient(f"127.0.0.1:{app.port}", timeout=30) as c:
+            c.wait_ready()
+            big = pb.ClassifyBatchRequest(requests=[request("word " * 5000)] * 256)
+            calls = [c.stub.ClassifyBatch.future(big, timeout=30) for _ in range(4)]
+            codes = []
+            for f in calls:
+                try:
+                    f.result()
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as exc:
+                    codes.append(exc.code())
+            assert grpc.StatusCode.OK in codes
+            assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
+    finally:
+        app.shutdown(grace=1)
+
+
+def _metrics_text(app) -> str:  # type: ignore[no-untyped-def]
+    from prometheus_client import generate_latest
+
+    return generate_latest(app.metrics.registry).decode()
+
+
+def test_metrics_count_requests_and_tiers(app, client: TierpickClient) -> None:  # type: ignore[no-untyped-def]
+    client.classify("count me")
+    with pytest.raises(grpc.RpcError):
+        client.classify("")
+    text = _metrics_text(app)
+    assert 'tierpick_requests_total{code="OK",method="Classify"}' in text
+    assert 'tierpick_requests_total{code="INVALID_ARGUMENT",method="Classify"}' in text
+    assert "tierpick_routed_total{tier=" in text
+    assert "tierpick_request_seconds_bucket" in text
+    assert "tierpick_model_info{name=" in text
+    port = app.metrics.serve_http(0)
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        assert b"tierpick_requests_total" in r.read()
