@@ -95,3 +95,128 @@ def run_inprocess_bench(
         batch_rows.append([size, n / (time.perf_counter() - t0)])
     table2 = format_table(["batch size", "prompts/s"], batch_rows, "Batch throughput (1 s each)")
     return table + "\n\n" + table2 + "\n"
+
+
+def run_grpc_bench(
+    model: str | None, prompts_path: Path, calls: int = 2000, target: str | None = None
+) -> str:
+    """Classify vs GetModelInfo latency against a real server in its own process (or ``target``),
+    interleaved call by call so both see the same machine state, then a concurrency sweep."""
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    from serving.client import TierpickClient
+
+    prompts = load_prompts(prompts_path)
+    proc = None
+    if target is None:
+        cmd = [sys.executable, "-m", "classifier.cli", "serve", "--port", "0", "--watch", "0"]
+        if model:
+            cmd += ["--model", model]
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if "serving on" not in line:
+            proc.kill()
+            raise RuntimeError(f"server did not start: {line!r}")
+        target = line.split("serving on ", 1)[1].split()[0]
+    try:
+        with TierpickClient(target, timeout=10) as client:
+            client.wait_ready()
+            for p in prompts[:200]:  # warm-up
+                client.classify(p)
+                client.model_info()
+            cls_t, info_t = [], []
+            for i in range(calls):
+                p = prompts[i % len(prompts)]
+                t0 = time.perf_counter()
+                client.classify(p)
+                t1 = time.perf_counter()
+                client.model_info()
+                t2 = time.perf_counter()
+                cls_t.append(t1 - t0)
+                info_t.append(t2 - t1)
+            c50, c99, cm = _percentiles(cls_t)
+            i50, i99, im = _percentiles(info_t)
+            rows = [
+                ["Classify (one real prompt)", c50, c99, cm, c50 / i50],
+                ["GetModelInfo (no inference)", i50, i99, im, 1.0],
+            ]
+            table = format_table(
+                ["RPC", "p50 us", "p99 us", "mean us", "p50 / GetModelInfo p50"],
+                rows,
+                f"gRPC unary latency, 1 client, {calls} interleaved pairs "
+                f"on {len(prompts)} real prompts ({target})",
+            )
+            sweep = []
+            for n_clients in (1, 4, 16):
+                per = max(50, calls // n_clients)
+                results: list[tuple[list[float], int]] = [([], 0)] * n_clients
+                threads = [
+                    threading.Thread(
+                        target=_classify_worker, args=(target, prompts, k, per, results)
+                    )
+                    for k in range(n_clients)
+                ]
+                t0 = time.perf_counter()
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                wall = time.perf_counter() - t0
+                lat = [x for r in results for x in r[0]]
+                errors = sum(r[1] for r in results)
+                p50, p99, _ = _percentiles(lat)
+                sweep.append([n_clients, len(lat), errors, len(lat) / wall, p50, p99])
+            table2 = format_table(
+                ["clients", "calls", "errors", "calls/s", "p50 us", "p99 us"],
+                sweep,
+                "Concurrency sweep (Classify); clients share this "
+                "process's GIL, the server runs in its own",
+            )
+            rss = _rss_mb(proc.pid) if proc is not None else None
+            extra = f"\nserver RSS: {rss:.0f} MB" if rss is not None else ""
+            return table + "\n\n" + table2 + extra + "\n"
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def _classify_worker(
+    target: str, prompts: list[str], k: int, per: int, results: list[tuple[list[float], int]]
+) -> None:
+    import grpc
+
+    from serving.client import TierpickClient
+
+    lat: list[float] = []
+    errors = 0
+    with TierpickClient(target, timeout=10) as c:
+        for j in range(per):
+            t0 = time.perf_counter()
+            try:
+                c.classify(prompts[(k * per + j) % len(prompts)])
+            except grpc.RpcError:
+                errors += 1
+            lat.append(time.perf_counter() - t0)
+    results[k] = (lat, errors)
+
+
+def _rss_mb(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None

@@ -78,6 +78,13 @@ def register_bench(sub: Any) -> None:
     )
     p.add_argument("--repeat", type=int, default=3, help="passes over the prompts")
     p.add_argument("--teacher", help="a teacher ONNX file to time beside the student")
+    p.add_argument(
+        "--grpc",
+        action="store_true",
+        help="benchmark a real gRPC server (started in its own process) instead",
+    )
+    p.add_argument("--target", help="with --grpc: an already running server host:port")
+    p.add_argument("--calls", type=int, default=2000, help="with --grpc: interleaved call pairs")
     p.set_defaults(func=_bench)
 
 

@@ -266,3 +266,49 @@ def test_metrics_count_requests_and_tiers(app, client: TierpickClient) -> None: 
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         assert b"tierpick_requests_total" in r.read()
+
+
+def _self_signed(tmp_path: Path) -> tuple[bytes, bytes]:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    pem_cert = cert.public_bytes(serialization.Encoding.PEM)
+    pem_key = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return pem_cert, pem_key
+
+
+def test_tls(model_copy: Path, tmp_path: Path) -> None:
+    cert, key = _self_signed(tmp_path)
+    app = create_server("127.0.0.1:0", str(model_copy), ServerConfig(), tls=(cert, key))
+    try:
+        creds = grpc.ssl_channel_credentials(root_certificates=cert)
+        with TierpickClient(f"localhost:{app.port}", timeout=5, credentials=creds) as c:
+            c.wait_ready()
+            assert c.classify("over TLS").tier in ("local", "mid", "frontier")
+        with (
+            TierpickClient(f"127.0.0.1:{app.port}", timeout=2) as plain,
+            pytest.raises(grpc.RpcError),
+        ):
+            plain.classify("plaintext to a TLS port")
+    finally:
+        app.shutdown(grace=1)

@@ -169,3 +169,22 @@ def test_evaluate_command_on_exported_model(
         report["splits"]["ood"]["routing"]
     )
     assert (out / "routing_ood.png").is_file()
+
+
+def test_onnx_matches_torch_on_200_real_prompts(tiny_trained, data_dir: Path) -> None:  # type: ignore[no-untyped-def]
+    """The exported graph and the torch student agree within 1e-4 on real prompts of both kinds
+    (arena-hard user prompts and MMLU-Pro questions), through the runtime's own tokenization."""
+    import json
+
+    from training.export import parity
+
+    arena = [
+        json.loads(x)["prompt"]
+        for x in (data_dir / "prompt-logs" / "arena-hard-v0.1-question.jsonl")
+        .read_text()
+        .splitlines()
+    ]
+    alpaca = json.loads((data_dir / "alpaca-eval" / "claude-2" / "annotations.json").read_text())
+    prompts = arena[:100] + [r["instruction"] for r in alpaca[:100]]
+    assert len(prompts) == 200
+    assert parity(tiny_trained.student, tiny_trained.model_dir, prompts) <= 1e-4

@@ -37,8 +37,7 @@ class TrainResult:
     report_dir: Path
     report: dict[str, Any]
     metrics: dict[str, float]
-    run_id: str | None = None
-    registered_version: str | None = None
+    student: Any = None  # the torch student, for parity checks
 
 
 def split_arrays(ds: BuiltDataset, name: str) -> SplitData:
@@ -269,7 +268,7 @@ def run_training(
     log.info(
         "exported %s (version %s) in %.0f s", out_dir, manifest.model_version, timings["total"]
     )
-    return TrainResult(out_dir, report_dir, report, summary)
+    return TrainResult(out_dir, report_dir, report, summary, student)
 
 
 def reference_routers(train: SplitData, split: SplitData, seed: int) -> dict[str, Array]:
