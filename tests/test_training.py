@@ -25,8 +25,11 @@ def test_pipeline_outputs(tiny_trained) -> None:  # type: ignore[no-untyped-def]
     assert set(manifest.files) == {"student.onnx", "tokenizer.json"}
     assert manifest.data_fingerprint == result.report["data_fingerprint"]
     assert "test_student_apgr" in manifest.evaluation
-    # ONNX and torch agree on real prompts
+    # ONNX and torch agree on real prompts, for the student and the exported teacher
     assert result.report["onnx_parity_max_abs_diff"] <= 1e-4
+    assert result.report["teacher_onnx_parity_max_abs_diff"] <= 1e-4
+    teacher = read_manifest(Path(result.report["teacher_model_dir"]))
+    assert teacher.graph == "teacher.onnx" and teacher.max_tokens == 32
     for split in ("test", "ood"):
         res = result.report["splits"][split]
         assert set(res["routing"]) >= {

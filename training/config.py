@@ -114,6 +114,7 @@ class TrainConfig:
     teacher: TeacherConfig = TeacherConfig()
     student: StudentConfig = StudentConfig()
     calibration: str = "platt"  # "platt" per tier, or "none"
+    export_teacher: bool = True  # also write the teacher as an ONNX artifact in the workdir
     target_quality: float = 0.95  # default cost weight: the cheapest utility-rule routing
     # reaching this share of the top tier's quality on the validation split
 

@@ -15,16 +15,16 @@ import torch
 
 from classifier._artifact import SCHEMA_VERSION, Manifest, TierSpec, sha256_file, write_manifest
 from training.config import TierConfig
-from training.encoders import Student, minilm_dir
+from training.encoders import minilm_dir
 
 GRAPH = "student.onnx"
 TOKENIZER = "tokenizer.json"
 
 
-def export_onnx(model: torch.nn.Module, path: Path, vocab_hint: int = 2) -> None:
+def export_onnx(model: torch.nn.Module, path: Path) -> None:
     """Export a (input_ids, attention_mask) -> logits module with dynamic batch and length."""
     model.eval()
-    x = torch.ones((1, 4), dtype=torch.long) * min(vocab_hint - 1, 1000)
+    x = torch.full((1, 4), 1000, dtype=torch.long)
     m = torch.ones((1, 4), dtype=torch.float32)
     with warnings.catch_warnings():
         # the TorchScript exporter is deprecated but is the one that works beside transformers 5
@@ -56,7 +56,7 @@ def write_tokenizer(path: Path, max_tokens: int) -> None:
 
 
 def export_model(
-    student: Student,
+    model: torch.nn.Module,
     config: TierConfig,
     out_dir: Path,
     *,
@@ -65,26 +65,33 @@ def export_model(
     default_cost_weight: float,
     data_fingerprint: str,
     evaluation: dict[str, Any],
+    graph: str = GRAPH,
+    max_tokens: int | None = None,
 ) -> Manifest:
-    """Write the model directory and its manifest (replacing ``out_dir`` atomically)."""
+    """Write a model directory and its manifest (replacing ``out_dir`` atomically).
+
+    The student is the served model; the teacher exports to the same contract (``graph`` =
+    ``teacher.onnx``, its own ``max_tokens``) for GPU or offline use through the same runtime.
+    """
     scfg = config.train.student
+    max_tokens = max_tokens or scfg.max_tokens
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    export_onnx(student, tmp / GRAPH, vocab_hint=student.embedding.num_embeddings)
-    write_tokenizer(tmp / TOKENIZER, scfg.max_tokens)
+    export_onnx(model, tmp / graph)
+    write_tokenizer(tmp / TOKENIZER, max_tokens)
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
         model_name=config.train.model_name,
         model_version=version,
         tiers=tuple(TierSpec(t.name, t.price_input, t.price_output) for t in config.tiers),
-        graph=GRAPH,
+        graph=graph,
         tokenizer=TOKENIZER,
         calibration=calibration,
         default_cost_weight=round(float(default_cost_weight), 6),
         max_chars=scfg.max_chars,
-        max_tokens=scfg.max_tokens,
-        files={name: sha256_file(tmp / name) for name in (GRAPH, TOKENIZER)},
+        max_tokens=max_tokens,
+        files={name: sha256_file(tmp / name) for name in (graph, TOKENIZER)},
         created=dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat(),
         data_fingerprint=data_fingerprint,
         evaluation=json.loads(json.dumps(evaluation, default=float)),
@@ -96,7 +103,7 @@ def export_model(
     return manifest
 
 
-def parity(student: Student, model_dir: Path, prompts: list[str]) -> float:
+def parity(model: torch.nn.Module, model_dir: Path, prompts: list[str]) -> float:
     """Max |ONNX - torch| logit difference on ``prompts`` through the exported artifact."""
     import classifier
     from training.encoders import pad_ids
@@ -109,6 +116,6 @@ def parity(student: Student, model_dir: Path, prompts: list[str]) -> float:
         onnx_logits = clf.predict_logits(batch)
         x, m = pad_ids([list(r[: int(k.sum())]) for r, k in zip(ids, mask, strict=True)])
         with torch.no_grad():
-            torch_logits = student(x, m).numpy()
+            torch_logits = model(x, m).numpy()
         worst = max(worst, float(np.abs(onnx_logits - torch_logits).max()))
     return worst

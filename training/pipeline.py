@@ -258,6 +258,23 @@ def run_training(
     )
     sample = (test.prompts or val.prompts)[:200]
     report["onnx_parity_max_abs_diff"] = parity(student, out_dir, sample)
+    if tcfg.export_teacher:
+        # the teacher in the same artifact contract, for GPU or offline scoring (too large to ship)
+        teacher_dir = workdir / "teacher-model"
+        export_model(
+            teacher,
+            config,
+            teacher_dir,
+            version=f"{version}-teacher",
+            calibration={"method": tcfg.calibration, "a": ta, "b": tb, "fitted_on": "val"},
+            default_cost_weight=cost_weight,
+            data_fingerprint=ds.fingerprint,
+            evaluation={},
+            graph="teacher.onnx",
+            max_tokens=tcfg.teacher.max_tokens,
+        )
+        report["teacher_model_dir"] = str(teacher_dir)
+        report["teacher_onnx_parity_max_abs_diff"] = parity(teacher, teacher_dir, sample)
     timings["export"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     report["timings_seconds"] = {k2: round(v, 1) for k2, v in timings.items()}
