@@ -81,7 +81,7 @@ class TeacherConfig:
     batch_size: int = 16
     lr: float = 3e-5  # encoder
     head_lr: float = 1e-3
-    max_train: int = 4000  # train prompts sampled for fine-tuning (all are used by the student)
+    max_train: int = 6000  # train prompts sampled for fine-tuning (all are used by the student)
     warmup_fraction: float = 0.1
     checkpoint_every: int = 50  # optimizer steps between resumable checkpoints
     inference_batch: int = 64
@@ -94,9 +94,9 @@ class StudentConfig:
 
     dim: int = 256  # PCA dimension of the static embeddings
     max_tokens: int = 256
-    max_chars: int = 4096
-    epochs: int = 8  # embedding-distillation epochs (early stop on validation loss)
-    patience: int = 2
+    max_chars: int = 1536  # prompts are cut to this many characters before tokenizing
+    epochs: int = 30  # embedding-distillation epochs (early stop on validation loss)
+    patience: int = 3
     batch_size: int = 64
     lr: float = 1e-3
     embedding_lr: float = 3e-4

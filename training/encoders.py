@@ -111,7 +111,7 @@ def train_teacher(
     n_tiers = targets.shape[1]
     workdir.mkdir(parents=True, exist_ok=True)
     final = workdir / "teacher.pt"
-    run_key = _run_key(prompts, targets, mask, asdict(cfg), seed)
+    run_key = _run_key(prompts, targets, mask, {**asdict(cfg), "max_chars": max_chars}, seed)
     if final.exists() and _read_key(workdir / "teacher.key") == run_key:
         log.info("teacher: reusing finished fine-tune in %s", workdir)
         model, _ = load_teacher(n_tiers, final)
