@@ -16,6 +16,12 @@ def register_score(sub: Any) -> None:
     p.add_argument("--prompt-field", default="prompt", help="field holding the prompt text")
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    p.add_argument(
+        "--cache-size",
+        type=int,
+        default=100_000,
+        help="distinct prompts whose scores are remembered for repeats (0: off)",
+    )
     p.set_defaults(func=_score)
 
 

@@ -23,7 +23,6 @@ import numpy as np
 
 from classifier import TierClassifier
 from classifier._io import open_text
-from classifier._text import normalize_prompt
 from classifier.errors import TierpickError
 
 KINDS = (".jsonl", ".jsonl.gz", ".csv", ".parquet")
@@ -43,6 +42,8 @@ class ScoreSummary:
     errors: Counter[str] = field(default_factory=Counter)
     tiers: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
+    cache_hits: int = 0
+    cache_misses: int = 0
 
     @property
     def rows_per_second(self) -> float:
@@ -59,6 +60,11 @@ class ScoreSummary:
                 "tier mix: "
                 + ", ".join(f"{t} {n} ({n / ok:.1%})" for t, n in self.tiers.most_common())
             )
+        if self.cache_hits:
+            lines.append(
+                f"repeated prompts served from the cache: {self.cache_hits} of "
+                f"{self.cache_hits + self.cache_misses}"
+            )
         for reason, n in self.errors.most_common():
             lines.append(f"error: {reason}: {n}")
         return "\n".join(lines)
@@ -69,13 +75,50 @@ def _prompt_error(value: object) -> str | None:
         return "missing prompt"
     if not isinstance(value, str):
         return f"prompt is not a string ({type(value).__name__})"
-    if not normalize_prompt(value):
+    if not value.strip():
         return "empty prompt"
     return None
 
 
+class PredictionCache:
+    """Probabilities of prompts already scored in this run, keyed by the exact prompt text.
+
+    Prompt logs repeat themselves (retries, templated prompts); a hit skips tokenization and
+    inference. Bounded: the oldest entries go first. ``size=0`` turns it off.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._rows: dict[str, np.ndarray] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def predict(self, clf: TierClassifier, prompts: list[str]) -> np.ndarray:
+        if self.size <= 0:
+            self.misses += len(prompts)
+            return clf.predict_proba(prompts)
+        out = np.empty((len(prompts), len(clf.tiers)), dtype=np.float32)
+        todo: dict[str, list[int]] = {}
+        for i, p in enumerate(prompts):
+            row = self._rows.get(p)
+            if row is None:
+                todo.setdefault(p, []).append(i)
+            else:
+                out[i] = row
+        self.hits += len(prompts) - sum(len(v) for v in todo.values())
+        self.misses += sum(len(v) for v in todo.values())
+        if todo:
+            fresh = clf.predict_proba(list(todo))
+            for (p, idx), row in zip(todo.items(), fresh, strict=True):
+                out[idx] = row
+                self._rows[p] = row
+            while len(self._rows) > self.size:
+                del self._rows[next(iter(self._rows))]
+        return out
+
+
 def score_prompts(
-    clf: TierClassifier, values: list[object]
+    clf: TierClassifier, values: list[object], cache: PredictionCache | None = None
 ) -> tuple[np.ndarray, list[str | None], list[str | None]]:
     """Probabilities (NaN for bad rows), tiers and errors for a batch of raw prompt values."""
     errors = [_prompt_error(v) for v in values]
@@ -83,10 +126,12 @@ def score_prompts(
     proba = np.full((len(values), len(clf.tiers)), np.nan, dtype=np.float32)
     tiers: list[str | None] = [None] * len(values)
     if good:
-        p = clf.predict_proba([values[i] for i in good])  # type: ignore[misc]
+        prompts = [values[i] for i in good]
+        p = (cache or PredictionCache(0)).predict(clf, prompts)  # type: ignore[arg-type]
         proba[good] = p
-        for i, d in zip(good, clf.route_proba(p), strict=True):
-            tiers[i] = d.tier
+        chosen, _ = clf.choose(p)
+        for i, c in zip(good, chosen, strict=True):
+            tiers[i] = clf.tiers[int(c)]
     return proba, tiers, errors
 
 
@@ -135,6 +180,7 @@ def score_file(
     prompt_field: str = "prompt",
     batch_size: int = 4096,
     progress: bool | None = None,
+    cache_size: int = 100_000,
 ) -> ScoreSummary:
     """Score one file into another (see module docstring); returns the summary."""
     in_kind, out_kind = kind_of(src), kind_of(dst)
@@ -145,6 +191,7 @@ def score_file(
     show = sys.stderr.isatty() if progress is None else progress
     start = time.perf_counter()
     prob_cols = [f"p_{t}" for t in clf.tiers]
+    cache = PredictionCache(cache_size)
     writer = _Writer(dst, out_kind, prob_cols)
     try:
         if in_kind == ".parquet":
@@ -157,7 +204,7 @@ def score_file(
                 )
             for rb in pf.iter_batches(batch_size=batch_size):
                 values = rb.column(prompt_field).to_pylist()
-                proba, tiers, errors = score_prompts(clf, values)
+                proba, tiers, errors = score_prompts(clf, values, cache)
                 writer.write_arrow(rb, proba, tiers, errors)
                 _count(summary, tiers, errors)
                 if show:
@@ -168,7 +215,7 @@ def score_file(
             )
             for batch in batches:
                 values = [row.get(prompt_field) if err is None else None for row, err in batch]
-                proba, tiers, errors = score_prompts(clf, values)
+                proba, tiers, errors = score_prompts(clf, values, cache)
                 errors = [pre or err for (_, pre), err in zip(batch, errors, strict=True)]
                 writer.write_rows([row for row, _ in batch], proba, tiers, errors)
                 _count(summary, tiers, errors)
@@ -177,6 +224,7 @@ def score_file(
     finally:
         writer.close()
     summary.seconds = time.perf_counter() - start
+    summary.cache_hits, summary.cache_misses = cache.hits, cache.misses
     if show:
         sys.stderr.write("\n")
     return summary

@@ -97,3 +97,17 @@ def test_score_command_and_errors(tiny_trained, tmp_path: Path, capsys) -> None:
     pq.write_table(pa.table({"text": ["a"]}), bad)
     assert main(["score", str(bad), str(out), "--model", str(tiny_trained.model_dir)]) == 2
     assert "no column 'prompt'" in capsys.readouterr().err
+
+
+def test_repeated_prompts_use_the_cache_and_agree(clf, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    rows = _arena(20) * 5
+    src = tmp_path / "log.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cached = score_file(clf, src, tmp_path / "a.jsonl", batch_size=16, progress=False)
+    plain = score_file(clf, src, tmp_path / "b.jsonl", batch_size=16, progress=False, cache_size=0)
+    assert (cached.cache_hits, cached.cache_misses) == (80, 20)
+    assert plain.cache_hits == 0
+    a = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert [r["tier"] for r in a] == [r["tier"] for r in b]
+    assert [r["p_mid"] for r in a] == pytest.approx([r["p_mid"] for r in b], abs=1e-6)
