@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,7 +127,6 @@ class TierClassifier:
         names = [i.name for i in self._session.get_inputs()]
         if names != ["input_ids", "attention_mask"]:
             raise ArtifactError(f"{manifest.graph}: inputs {names} != [input_ids, attention_mask]")
-        self._lock = threading.Lock()  # the tokenizer's truncation state is not ours to race on
 
     # ------------------------------------------------------------------ inference
 

@@ -35,12 +35,9 @@ def run_inprocess_bench(
     model: str | None, prompts_path: Path, repeat: int = 3, teacher: str | None = None
 ) -> str:
     import classifier
-    from classifier._runtime import prepare_prompt
 
     clf = classifier.load(model)
     prompts = load_prompts(prompts_path)
-    tok = clf._tokenizer
-    max_chars = clf.manifest.max_chars
     clf.predict_proba(prompts[:8])  # warm-up
 
     def timed(fn: object) -> list[float]:
@@ -53,9 +50,9 @@ def run_inprocess_bench(
         return out
 
     rows = []
-    tok_s = timed(lambda p: tok.encode(prepare_prompt(p, max_chars)))
+    tok_s = timed(lambda p: clf.encode([p]))
     tok_p50 = _percentiles(tok_s)[0]
-    rows.append(["tokenize (normalize + cut + encode)", *_percentiles(tok_s), 1.0])
+    rows.append(["tokenize (normalize, cut, encode, to arrays)", *_percentiles(tok_s), 1.0])
     full = timed(lambda p: clf.predict_proba([p]))
     rows.append(
         ["student predict_proba, 1 prompt", *_percentiles(full), _percentiles(full)[0] / tok_p50]

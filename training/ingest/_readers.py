@@ -71,6 +71,31 @@ def _score_or_drop(value: object, origin: str, report: IngestReport, what: str) 
     return score
 
 
+def _csv_records(
+    reader: Any, path: Path, report: IngestReport, width: int | None = None
+) -> Iterator[tuple[str, Any]]:
+    """(origin, row) for each well-formed row of a csv.reader (rows of ``width`` fields) or a
+    DictReader; a row that cannot be parsed or has another number of fields is reported."""
+    while True:
+        line = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            report.drop(f"{path}:{line}", "malformed CSV row", str(exc))
+            continue
+        origin = f"{path}:{line}"
+        if isinstance(row, dict):
+            bad = None in row or any(v is None for v in row.values())
+        else:
+            bad = width is not None and len(row) != width
+        if bad:
+            report.drop(origin, "wrong number of CSV fields")
+            continue
+        yield origin, row
+
+
 def _jsonl(path: Path, report: IngestReport) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield (origin, object) per line; bad lines are reported, blank lines skipped."""
     with open_text(path) as fh:
@@ -350,21 +375,8 @@ def read_wide_csv(
             for i, name in enumerate(header)
             if i not in skip and (not wanted or name in wanted)
         ]
-        row_no = 0
-        while True:
-            line = reader.line_num + 1
-            try:
-                row = next(reader)
-            except StopIteration:
-                break
-            except csv.Error as exc:
-                report.drop(f"{path}:{line}", "malformed CSV row", str(exc))
-                continue
-            row_no += 1
-            origin = f"{path}:{line}"
-            if len(row) != len(header):
-                report.drop(origin, "wrong number of CSV fields", f"{len(row)} != {len(header)}")
-                continue
+        records = _csv_records(reader, path, report, width=len(header))
+        for row_no, (origin, row) in enumerate(records, start=1):
             prompt = _prompt_or_drop(row[p_idx], origin, report)
             if prompt is None:
                 continue
@@ -427,20 +439,7 @@ def _long_rows(path: Path, report: IngestReport) -> Iterator[tuple[str, dict[str
             offset += batch.num_rows
     elif name.endswith(".csv") or name.endswith(".csv.gz"):
         with open_text(path) as fh:
-            reader = csv.DictReader(fh)
-            while True:
-                line = reader.line_num + 1
-                try:
-                    row = next(reader)
-                except StopIteration:
-                    break
-                except csv.Error as exc:
-                    report.drop(f"{path}:{line}", "malformed CSV row", str(exc))
-                    continue
-                if None in row:
-                    report.drop(f"{path}:{line}", "wrong number of CSV fields")
-                    continue
-                yield f"{path}:{line}", row
+            yield from _csv_records(csv.DictReader(fh), path, report)
     else:
         yield from _jsonl(path, report)
 
