@@ -95,7 +95,7 @@ class StudentConfig:
     dim: int = 256  # PCA dimension of the static embeddings
     max_tokens: int = 256
     max_chars: int = 1536  # prompts are cut to this many characters before tokenizing
-    epochs: int = 30  # embedding-distillation epochs (early stop on validation loss)
+    epochs: int = 8  # embedding-distillation epochs (early stop on validation loss)
     patience: int = 3
     batch_size: int = 64
     lr: float = 1e-3
