@@ -18,6 +18,7 @@ from classifier.errors import ArtifactError, MissingDependencyError, PolicyError
 DEFAULT_MODEL_ENV = "TIERPICK_MODEL"
 _REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
 DEFAULT_MODEL_NAME = "default"
+_CHUNK = 64  # rows per inference call within a batch (sorted by length first)
 
 
 def prepare_prompt(text: str, max_chars: int) -> str:
@@ -130,15 +131,18 @@ class TierClassifier:
 
     # ------------------------------------------------------------------ inference
 
-    def encode(
-        self, prompts: Sequence[str]
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-        """Token ids and mask, padded to the longest prompt of the batch."""
+    def token_ids(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each prompt after normalization and cutting (no padding)."""
         texts = [prepare_prompt(p, self.manifest.max_chars) for p in prompts]
         if len(texts) == 1:
-            ids_list = [self._tokenizer.encode(texts[0]).ids]
-        else:
-            ids_list = [e.ids for e in self._tokenizer.encode_batch(texts)]
+            return [self._tokenizer.encode(texts[0]).ids]
+        return [e.ids for e in self._tokenizer.encode_batch(texts)]
+
+    @staticmethod
+    def pad(
+        ids_list: Sequence[Sequence[int]],
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        """Ids and mask arrays, padded to the longest row."""
         width = max(1, max(len(ids) for ids in ids_list))
         ids = np.zeros((len(ids_list), width), dtype=np.int64)
         mask = np.zeros((len(ids_list), width), dtype=np.float32)
@@ -147,16 +151,36 @@ class TierClassifier:
             mask[i, : len(row)] = 1.0
         return ids, mask
 
+    def encode(
+        self, prompts: Sequence[str]
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        """Token ids and mask, padded to the longest prompt of the batch."""
+        return self.pad(self.token_ids(prompts))
+
     def predict_logits(self, prompts: Sequence[str]) -> npt.NDArray[np.float32]:
-        """Uncalibrated per-tier logits, shape (n, n_tiers)."""
+        """Uncalibrated per-tier logits, shape (n, n_tiers).
+
+        Batches are run in chunks of similar length, so a few long prompts do not make every
+        row pay for their padding.
+        """
         if isinstance(prompts, str):
             raise TypeError("predict_* take a sequence of prompts, not one string")
+        out = np.zeros((len(prompts), len(self.tiers)), dtype=np.float32)
         if not prompts:
-            return np.zeros((0, len(self.tiers)), dtype=np.float32)
-        ids, mask = self.encode(prompts)
-        out = self._session.run(None, {"input_ids": ids, "attention_mask": mask})
-        logits: npt.NDArray[np.float32] = out[0]
-        return logits
+            return out
+        ids_list = self.token_ids(prompts)
+        if len(ids_list) == 1:  # the serving hot path: no sorting, no chunks
+            ids, mask = self.pad(ids_list)
+            logits: npt.NDArray[np.float32] = self._session.run(
+                None, {"input_ids": ids, "attention_mask": mask}
+            )[0]
+            return logits
+        order = np.argsort([len(r) for r in ids_list], kind="stable")
+        for start in range(0, len(order), _CHUNK):
+            rows = order[start : start + _CHUNK]
+            ids, mask = self.pad([ids_list[i] for i in rows])
+            out[rows] = self._session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+        return out
 
     def calibrate(self, logits: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float32]:
         """Apply the manifest's per-tier calibration to logits."""

@@ -31,7 +31,12 @@ def _score(args: argparse.Namespace) -> int:
 
     clf = classifier.load(args.model, threads=args.threads)
     summary = score_file(
-        clf, Path(args.input), Path(args.output), args.prompt_field, args.batch_size
+        clf,
+        Path(args.input),
+        Path(args.output),
+        args.prompt_field,
+        args.batch_size,
+        cache_size=args.cache_size,
     )
     print(summary.render())
     print(f"model {clf.manifest.model_name} {clf.version} -> {args.output}")
