@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-
-from classifier import Decision, RoutingPolicy, TierClassifier, messages_to_prompt, normalize_prompt
+from classifier import RoutingPolicy, TierClassifier, messages_to_prompt
 from classifier.errors import TierpickError
 from serving._proto.tierpick.v1 import tierpick_pb2 as pb
 
@@ -26,7 +24,7 @@ def request_prompt(req: pb.ClassifyRequest) -> str:
             raise RequestError(f"messages: {exc}") from exc
     else:
         text = req.prompt
-    if not normalize_prompt(text):
+    if not text.strip():  # the model normalizes once, later; this only refuses blank input
         raise RequestError("prompt is empty or only white space")
     return text
 
@@ -37,24 +35,6 @@ def to_policy(msg: pb.RoutingPolicy) -> RoutingPolicy:
         allowed_tiers=tuple(msg.allowed_tiers),
         max_price=msg.max_price if msg.HasField("max_price") else None,
         cost_weight=msg.cost_weight if msg.HasField("cost_weight") else None,
-    )
-
-
-def to_response(clf: TierClassifier, decision: Decision, request_id: str) -> pb.ClassifyResponse:
-    return pb.ClassifyResponse(
-        tier=decision.tier,
-        scores=[
-            pb.TierScore(
-                tier=t.name,
-                success_probability=decision.probabilities[t.name],
-                price_input=t.price_input,
-                price_output=t.price_output,
-            )
-            for t in clf.manifest.tiers
-        ],
-        model_version=clf.version,
-        request_id=request_id,
-        met_threshold=decision.met_threshold,
     )
 
 
@@ -70,10 +50,27 @@ def classify(
     for p in policies:
         clf.check_policy(p)
     proba = clf.predict_proba(prompts)
+    tiers = clf.manifest.tiers
     out = []
-    for r, policy, row in zip(requests, policies, proba, strict=True):
-        decision = clf.route_proba(np.asarray(row[None, :]), policy)[0]
-        out.append(to_response(clf, decision, r.request_id))
+    for i, (r, policy) in enumerate(zip(requests, policies, strict=True)):
+        chosen, met = clf.choose(proba[i : i + 1], policy)
+        out.append(
+            pb.ClassifyResponse(
+                tier=clf.tiers[int(chosen[0])],
+                scores=[
+                    pb.TierScore(
+                        tier=t.name,
+                        success_probability=float(p),
+                        price_input=t.price_input,
+                        price_output=t.price_output,
+                    )
+                    for t, p in zip(tiers, proba[i], strict=True)
+                ],
+                model_version=clf.version,
+                request_id=r.request_id,
+                met_threshold=bool(met[0]),
+            )
+        )
     return out
 
 

@@ -100,7 +100,12 @@ def register_bench(sub: Any) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from serving.bench import run_inprocess_bench
+    from serving.bench import run_grpc_bench, run_inprocess_bench
 
-    sys.stdout.write(run_inprocess_bench(args.model, Path(args.prompts), args.repeat, args.teacher))
+    if args.grpc:
+        sys.stdout.write(run_grpc_bench(args.model, Path(args.prompts), args.calls, args.target))
+    else:
+        sys.stdout.write(
+            run_inprocess_bench(args.model, Path(args.prompts), args.repeat, args.teacher)
+        )
     return 0
