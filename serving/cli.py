@@ -60,6 +60,12 @@ def register_serve(sub: Any) -> None:
         default=2.0,
         help="seconds between checks of the model's manifest for hot reload (0: off)",
     )
+    p.add_argument(
+        "--drain",
+        type=float,
+        default=0.0,
+        help="on SIGTERM, seconds of NOT_SERVING before new calls are refused",
+    )
     p.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key: serve TLS)")
     p.add_argument("--tls-key", help="PEM private key")
     p.set_defaults(func=_serve)
@@ -73,6 +79,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_concurrency=args.max_concurrency,
         workers=args.workers,
         watch_seconds=args.watch,
+        drain_seconds=args.drain,
     )
     return serve(
         args.host, args.port, args.model, config, args.metrics_port, args.tls_cert, args.tls_key

@@ -44,6 +44,7 @@ class ServerConfig:
     grace_seconds: float = 5.0
     watch_seconds: float = 0.0  # > 0: poll the model directory's manifest for changes
     max_message_bytes: int = 64 * 1024 * 1024  # a full batch of long prompts fits
+    drain_seconds: float = 0.0  # NOT_SERVING this long before refusing new calls (load balancers)
 
 
 class Metrics:
@@ -244,6 +245,9 @@ class App:
         """Health goes NOT_SERVING, new RPCs are refused, in-flight RPCs finish, then stop."""
         self.set_serving(False)
         self._stop_watch.set()
+        if self.config.drain_seconds > 0:
+            # still answering while health checkers notice NOT_SERVING and stop sending
+            time.sleep(self.config.drain_seconds)
         self.server.stop(self.config.grace_seconds if grace is None else grace).wait()
 
 

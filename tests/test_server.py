@@ -312,3 +312,19 @@ def test_tls(model_copy: Path, tmp_path: Path) -> None:
             plain.classify("plaintext to a TLS port")
     finally:
         app.shutdown(grace=1)
+
+
+def test_health_goes_not_serving_before_the_server_stops(model_copy: Path) -> None:
+    app = create_server("127.0.0.1:0", str(model_copy), ServerConfig(drain_seconds=1.0))
+    with TierpickClient(f"127.0.0.1:{app.port}", timeout=5) as c:
+        c.wait_ready()
+        stopper = threading.Thread(target=app.shutdown)
+        stopper.start()
+        deadline = time.monotonic() + 10
+        while c.health_status() != NOT_SERVING:
+            assert time.monotonic() < deadline, "health never went NOT_SERVING"
+        assert c.health_status(SERVICE_NAME) == NOT_SERVING
+        assert c.classify("still answered while draining").tier  # calls still served
+        stopper.join()
+        with pytest.raises(grpc.RpcError):
+            c.health_status()
