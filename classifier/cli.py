@@ -22,6 +22,7 @@ _GROUPS: dict[str, tuple[str, str | None]] = {
     "train": ("training.cli:register_train", "train"),
     "evaluate": ("training.cli:register_evaluate", "train"),
     "promote": ("training.cli:register_promote", "train"),
+    "export": ("training.cli:register_export", "train"),
     "score": ("serving.cli:register_score", None),
     "serve": ("serving.cli:register_serve", None),
     "bench": ("serving.cli:register_bench", None),

@@ -10,7 +10,7 @@ import pytest
 from classifier import read_manifest
 from classifier.cli import main
 from classifier.errors import DatasetError
-from tests.conftest import write_tiny_config
+from tests.conftest import DATA, write_tiny_config
 from training.config import load_config
 from training.dataset import build_dataset
 from training.pipeline import check_trainable, run_training
@@ -191,3 +191,33 @@ def test_onnx_matches_torch_on_200_real_prompts(tiny_trained, data_dir: Path) ->
     prompts = arena[:100] + [r["instruction"] for r in alpaca[:100]]
     assert len(prompts) == 200
     assert parity(tiny_trained.student, tiny_trained.model_dir, prompts) <= 1e-4
+
+
+def test_int8_export_is_verified_smaller_and_close(
+    tiny_trained, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "int8"
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                str(tiny_trained.model_dir),
+                "--out",
+                str(out),
+                "--int8",
+                "--prompts",
+                str(DATA / "prompt-logs" / "arena-hard-v0.1-question.jsonl"),
+            ]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "int8_same_tier_share" in text
+    manifest = read_manifest(out)  # checksums verified
+    assert manifest.quantized and manifest.model_version.endswith("-int8")
+    assert manifest.evaluation["int8_prompts_measured"] == 500
+    assert manifest.evaluation["int8_max_abs_prob_diff"] < 0.1
+    assert manifest.evaluation["int8_same_tier_share"] > 0.8
+    size = lambda d: (d / "student.onnx").stat().st_size  # noqa: E731
+    assert size(out) < size(Path(tiny_trained.model_dir))

@@ -66,6 +66,45 @@ def register_evaluate(sub: Any) -> None:
     p.set_defaults(func=_evaluate)
 
 
+def register_export(sub: Any) -> None:
+    p = sub.add_parser(
+        "export", help="write an int8-quantized copy of a model directory, with measured drift"
+    )
+    p.add_argument("--model", required=True, help="a model directory (fp32)")
+    p.add_argument("--out", required=True, help="the new model directory")
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        required=True,
+        help="dynamic int8 quantization (the only export besides `tierpick train`)",
+    )
+    p.add_argument(
+        "--prompts",
+        default="../shared/data/prompt-logs/arena-hard-v0.1-question.jsonl",
+        help="JSONL of real prompts (field 'prompt') to measure the drift on",
+    )
+    p.set_defaults(func=_export)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from training.export import quantize_artifact
+
+    prompts = []
+    with open(args.prompts, encoding="utf-8") as fh:
+        for line in fh:
+            value = json.loads(line).get("prompt") if line.strip() else None
+            if isinstance(value, str) and value.strip():
+                prompts.append(value)
+    if not prompts:
+        raise ConfigError(f"{args.prompts}: no prompts to measure the drift on")
+    drift = quantize_artifact(Path(args.model), Path(args.out), prompts)
+    for key, value in drift.items():
+        print(f"{key}: {value:.6g}")
+    size = sum(f.stat().st_size for f in Path(args.out).iterdir()) / 1e6
+    print(f"wrote {args.out} ({size:.1f} MB)")
+    return 0
+
+
 def register_promote(sub: Any) -> None:
     p = sub.add_parser("promote", help="move the champion alias to a registered model version")
     p.add_argument("--name", required=True, help="registered model name")
