@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,7 +84,6 @@ def run_training(
     *,
     dataset_dir: Path | None = None,
     version: str | None = None,
-    before_training: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Train, calibrate, evaluate and export a model; see the module docstring.
 
@@ -95,18 +93,13 @@ def run_training(
         workdir: resumable intermediate state (dataset, teacher checkpoints, logits, report).
         dataset_dir: a dataset built by `tierpick data build` to use instead of building one.
         version: the model version string (default: derived from data and config).
-        before_training: called after the dataset is checked and before the first expensive
-            step (e.g. to verify the tracking store).
     """
-    import torch
-
     from training import encoders
     from training.export import export_model, parity
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     tcfg = config.train
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     workdir.mkdir(parents=True, exist_ok=True)
 
     # ---- dataset
@@ -121,8 +114,6 @@ def run_training(
         ds = build_dataset(config)
         write_dataset(ds, workdir / "dataset")
     check_trainable(ds)
-    if before_training is not None:
-        before_training()
     timings["dataset"] = time.perf_counter() - t0
     train, val, test = (split_arrays(ds, s) for s in ("train", "val", "test"))
     ood = split_arrays(ds, "ood")
@@ -153,9 +144,9 @@ def run_training(
     timings["teacher_train"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     all_splits = [train, val, *evals]
-    # keyed by the teacher fine-tune's own key: a change of student settings reuses them
+    # keyed by the teacher fine-tune and the data: a change of student settings reuses them
     teacher_key = (workdir / "teacher" / "teacher.key").read_text().strip()[:16]
-    outputs_path = workdir / "teacher" / f"outputs-{teacher_key}.npz"
+    outputs_path = workdir / "teacher" / f"outputs-{teacher_key}-{ds.fingerprint[:12]}.npz"
     if outputs_path.exists():
         cached = np.load(outputs_path)
         teacher_z = {s.name: cached[f"{s.name}_z"].astype(np.float64) for s in all_splits}
