@@ -46,7 +46,6 @@ class Manifest:
     created: str
     data_fingerprint: str = ""
     evaluation: dict[str, Any] = field(default_factory=dict)
-    extra_graphs: dict[str, str] = field(default_factory=dict)  # e.g. {"teacher": "teacher.onnx"}
     quantized: bool = False
 
     @property
@@ -111,7 +110,7 @@ def _check_fields(m: Manifest, path: Path) -> None:
         raise ArtifactError(f"{path}: calibration needs one (a, b) pair per tier ({k})")
     if not m.default_cost_weight >= 0.0:
         raise ArtifactError(f"{path}: default_cost_weight must be >= 0")
-    needed = {m.graph, m.tokenizer, *m.extra_graphs.values()}
+    needed = {m.graph, m.tokenizer}
     missing = sorted(needed - set(m.files))
     if missing:
         raise ArtifactError(f"{path}: files {missing} are used but have no checksum entry")
