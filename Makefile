@@ -29,8 +29,9 @@ check: $(STAMP)
 test: check
 	$(BIN)/pytest -m "not slow"
 
+# Tests marked `slow` (none at the moment: exit code 5, "no tests collected", is not a failure).
 test-slow: $(STAMP)
-	$(BIN)/pytest -m slow
+	$(BIN)/pytest -m slow || [ $$? -eq 5 ]
 
 data: $(STAMP)
 	$(BIN)/tierpick data build --config training/configs/default.yaml --out build/dataset
