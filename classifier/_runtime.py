@@ -231,9 +231,7 @@ class TierClassifier:
             chosen = np.where(met, np.argmax(ok, axis=1), fallback).astype(np.int64)
             return chosen, met
         weight = (
-            self.manifest.default_cost_weight
-            if policy.cost_weight is None
-            else (policy.cost_weight)
+            self.manifest.default_cost_weight if policy.cost_weight is None else policy.cost_weight
         )
         value = np.where(allowed, proba - weight * self._costs, -np.inf)
         return np.argmax(value, axis=1).astype(np.int64), np.ones(n, dtype=bool)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from classifier import RoutingPolicy, TierClassifier, messages_to_prompt
 from classifier.errors import TierpickError
 from serving._proto.tierpick.v1 import tierpick_pb2 as pb
@@ -47,16 +49,22 @@ def classify(
         to_policy(r.policy if r.HasField("policy") or default is None else default)
         for r in requests
     ]
-    for p in policies:
+    groups: dict[RoutingPolicy, list[int]] = {}
+    for i, p in enumerate(policies):
+        groups.setdefault(p, []).append(i)
+    for p in groups:  # once per distinct policy: a batch usually shares one
         clf.check_policy(p)
     proba = clf.predict_proba(prompts)
+    chosen = np.zeros(len(requests), dtype=np.int64)
+    met = np.ones(len(requests), dtype=bool)
+    for p, rows in groups.items():
+        chosen[rows], met[rows] = clf.choose(proba[rows], p)
     tiers = clf.manifest.tiers
     out = []
-    for i, (r, policy) in enumerate(zip(requests, policies, strict=True)):
-        chosen, met = clf.choose(proba[i : i + 1], policy)
+    for i, r in enumerate(requests):
         out.append(
             pb.ClassifyResponse(
-                tier=clf.tiers[int(chosen[0])],
+                tier=clf.tiers[int(chosen[i])],
                 scores=[
                     pb.TierScore(
                         tier=t.name,
@@ -68,7 +76,7 @@ def classify(
                 ],
                 model_version=clf.version,
                 request_id=r.request_id,
-                met_threshold=bool(met[0]),
+                met_threshold=bool(met[i]),
             )
         )
     return out

@@ -151,6 +151,13 @@ def test_train_register_promote_against_server(
     clf = classifier.load("models:/tiny-router@champion")
     assert clf.tiers == ("local", "mid", "frontier")
     assert clf.predict_proba(["What is 2 + 2?"]).shape == (1, 3)
+    # and MLflow's own pyfunc API serves it too: probabilities and the routed tier
+    import mlflow.pyfunc
+
+    frame = mlflow.pyfunc.load_model("models:/tiny-router@champion").predict(["What is 2 + 2?"])
+    assert list(frame.columns) == ["p_local", "p_mid", "p_frontier", "tier"]
+    assert frame["p_mid"][0] == pytest.approx(float(clf.predict_proba(["What is 2 + 2?"])[0, 1]))
+    assert frame["tier"][0] == clf.route(["What is 2 + 2?"])[0].tier
 
 
 def test_sqlite_store_without_server(

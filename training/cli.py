@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -171,7 +172,7 @@ def _train(args: argparse.Namespace) -> int:
             "config": str(args.config),
             "data_fingerprint": result.report["data_fingerprint"],
             "model_version": result.report["model_version"],
-            **_flatten("train", _asdict(config.train)),
+            **_flatten("train", dataclasses.asdict(config.train)),
             "tiers": ",".join(config.tier_names),
         }
         run_id, version = tracking.log_training_run(
@@ -233,12 +234,6 @@ def _promote(args: argparse.Namespace) -> int:
     promoted, table = tracking.promote(client, args.name, args.version, args.force)
     print(table)
     return 0 if promoted else 1
-
-
-def _asdict(obj: Any) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(obj)
 
 
 def _flatten(prefix: str, d: dict[str, Any]) -> dict[str, Any]:

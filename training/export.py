@@ -151,12 +151,10 @@ def quantize_artifact(src: Path, out_dir: Path, prompts: list[str]) -> dict[str,
     )
     shutil.copy(src / manifest.tokenizer, tmp / manifest.tokenizer)
     files = {name: sha256_file(tmp / name) for name in (manifest.graph, manifest.tokenizer)}
-    write_manifest(
-        tmp,
-        dataclasses.replace(
-            manifest, files=files, quantized=True, model_version=manifest.model_version + "-int8"
-        ),
+    quantized = dataclasses.replace(
+        manifest, files=files, quantized=True, model_version=manifest.model_version + "-int8"
     )
+    write_manifest(tmp, quantized)  # loadable (and verified) before the drift is measured
     fp32, int8 = classifier.load(src), classifier.load(tmp)
     p32, p8 = fp32.predict_proba(prompts), int8.predict_proba(prompts)
     drift = {
@@ -166,16 +164,7 @@ def quantize_artifact(src: Path, out_dir: Path, prompts: list[str]) -> dict[str,
         "int8_prompts_measured": float(len(prompts)),
     }
     evaluation = {**manifest.evaluation, **{k: round(v, 6) for k, v in drift.items()}}
-    write_manifest(
-        tmp,
-        dataclasses.replace(
-            manifest,
-            files=files,
-            quantized=True,
-            model_version=manifest.model_version + "-int8",
-            evaluation=evaluation,
-        ),
-    )
+    write_manifest(tmp, dataclasses.replace(quantized, evaluation=evaluation))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
