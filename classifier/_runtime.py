@@ -13,6 +13,7 @@ import numpy.typing as npt
 
 from classifier._artifact import Manifest, read_manifest
 from classifier._text import normalize_prompt
+from classifier._wordpiece import FastWordPiece
 from classifier.errors import ArtifactError, MissingDependencyError, PolicyError
 
 DEFAULT_MODEL_ENV = "TIERPICK_MODEL"
@@ -109,6 +110,7 @@ class TierClassifier:
             raise ArtifactError(f"{model_dir / manifest.tokenizer}: unreadable: {exc}") from exc
         self._tokenizer.no_padding()
         self._tokenizer.enable_truncation(max_length=manifest.max_tokens)
+        self._fast = FastWordPiece.for_tokenizer(self._tokenizer, manifest.max_tokens)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -131,12 +133,24 @@ class TierClassifier:
 
     # ------------------------------------------------------------------ inference
 
-    def token_ids(self, prompts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each prompt after normalization and cutting (no padding)."""
+    def token_ids(self, prompts: Sequence[str], fast_path: bool = True) -> list[list[int]]:
+        """Token ids of each prompt after normalization and cutting (no padding).
+
+        ASCII prompts take :class:`FastWordPiece` (same ids, several times faster) unless
+        ``fast_path`` is False; the rest, the ``tokenizers`` library.
+        """
         texts = [prepare_prompt(p, self.manifest.max_chars) for p in prompts]
-        if len(texts) == 1:
-            return [self._tokenizer.encode(texts[0]).ids]
-        return [e.ids for e in self._tokenizer.encode_batch(texts)]
+        fast = self._fast if fast_path else None
+        out: list[list[int] | None] = [fast.ids(t) if fast else None for t in texts]
+        slow = [i for i, ids in enumerate(out) if ids is None]
+        if len(slow) == 1:
+            out[slow[0]] = self._tokenizer.encode(texts[slow[0]]).ids
+        elif slow:
+            for i, e in zip(
+                slow, self._tokenizer.encode_batch([texts[i] for i in slow]), strict=True
+            ):
+                out[i] = e.ids
+        return out  # type: ignore[return-value]  # every None was filled
 
     @staticmethod
     def pad(

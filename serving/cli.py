@@ -9,37 +9,88 @@ from typing import Any
 
 
 def register_score(sub: Any) -> None:
-    p = sub.add_parser("score", help="score a prompt log (JSONL, CSV or Parquet) with a model")
-    p.add_argument("input", help="input file: .jsonl, .jsonl.gz, .csv or .parquet")
-    p.add_argument("output", help="output file (same kinds)")
+    p = sub.add_parser(
+        "score",
+        help="score prompt logs (JSONL, CSV or Parquet files, directories or globs) with a model",
+    )
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="INPUT... OUTPUT",
+        help="inputs (files: .jsonl, .jsonl.gz, .csv, .parquet; directories; globs), then the "
+        "output: a file for one input file, else a directory of parts",
+    )
     p.add_argument("--model", help="model directory or models:/ URI (default: shipped model)")
     p.add_argument("--prompt-field", default="prompt", help="field holding the prompt text")
+    p.add_argument(
+        "--format",
+        choices=["parquet", "jsonl", "jsonl.gz", "csv"],
+        default="parquet",
+        help="file kind of a directory output (a file output takes its extension's kind)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="scoring processes, or Ray actors (default: the CPUs this process may use)",
+    )
+    p.add_argument("--engine", choices=["local", "ray"], default="local")
+    p.add_argument(
+        "--ray-address",
+        help="with --engine ray: the cluster to join (default: $RAY_ADDRESS or a local Ray)",
+    )
+    p.add_argument(
+        "--part-mb",
+        type=int,
+        default=32,
+        help="a JSONL or Parquet file is cut into parts of this size",
+    )
+    p.add_argument(
+        "--restart", action="store_true", help="discard parts left by a different earlier run"
+    )
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
     p.add_argument(
         "--cache-size",
         type=int,
         default=100_000,
-        help="distinct prompts whose scores are remembered for repeats (0: off)",
+        help="distinct prompts whose scores each process remembers for repeats (0: off)",
     )
     p.set_defaults(func=_score)
 
 
 def _score(args: argparse.Namespace) -> int:
     import classifier
-    from serving.score import score_file
+    from classifier.errors import ConfigError
+    from serving.score import ScoreOptions, score
 
+    if len(args.paths) < 2:
+        raise ConfigError("give at least one INPUT and an OUTPUT")
+    for name in ("workers", "part_mb", "batch_size", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     clf = classifier.load(args.model, threads=args.threads)
-    summary = score_file(
-        clf,
-        Path(args.input),
-        Path(args.output),
-        args.prompt_field,
-        args.batch_size,
+    opts = ScoreOptions(
+        prompt_field=args.prompt_field,
+        out_kind="." + args.format,
+        batch_size=args.batch_size,
         cache_size=args.cache_size,
+        part_bytes=args.part_mb << 20,
+        threads=args.threads,
+    )
+    *inputs, output = args.paths
+    summary = score(
+        inputs,
+        Path(output),
+        clf,
+        opts,
+        workers=args.workers,
+        engine=args.engine,
+        ray_address=args.ray_address,
+        restart=args.restart,
     )
     print(summary.render())
-    print(f"model {clf.manifest.model_name} {clf.version} -> {args.output}")
+    print(f"model {clf.manifest.model_name} {clf.version} -> {output}")
     return 0
 
 
