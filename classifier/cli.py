@@ -24,6 +24,7 @@ _GROUPS: dict[str, tuple[str, str | None]] = {
     "promote": ("training.cli:register_promote", "train"),
     "export": ("training.cli:register_export", "train"),
     "score": ("serving.cli:register_score", None),
+    "report": ("serving.cli:register_report", None),
     "serve": ("serving.cli:register_serve", None),
     "bench": ("serving.cli:register_bench", None),
 }

@@ -40,8 +40,8 @@ def register_score(sub: Any) -> None:
     )
     p.add_argument(
         "--part-mb",
-        type=int,
-        default=32,
+        type=float,
+        default=32.0,
         help="a JSONL or Parquet file is cut into parts of this size",
     )
     p.add_argument(
@@ -65,17 +65,19 @@ def _score(args: argparse.Namespace) -> int:
 
     if len(args.paths) < 2:
         raise ConfigError("give at least one INPUT and an OUTPUT")
-    for name in ("workers", "part_mb", "batch_size", "threads"):
+    for name in ("workers", "batch_size", "threads"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not args.part_mb > 0:
+        raise ConfigError(f"--part-mb must be > 0, got {args.part_mb}")
     clf = classifier.load(args.model, threads=args.threads)
     opts = ScoreOptions(
         prompt_field=args.prompt_field,
         out_kind="." + args.format,
         batch_size=args.batch_size,
         cache_size=args.cache_size,
-        part_bytes=args.part_mb << 20,
+        part_bytes=max(1, int(args.part_mb * (1 << 20))),
         threads=args.threads,
     )
     *inputs, output = args.paths
@@ -91,6 +93,39 @@ def _score(args: argparse.Namespace) -> int:
     )
     print(summary.render())
     print(f"model {clf.manifest.model_name} {clf.version} -> {output}")
+    return 0
+
+
+def register_report(sub: Any) -> None:
+    p = sub.add_parser(
+        "report",
+        help="projected cost of a scored log against always using one tier (MD, JSON, PNG)",
+    )
+    p.add_argument("scored", help="output of tierpick score: a file or a directory of parts")
+    p.add_argument("--model", help="the model that scored it, for tier prices (default: shipped)")
+    p.add_argument("--out", help="report directory (default: SCORED-report beside it)")
+    p.add_argument("--prompt-field", default="prompt", help="field holding the prompt text")
+    p.add_argument("--output-tokens", type=int, default=300, help="assumed output tokens per call")
+    p.add_argument(
+        "--chars-per-token", type=float, default=4.0, help="assumed characters per input token"
+    )
+    p.set_defaults(func=_report)
+
+
+def _report(args: argparse.Namespace) -> int:
+    import classifier
+    from serving.report import write_report
+
+    clf = classifier.load(args.model)
+    scored = Path(args.scored)
+    out = Path(args.out) if args.out else scored.parent / f"{scored.name}-report"
+    _, md, note = write_report(
+        scored, out, clf, args.prompt_field, args.output_tokens, args.chars_per_token
+    )
+    sys.stdout.write(md)
+    if note:
+        print(f"tierpick: cost_curve.png not written: {note}", file=sys.stderr)
+    print(f"report -> {out}/report.md, report.json" + ("" if note else ", cost_curve.png"))
     return 0
 
 

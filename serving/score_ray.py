@@ -115,7 +115,8 @@ def score_parts_on_ray(
         out: dict[int, ScoreSummary] = {}
         for row in scored.iter_rows():
             record = json.loads(str(row["summary"]))
-            out[record.pop("index")] = meter(ScoreSummary.from_json(record))
+            index = record.pop("index")
+            out[index] = meter(ScoreSummary.from_json(record))
         return out
     finally:
         if started:

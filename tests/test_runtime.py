@@ -11,6 +11,8 @@ import pytest
 
 import classifier
 from classifier import ArtifactError, PolicyError, RoutingPolicy
+from classifier._runtime import prepare_prompt
+from tests.conftest import DATA
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +120,38 @@ def test_runtime_never_imports_torch(model_dir: Path) -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
+
+
+EDGE_CASES = [
+    "plain lower case words",
+    "UPPER Case, punctuation!? (brackets) [square] {curly} under_score a-b a.b",
+    "a literal [MASK] and [SEP] in the text",
+    "tab\tnewline\ncarriage\rreturn",
+    "vertical\x0btab and form\x0cfeed and \x00 nul",
+    "x" * 150 + " a word longer than WordPiece's 100 characters",
+    "naïve café, Ünïcödé and 中文 and emoji 🎉",
+    "numbers 3.14159 and 1,000,000 and 0x1F and snake_case_name",
+    " ".join(["token"] * 400),  # truncated at max_tokens
+    "#" * 300,
+]
+
+
+@pytest.mark.parametrize("which", ["shipped", "tiny"])
+def test_fast_tokenizer_path_gives_the_library_ids(
+    which: str, model_dir: Path, tiny_data: Path
+) -> None:
+    """The ASCII fast path must reproduce the tokenizers library exactly, or the served model
+    would see other inputs than it was trained on."""
+    clf = classifier.load(None if which == "shipped" else model_dir)
+    prompts = [json.loads(x)["prompt"] for x in tiny_data.read_text().splitlines()]
+    with (DATA / "prompt-logs" / "arena-hard-v0.1-question.jsonl").open() as fh:
+        prompts += [json.loads(x)["prompt"] for x in fh]
+    prompts += EDGE_CASES
+    fast = clf.token_ids(prompts)
+    library = clf.token_ids(prompts, fast_path=False)
+    assert fast == library
+    assert clf._fast is not None
+    taken = [p for p in prompts if clf._fast.ids(prepare_prompt(p, clf.manifest.max_chars))]
+    assert len(taken) > 0.75 * len(prompts)  # most real prompts are ASCII: the path is used
+    assert clf._fast.ids("naïve") is None and clf._fast.ids("a [MASK]") is None
+    assert len(fast[prompts.index(EDGE_CASES[8])]) == clf.manifest.max_tokens

@@ -1,0 +1,328 @@
+"""``tierpick report SCORED``: what routing a scored prompt log would cost, against always
+sending every prompt to one tier.
+
+Reads the output of ``tierpick score`` (a file, or a directory of parts, of any kind it writes)
+and the model's manifest for the tier prices (USD per 1M input and output tokens). Assumptions,
+stated in the report: a prompt's input tokens are its characters / ``chars_per_token`` (4 by
+default, a common rule for English text) rounded up, and every call produces
+``output_tokens`` tokens (300 by default). "Predicted success" is the model's own calibrated
+probability for the chosen tier, averaged over rows: an estimate, not a measurement.
+
+The cost curve re-routes every row with the threshold rule (the cheapest tier whose probability
+reaches t, else the dearest) as t moves from 0 to 1, from the probabilities in the log.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from classifier import TierClassifier
+from classifier._io import open_text
+from classifier.errors import ConfigError, MissingDependencyError, TierpickError
+from serving.score import KINDS, kind_of
+
+THRESHOLDS = np.round(np.linspace(0.0, 1.0, 51), 2)
+
+
+@dataclass
+class ScoredLog:
+    """The columns a report needs, one entry per row of the scored log."""
+
+    chars: npt.NDArray[np.int64]  # prompt length in characters (0 for error rows)
+    proba: npt.NDArray[np.float32]  # (n, tiers); NaN for error rows
+    tier: npt.NDArray[np.int64]  # index of the routed tier; -1 for error rows
+    files: int
+
+
+def _scored_files(path: Path) -> list[Path]:
+    if path.is_file():
+        kind_of(path)
+        return [path]
+    if path.is_dir():
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and p.name.lower().endswith(KINDS)
+            and not any(s.startswith((".", "_")) for s in p.relative_to(path).parts)
+        )
+        if files:
+            return files
+        raise ConfigError(f"{path}: no scored files ({'/'.join(KINDS)}) in this directory")
+    raise ConfigError(f"{path} does not exist")
+
+
+def read_scored(path: Path, tiers: tuple[str, ...], prompt_field: str = "prompt") -> ScoredLog:
+    """Read a scored log; the probability columns must be this model's tiers."""
+    index = {t: i for i, t in enumerate(tiers)}
+    cols = [f"p_{t}" for t in tiers]
+    chars: list[int] = []
+    proba: list[list[float]] = []
+    routed: list[int] = []
+    files = _scored_files(path)
+    for f in files:
+        for text, probs, tier, where in _rows(f, prompt_field, cols):
+            if tier is None:
+                chars.append(0)
+                proba.append([math.nan] * len(cols))
+                routed.append(-1)
+                continue
+            if tier not in index:
+                raise TierpickError(f"{where}: tier {tier!r} is not one of the model's {tiers}")
+            if any(p is None for p in probs):
+                raise TierpickError(f"{where}: a routed row lacks a probability")
+            chars.append(len(text) if isinstance(text, str) else 0)
+            proba.append([float(p) for p in probs])  # type: ignore[arg-type]
+            routed.append(index[tier])
+    return ScoredLog(
+        np.array(chars, dtype=np.int64),
+        np.array(proba, dtype=np.float32).reshape(-1, len(cols)),
+        np.array(routed, dtype=np.int64),
+        len(files),
+    )
+
+
+Record = tuple[object, list[object], str | None, str]
+
+
+def _rows(path: Path, prompt_field: str, cols: list[str]) -> Iterator[Record]:
+    """(prompt, probabilities, tier, location) per row of one scored file."""
+    kind = kind_of(path)
+    needed = [prompt_field, "tier", *cols]
+    if kind == ".parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        if path.stat().st_size == 0:
+            return
+        missing = [c for c in needed if c not in pf.schema_arrow.names]
+        if missing:
+            raise TierpickError(
+                f"{path}: no column(s) {missing}: not scored by this model, or not a scored log"
+            )
+        row = 0
+        for rb in pf.iter_batches(columns=needed):
+            data = rb.to_pydict()
+            for i in range(rb.num_rows):
+                yield (
+                    data[prompt_field][i],
+                    [data[c][i] for c in cols],
+                    data["tier"][i],
+                    f"{path} row {row + i}",
+                )
+            row += rb.num_rows
+        return
+    with open_text(path, "r") as fh:
+        if kind == ".csv":
+            reader = csv.DictReader(fh)
+            missing = [c for c in needed if c not in (reader.fieldnames or [])]
+            if missing:
+                raise TierpickError(f"{path}: no column(s) {missing}: not a scored log")
+            for rec in reader:
+                probs: list[object] = [float(rec[c]) if rec[c] else None for c in cols]
+                yield rec[prompt_field], probs, rec["tier"] or None, f"{path}:{reader.line_num}"
+            return
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise TierpickError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
+            if not isinstance(obj, dict) or "tier" not in obj:
+                raise TierpickError(f"{path}:{lineno}: not a scored row (no 'tier' field)")
+            yield obj.get(prompt_field), [obj.get(c) for c in cols], obj["tier"], f"{path}:{lineno}"
+
+
+def threshold_route(proba: npt.NDArray[np.float32], t: float) -> npt.NDArray[np.int64]:
+    """The cheapest tier whose probability reaches ``t``, else the dearest."""
+    reach = proba >= t
+    choice: npt.NDArray[np.int64] = np.where(
+        reach.any(axis=1), reach.argmax(axis=1), proba.shape[1] - 1
+    )
+    return choice
+
+
+def build_report(
+    log: ScoredLog, clf: TierClassifier, output_tokens: int = 300, chars_per_token: float = 4.0
+) -> dict[str, Any]:
+    """The savings report as a JSON-ready dict."""
+    if output_tokens < 0 or chars_per_token <= 0:
+        raise ConfigError("--output-tokens must be >= 0 and --chars-per-token > 0")
+    tiers = list(clf.tiers)
+    ok = log.tier >= 0
+    n_ok = int(ok.sum())
+    if n_ok == 0:
+        raise TierpickError("the scored log has no routed row")
+    p_in = np.array([t.price_input for t in clf.manifest.tiers])
+    p_out = np.array([t.price_output for t in clf.manifest.tiers])
+    in_tokens = np.ceil(log.chars[ok] / chars_per_token)
+    cost = (in_tokens[:, None] * p_in[None, :] + output_tokens * p_out[None, :]) / 1e6
+    proba = log.proba[ok].astype(np.float64)
+    rows_idx = np.arange(n_ok)
+
+    def summarize(choice: npt.NDArray[np.int64]) -> dict[str, Any]:
+        counts = np.bincount(choice, minlength=len(tiers))
+        total = float(cost[rows_idx, choice].sum())
+        return {
+            "mix": {t: float(c / n_ok) for t, c in zip(tiers, counts, strict=True)},
+            "cost_usd": total,
+            "cost_per_1m_requests_usd": total / n_ok * 1e6,
+            "predicted_success": float(proba[rows_idx, choice].mean()),
+        }
+
+    routings = {"as scored": summarize(log.tier[ok])}
+    for k, t in enumerate(tiers):
+        routings[f"always {t}"] = summarize(np.full(n_ok, k, dtype=np.int64))
+    for r in routings.values():
+        r["saving_vs"] = {
+            f"always {t}": 1.0 - r["cost_usd"] / routings[f"always {t}"]["cost_usd"]
+            for t in tiers[1:]
+            if routings[f"always {t}"]["cost_usd"] > 0
+        }
+    curve = []
+    for t in THRESHOLDS:
+        s = summarize(threshold_route(proba.astype(np.float32), float(t)))
+        curve.append({"threshold": float(t), **s})
+    return {
+        "model": {"name": clf.manifest.model_name, "version": clf.version},
+        "rows": len(log.tier),
+        "routed_rows": n_ok,
+        "error_rows": len(log.tier) - n_ok,
+        "files": log.files,
+        "assumptions": {
+            "input_tokens": f"ceil(prompt characters / {chars_per_token:g})",
+            "output_tokens_per_call": output_tokens,
+            "prices_usd_per_1m_tokens": {
+                t.name: {"input": t.price_input, "output": t.price_output}
+                for t in clf.manifest.tiers
+            },
+            "mean_input_tokens": float(in_tokens.mean()),
+            "predicted_success": "the model's calibrated probability for the chosen tier, "
+            "averaged: an estimate, not a measurement",
+        },
+        "routings": routings,
+        "threshold_curve": curve,
+    }
+
+
+def render_markdown(report: dict[str, Any], source: str) -> str:
+    tiers = list(report["assumptions"]["prices_usd_per_1m_tokens"])
+    a = report["assumptions"]
+    top = f"always {tiers[-1]}"
+    lines = [
+        f"# Routing savings: {source}",
+        "",
+        f"Model `{report['model']['name']}` {report['model']['version']}; "
+        f"{report['routed_rows']:,} routed rows of {report['rows']:,} "
+        f"({report['error_rows']:,} rows with errors are not costed), {report['files']} file(s).",
+        "",
+        f"Assumptions: input tokens = {a['input_tokens']} (mean {a['mean_input_tokens']:.0f}); "
+        f"{a['output_tokens_per_call']} output tokens per call; prices per 1M tokens "
+        + ", ".join(
+            f"{t} ${p['input']:g} in / ${p['output']:g} out"
+            for t, p in a["prices_usd_per_1m_tokens"].items()
+        )
+        + ". Predicted success is "
+        + a["predicted_success"]
+        + ".",
+        "",
+        "| routing | "
+        + " | ".join(tiers)
+        + f" | cost (USD) | per 1M requests | saving vs {top} | predicted success |",
+        "|---|" + "---:|" * (len(tiers) + 4),
+    ]
+    for name, r in report["routings"].items():
+        saving = r["saving_vs"].get(top)
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{r['mix'][t]:.1%}" for t in tiers)
+            + f" | {r['cost_usd']:,.2f} | {r['cost_per_1m_requests_usd']:,.0f} | "
+            + (f"{saving:.1%}" if saving is not None else "-")
+            + f" | {r['predicted_success']:.3f} |"
+        )
+    lines += [
+        "",
+        "## Threshold rule: the cheapest tier whose probability reaches t",
+        "",
+        "| t | " + " | ".join(tiers) + " | cost (USD) | predicted success |",
+        "|---:|" + "---:|" * (len(tiers) + 2),
+    ]
+    for point in report["threshold_curve"][::5]:
+        lines.append(
+            f"| {point['threshold']:.1f} | "
+            + " | ".join(f"{point['mix'][t]:.1%}" for t in tiers)
+            + f" | {point['cost_usd']:,.2f} | {point['predicted_success']:.3f} |"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot_curve(report: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"the cost-curve PNG needs matplotlib (pip install 'tierpick[report]'): {exc}"
+        ) from exc
+    curve = report["threshold_curve"]
+    t = [c["threshold"] for c in curve]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(t, [c["cost_usd"] for c in curve], color="C0", label="threshold routing")
+    for i, (name, r) in enumerate(report["routings"].items()):
+        ax.axhline(
+            r["cost_usd"],
+            ls="--" if name != "as scored" else ":",
+            color=f"C{i + 1}",
+            label=f"{name} (${r['cost_usd']:,.0f})",
+        )
+    ax.set_xlabel("threshold t (cheapest tier with probability >= t)")
+    ax.set_ylabel("projected cost (USD)")
+    ax2 = ax.twinx()
+    ax2.plot(t, [c["predicted_success"] for c in curve], color="gray", alpha=0.6)
+    ax2.set_ylabel("predicted success (gray)")
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title(f"Projected cost over {report['routed_rows']:,} prompts")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(
+    scored: Path,
+    out_dir: Path,
+    clf: TierClassifier,
+    prompt_field: str = "prompt",
+    output_tokens: int = 300,
+    chars_per_token: float = 4.0,
+) -> tuple[dict[str, Any], str, str | None]:
+    """Write report.md, report.json and cost_curve.png; returns the report, its Markdown and
+    a note when the PNG could not be drawn."""
+    log = read_scored(scored, clf.tiers, prompt_field)
+    report = build_report(log, clf, output_tokens, chars_per_token)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1))
+    md = render_markdown(report, scored.name)
+    note = None
+    try:
+        plot_curve(report, out_dir / "cost_curve.png")
+        md += "\n![cost curve](cost_curve.png)\n"
+    except MissingDependencyError as exc:
+        note = str(exc)
+    (out_dir / "report.md").write_text(md)
+    return report, md, note
+
+
+__all__ = ["build_report", "read_scored", "write_report"]
