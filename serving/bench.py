@@ -5,6 +5,7 @@ with the tokenization floor."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -230,3 +231,141 @@ def _rss_mb(pid: int) -> float | None:
     except OSError:
         return None
     return None
+
+
+def _tree_rss_mb(root: int) -> float:
+    """Resident memory of a process and all its descendants (Linux /proc), in MB."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    total, todo = 0.0, [root]
+    while todo:
+        pid = todo.pop()
+        total += _rss_mb(pid) or 0.0
+        todo += children.get(pid, [])
+    return total
+
+
+def _run_measured(cmd: list[str]) -> tuple[float, float, str]:
+    """Run a command; returns wall seconds, the peak of its process tree's summed RSS (sampled
+    every 0.1 s) and its stdout."""
+    import subprocess
+    import threading
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = [0.0]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.1):
+            peak[0] = max(peak[0], _tree_rss_mb(proc.pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    out, err = proc.communicate()
+    wall = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err[-2000:]}")
+    return wall, peak[0], out
+
+
+def make_bench_log(prompts_path: Path, rows: int, dst: Path, junk_every: int = 50_000) -> int:
+    """A JSONL log of ``rows`` real prompts (the file cycled), with a junk line (invalid JSON or
+    a non-string prompt) every ``junk_every`` rows; returns the line count."""
+    lines = [x for x in prompts_path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    n = 0
+    with dst.open("w", encoding="utf-8") as fh:
+        for i in range(rows):
+            fh.write(lines[i % len(lines)] + "\n")
+            n += 1
+            if i % junk_every == junk_every // 2:
+                fh.write("{junk line\n" if (i // junk_every) % 2 else '{"prompt": 5}\n')
+                n += 1
+    return n
+
+
+def run_score_bench(
+    model: str | None,
+    prompts_path: Path,
+    rows: int,
+    workers: int | None = None,
+    ray: bool = True,
+    workdir: Path | None = None,
+) -> str:
+    """``tierpick score`` on a log of ``rows`` real prompts, each configuration in its own
+    process tree, against the single-machine path with all cores as the reference."""
+    import shutil
+    import sys
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="tierpick-bench-", dir=workdir))
+    try:
+        log = tmp / "log.jsonl"
+        lines = make_bench_log(prompts_path, rows, log, junk_every=max(100, rows // 20))
+        n_cpu = workers or len(os.sched_getaffinity(0))
+        base = [sys.executable, "-m", "classifier.cli", "score", str(log)]
+        if model:
+            base += ["--model", model]
+        configs = [
+            (
+                "local, all cores, no cache (reference)",
+                ["--workers", str(n_cpu), "--cache-size", "0"],
+            ),
+            ("local, 1 process, no cache", ["--workers", "1", "--cache-size", "0"]),
+            ("local, all cores, prompt cache", ["--workers", str(n_cpu)]),
+        ]
+        if ray:
+            configs.append(
+                (
+                    "ray (local, started by the run), no cache",
+                    ["--engine", "ray", "--workers", str(n_cpu), "--cache-size", "0"],
+                )
+            )
+        table_rows = []
+        ref = None
+        for name, extra in configs:
+            out = tmp / "out.parquet"
+            wall, rss, text = _run_measured([*base, str(out), *extra])
+            rows_out = _parquet_rows(out)
+            if rows_out != lines:
+                raise RuntimeError(f"{name}: {rows_out} rows out for {lines} in")
+            ref = ref or wall
+            errors = text.split("errors: ")[1].split()[0]
+            table_rows.append([name, rows_out, errors, wall, lines / wall, wall / ref, rss])
+            out.unlink()
+        return (
+            format_table(
+                [
+                    "configuration",
+                    "rows out",
+                    "error rows",
+                    "wall s",
+                    "rows/s",
+                    "wall / reference",
+                    "peak RSS MB (tree)",
+                ],
+                table_rows,
+                f"tierpick score: {lines:,} lines ({rows:,} real prompts from {prompts_path.name} "
+                f"cycled, junk lines injected) -> Parquet; {n_cpu} CPUs; wall includes process "
+                "start and model load",
+            )
+            + "\n"
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _parquet_rows(path: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return int(pq.ParquetFile(path).metadata.num_rows)

@@ -189,13 +189,27 @@ def register_bench(sub: Any) -> None:
     )
     p.add_argument("--target", help="with --grpc: an already running server host:port")
     p.add_argument("--calls", type=int, default=2000, help="with --grpc: interleaved call pairs")
+    p.add_argument(
+        "--score",
+        action="store_true",
+        help="benchmark tierpick score (process pool, prompt cache, Ray) on a log of --rows "
+        "prompts cycled from --prompts instead",
+    )
+    p.add_argument("--rows", type=int, default=1_000_000, help="with --score: log size")
+    p.add_argument("--no-ray", action="store_true", help="with --score: skip the Ray engine")
     p.set_defaults(func=_bench)
 
 
 def _bench(args: argparse.Namespace) -> int:
     from serving.bench import run_grpc_bench, run_inprocess_bench
 
-    if args.grpc:
+    if args.score:
+        from serving.bench import run_score_bench
+
+        sys.stdout.write(
+            run_score_bench(args.model, Path(args.prompts), args.rows, ray=not args.no_ray)
+        )
+    elif args.grpc:
         sys.stdout.write(run_grpc_bench(args.model, Path(args.prompts), args.calls, args.target))
     else:
         sys.stdout.write(
