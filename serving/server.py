@@ -89,9 +89,15 @@ class ModelHolder:
     smoke prediction) before swapping it in; a bad one is refused and the old one keeps
     serving."""
 
-    def __init__(self, path: str | None, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        path: str | None,
+        metrics: Metrics,
+        check: Callable[[TierClassifier], None] | None = None,
+    ) -> None:
         self.path = path
         self.metrics = metrics
+        self.check = check  # more conditions a model must meet (e.g. the gateway's tiers)
         self._lock = threading.Lock()
         self.current: TierClassifier = self._load()
         self._publish()
@@ -99,6 +105,8 @@ class ModelHolder:
 
     def _load(self) -> TierClassifier:
         clf = classifier.load(self.path)
+        if self.check is not None:
+            self.check(clf)
         p = clf.predict_proba([WARMUP_PROMPT])  # warm-up and smoke test
         if p.shape != (1, len(clf.tiers)) or not ((p >= 0) & (p <= 1)).all():
             raise TierpickError(f"model at {self.path} failed its smoke prediction: {p}")
@@ -333,6 +341,15 @@ def serve(
     if metrics_port is not None:
         bound = app.metrics.serve_http(metrics_port, host)
         log.info("metrics on http://%s:%d/metrics", host, bound)
+    print(f"tierpick serving on {host}:{app.port} (pid {os.getpid()})", flush=True)
+    run_until_signalled(app.holder.reload)
+    app.shutdown()
+    log.info("stopped")
+    return 0
+
+
+def run_until_signalled(reload: Callable[[], object]) -> None:
+    """Block until SIGTERM or SIGINT; SIGHUP calls ``reload`` (in a thread) meanwhile."""
     done = threading.Event()
 
     def on_term(signum: int, _frame: Any) -> None:
@@ -341,9 +358,5 @@ def serve(
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=app.holder.reload).start())
-    print(f"tierpick serving on {host}:{app.port} (pid {os.getpid()})", flush=True)
+    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=reload).start())
     done.wait()
-    app.shutdown()
-    log.info("stopped")
-    return 0
