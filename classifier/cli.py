@@ -27,6 +27,7 @@ _GROUPS: dict[str, tuple[str, str | None]] = {
     "report": ("serving.cli:register_report", None),
     "serve": ("serving.cli:register_serve", None),
     "bench": ("serving.cli:register_bench", None),
+    "gateway": ("serving.cli:register_gateway", "gateway"),
 }
 
 

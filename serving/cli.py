@@ -216,3 +216,55 @@ def _bench(args: argparse.Namespace) -> int:
             run_inprocess_bench(args.model, Path(args.prompts), args.repeat, args.teacher)
         )
     return 0
+
+
+def register_gateway(sub: Any) -> None:
+    p = sub.add_parser(
+        "gateway", help="Envoy integration: run the ext_proc processor, or render Envoy's config"
+    )
+    gsub = p.add_subparsers(dest="gateway_command", metavar="ACTION")
+    gsub.required = True
+    run = gsub.add_parser("run", help="run the Envoy external processor (ext_proc) over gRPC")
+    run.add_argument("--config", required=True, help="gateway YAML (see serving/deploy/)")
+    run.add_argument("--model", help="override the config's model directory or models:/ URI")
+    run.add_argument("--port", type=int, help="override processor.port")
+    run.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    run.set_defaults(func=_gateway_run)
+    env = gsub.add_parser(
+        "envoy-config", help="print the Envoy bootstrap YAML for a gateway config"
+    )
+    env.add_argument("--config", required=True, help="gateway YAML")
+    env.add_argument(
+        "--without-processor",
+        action="store_true",
+        help="the same Envoy without the ext_proc filter (everything to the fallback tier)",
+    )
+    env.set_defaults(func=_gateway_envoy_config)
+
+
+def _gateway_config(args: argparse.Namespace) -> Any:
+    from dataclasses import replace
+
+    from serving.gateway import load_gateway_config
+
+    cfg = load_gateway_config(args.config)
+    if getattr(args, "model", None):
+        cfg = replace(cfg, model=args.model)
+    if getattr(args, "port", None) is not None:
+        cfg = replace(cfg, processor_port=args.port)
+    return cfg
+
+
+def _gateway_run(args: argparse.Namespace) -> int:
+    from serving.gateway import run_gateway
+
+    return run_gateway(_gateway_config(args), args.metrics_port)
+
+
+def _gateway_envoy_config(args: argparse.Namespace) -> int:
+    from serving.gateway import render_envoy_config
+
+    sys.stdout.write(
+        render_envoy_config(_gateway_config(args), with_processor=not args.without_processor)
+    )
+    return 0

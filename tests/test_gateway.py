@@ -1,0 +1,282 @@
+"""The Envoy gateway end to end: a real Envoy process, the ext_proc processor on a real port,
+three OpenAI-compatible upstreams (one per tier) on loopback; nothing else is touched."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("envoy.service.ext_proc.v3", reason="the gateway extra is not installed")
+
+import classifier
+from classifier.cli import main
+from classifier.errors import ConfigError
+from serving._envoy import Envoy, Upstream, envoy_binary, free_port
+from serving.gateway import (
+    Gateway,
+    GatewayConfig,
+    create_gateway,
+    parse_gateway_config,
+    render_envoy_config,
+)
+from tests.conftest import DATA, REPO
+
+TIERS = ("local", "mid", "frontier")
+DEPLOY = REPO / "serving" / "deploy"
+
+
+def _config(upstreams: dict[str, Upstream], processor_port: int, **over: Any) -> GatewayConfig:
+    raw: dict[str, Any] = {
+        "processor": {"port": processor_port},
+        "tiers": {t: {"upstream": u.address, "model": f"{t}-model"} for t, u in upstreams.items()},
+        "envoy": {"listen_port": free_port(), "admin_port": free_port()},
+    }
+    raw.update(over)
+    return parse_gateway_config(raw)
+
+
+@dataclass
+class Stack:
+    cfg: GatewayConfig
+    upstreams: dict[str, Upstream]
+    envoy: Envoy
+    gateway: Gateway | None
+
+    def post(
+        self,
+        body: bytes | str,
+        headers: dict[str, str] | None = None,
+        path: str = "/v1/chat/completions",
+    ) -> tuple[int, dict[str, str], dict[str, Any] | bytes, float]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.cfg.listen_port, timeout=30)
+        t0 = time.perf_counter()
+        conn.request(
+            "POST", path, body=body, headers={"content-type": "application/json", **(headers or {})}
+        )
+        resp = conn.getresponse()
+        data = resp.read()
+        elapsed = time.perf_counter() - t0
+        conn.close()
+        try:
+            parsed: dict[str, Any] | bytes = json.loads(data)
+        except ValueError:
+            parsed = data
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, parsed, elapsed
+
+
+def _chat(prompt: str, **extra: Any) -> str:
+    return json.dumps({"model": "auto", "messages": [{"role": "user", "content": prompt}], **extra})
+
+
+@pytest.fixture(scope="module")
+def upstreams() -> Iterator[dict[str, Upstream]]:
+    ups = {t: Upstream(t) for t in TIERS}
+    yield ups
+    for u in ups.values():
+        u.close()
+
+
+@pytest.fixture(scope="module")
+def stack(upstreams: dict[str, Upstream]) -> Iterator[Stack]:
+    cfg = _config(upstreams, free_port())
+    gw = create_gateway(cfg)
+    env = Envoy(render_envoy_config(cfg), cfg.admin_port)
+    yield Stack(cfg, upstreams, env, gw)
+    env.close()
+    gw.stop(0)
+
+
+def _prompts_per_tier(clf: classifier.TierClassifier, tiny_data: Path) -> dict[str, list[str]]:
+    """Real prompts (arena-hard, MMLU-Pro sample, AlpacaEval) grouped by the tier the model picks
+    for them directly, up to 8 per tier."""
+    with (DATA / "prompt-logs" / "arena-hard-v0.1-question.jsonl").open() as fh:
+        prompts = [json.loads(x)["prompt"] for x in fh]
+    prompts += [json.loads(x)["prompt"] for x in tiny_data.read_text().splitlines()]
+    out: dict[str, list[str]] = {t: [] for t in TIERS}
+    for p, d in zip(prompts, clf.route(prompts), strict=True):
+        if len(out[d.tier]) < 8:
+            out[d.tier].append(p)
+    return out
+
+
+def test_requests_reach_the_tier_tierpick_chose(stack: Stack, tiny_data: Path) -> None:
+    clf = stack.gateway.holder.current  # type: ignore[union-attr]
+    by_tier = _prompts_per_tier(clf, tiny_data)
+    assert all(by_tier[t] for t in TIERS), {t: len(v) for t, v in by_tier.items()}
+    sent = misrouted = 0
+    for tier, prompts in by_tier.items():
+        for p in prompts:
+            status, headers, body, _ = stack.post(_chat(p, temperature=0.2))
+            sent += 1
+            assert status == 200 and isinstance(body, dict)
+            if body["upstream"] != tier:
+                misrouted += 1
+            # the decision travels to the upstream and back to the client
+            got = body["tierpick_headers"]
+            assert got["x-tierpick-tier"] == headers["x-tierpick-tier"] == tier
+            assert got["x-tierpick-status"] == "classified"
+            assert got["x-tierpick-model-version"] == clf.version
+            probs = dict(kv.split("=") for kv in got["x-tierpick-probabilities"].split(","))
+            assert list(probs) == list(TIERS)
+            # the body: model rewritten, everything else intact, content-length right
+            assert body["model"] == f"{tier}-model"
+            forwarded = json.loads(body["body"])
+            assert forwarded["messages"][0]["content"] == p and forwarded["temperature"] == 0.2
+            assert body["body_bytes"] == len(body["body"].encode("utf-8"))
+    assert misrouted == 0 and sent >= 3 * 4
+
+    # completions-style bodies are classified too
+    easy = by_tier["local"][0]
+    status, _, body, _ = stack.post(
+        json.dumps({"model": "x", "prompt": easy}), path="/v1/completions"
+    )
+    assert status == 200 and body["upstream"] == "local"  # type: ignore[index]
+
+
+def test_per_request_policy_headers(stack: Stack) -> None:
+    hard = "Write a lock-free MPMC queue in C++20 and prove it linearizable."
+    _, _, body, _ = stack.post(_chat(hard), {"x-tierpick-allowed-tiers": "local"})
+    assert body["upstream"] == "local"  # type: ignore[index]
+    # threshold rule: no tier reaches 0.999, so the dearest allowed tier
+    _, _, body, _ = stack.post(
+        _chat(hard), {"x-tierpick-min-success": "0.999", "x-tierpick-allowed-tiers": "local,mid"}
+    )
+    assert body["upstream"] == "mid"  # type: ignore[index]
+    for header, value in [
+        ("x-tierpick-min-success", "abc"),
+        ("x-tierpick-min-success", "1.5"),
+        ("x-tierpick-allowed-tiers", "premium"),
+    ]:
+        status, headers, err, _ = stack.post(_chat(hard), {header: value})
+        assert status == 400 and headers["x-tierpick-status"] == "rejected"
+        assert err["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+
+
+def test_bad_bodies_pass_through_untouched_and_clients_cannot_pick_a_tier(stack: Stack) -> None:
+    for raw, reason in [
+        (b"not json at all", "body is not JSON"),
+        (b'["a", "list"]', "body is not a JSON object"),
+        (b'{"messages": [{"role": "system", "content": "x"}]}', "no user message"),
+        (b'{"model": "m"}', "no messages or prompt"),
+    ]:
+        status, _, body, _ = stack.post(raw)
+        assert status == 200 and isinstance(body, dict)
+        assert body["body"].encode() == raw  # untouched
+        assert body["tierpick_headers"]["x-tierpick-status"] == "not-classified"
+        assert reason in body["tierpick_headers"]["x-tierpick-reason"]
+        assert body["upstream"] == stack.cfg.fallback_tier
+    # a client's own decision header is stripped before the processor and the routes see it
+    clf = stack.gateway.holder.current  # type: ignore[union-attr]
+    prompt = "What is 2 + 2?"
+    chosen = clf.route([prompt])[0].tier
+    forced = next(t for t in TIERS if t != chosen)
+    _, _, body, _ = stack.post(_chat(prompt), {"x-tierpick-tier": forced, "x-tierpick-status": "x"})
+    assert body["upstream"] == chosen  # type: ignore[index]
+    assert body["tierpick_headers"]["x-tierpick-status"] == "classified"  # type: ignore[index]
+
+
+def test_fallback_while_the_processor_is_stopped(stack: Stack) -> None:
+    """Fail-open: with the processor gone, requests still flow, to the fallback tier, marked
+    and counted by Envoy; once it is back, requests are classified again."""
+    assert stack.gateway is not None
+    stack.gateway.stop(0)
+    before = stack.envoy.stat("http.tierpick_gateway.ext_proc.tierpick.failure_mode_allowed")
+    for _ in range(5):
+        status, headers, body, _ = stack.post(_chat("Explain quicksort."))
+        assert status == 200 and body["upstream"] == stack.cfg.fallback_tier  # type: ignore[index]
+        assert headers["x-tierpick-status"] == "fallback"
+    after = stack.envoy.stat("http.tierpick_gateway.ext_proc.tierpick.failure_mode_allowed")
+    assert after - before == 5
+    stack.gateway = create_gateway(stack.cfg)  # same port: Envoy reconnects
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        _, headers, _, _ = stack.post(_chat("Explain quicksort."))
+        if headers["x-tierpick-status"] == "classified":
+            break
+        time.sleep(0.1)
+    assert headers["x-tierpick-status"] == "classified"
+
+
+def test_a_hung_classifier_falls_back_within_its_budget(upstreams: dict[str, Upstream]) -> None:
+    """A processor that accepts connections and never answers: Envoy gives up after the time
+    budget (message_timeout) and the request goes to the fallback tier."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        cfg = _config(
+            upstreams,
+            silent.getsockname()[1],
+            failure={"mode": "open", "fallback_tier": "mid", "timeout_ms": 300},
+        )
+        env = Envoy(render_envoy_config(cfg), cfg.admin_port)
+        try:
+            stack = Stack(cfg, upstreams, env, None)
+            status, headers, body, elapsed = stack.post(_chat("hello"))
+            assert status == 200 and body["upstream"] == "mid"  # type: ignore[index]
+            assert headers["x-tierpick-status"] == "fallback"
+            # waited for the budget, then gave up (upper bound generous for a loaded machine)
+            assert 0.25 <= elapsed < 0.3 + 5.0
+            assert env.stat("http.tierpick_gateway.ext_proc.tierpick.message_timeouts") == 1
+        finally:
+            env.close()
+
+
+def test_fail_closed_rejects_when_the_classifier_is_down(upstreams: dict[str, Upstream]) -> None:
+    cfg = _config(upstreams, free_port(), failure={"mode": "closed"})  # nothing listens there
+    env = Envoy(render_envoy_config(cfg), cfg.admin_port)
+    try:
+        before = {t: u.requests for t, u in upstreams.items()}
+        status, _, _, _ = Stack(cfg, upstreams, env, None).post(_chat("hello"))
+        assert status == 503
+        assert {t: u.requests for t, u in upstreams.items()} == before  # no upstream reached
+    finally:
+        env.close()
+
+
+def test_config_validation_names_the_key(upstreams: dict[str, Upstream]) -> None:
+    base = {"tiers": {t: {"upstream": u.address} for t, u in upstreams.items()}}
+    cases = [
+        ({"tiers": {}}, "tiers"),
+        ({"tiers": {"local": {"upstream": "nohost"}}}, "tiers.local.upstream"),
+        ({**base, "failure": {"mode": "sometimes"}}, "failure.mode"),
+        ({**base, "failure": {"fallback_tier": "premium"}}, "failure.fallback_tier"),
+        ({**base, "policy": {"min_success": 2}}, "policy.min_success"),
+        ({**base, "processor": {"port": 70000}}, "processor.port"),
+        ({**base, "envoy": {"listen": 1}}, "envoy: unknown key"),
+        ({**base, "extra": 1}, "unknown key"),
+    ]
+    for raw, key in cases:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            parse_gateway_config(raw)
+    # the model's tiers must match the config's
+    wrong = parse_gateway_config(
+        {
+            "tiers": {"cheap": {"upstream": "127.0.0.1:1"}, "dear": {"upstream": "127.0.0.1:2"}},
+            "processor": {"port": free_port()},
+        }
+    )
+    with pytest.raises(ConfigError, match="!= the model's tiers"):
+        create_gateway(wrong)
+
+
+def test_shipped_example_is_current_and_valid(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["gateway", "envoy-config", "--config", str(DEPLOY / "gateway.yaml")]) == 0
+    rendered = capsys.readouterr().out
+    assert rendered == (DEPLOY / "envoy.yaml").read_text(), (
+        "serving/deploy/envoy.yaml is stale: regenerate it with `tierpick gateway envoy-config`"
+    )
+    out = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(DEPLOY / "envoy.yaml")],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
