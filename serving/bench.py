@@ -369,3 +369,135 @@ def _parquet_rows(path: Path) -> int:
     import pyarrow.parquet as pq
 
     return int(pq.ParquetFile(path).metadata.num_rows)
+
+
+def run_gateway_bench(model: str | None, prompts_path: Path, calls: int = 2000) -> str:
+    """Latency an Envoy adds with tierpick's ext_proc filter, against the same Envoy without
+    it, on real prompts as OpenAI chat requests. Both Envoys run side by side in front of the
+    same upstreams and requests alternate between them, so both see the same machine state; the
+    processor runs in its own process, as deployed."""
+    import http.client
+    import subprocess
+    import sys
+    import tempfile
+
+    import yaml
+
+    from serving._envoy import Envoy, Upstream, free_port
+    from serving.gateway import parse_gateway_config, render_envoy_config
+
+    prompts = load_prompts(prompts_path)
+    upstreams = {t: Upstream(t) for t in ("local", "mid", "frontier")}
+    raw = {
+        "processor": {"port": free_port()},
+        "model": model,
+        "tiers": {t: {"upstream": u.address, "model": f"{t}-model"} for t, u in upstreams.items()},
+        "envoy": {"listen_port": free_port(), "admin_port": free_port()},
+    }
+    with_cfg = parse_gateway_config(raw)
+    plain_cfg = parse_gateway_config(
+        {**raw, "envoy": {"listen_port": free_port(), "admin_port": free_port()}}
+    )
+    down_cfg = parse_gateway_config(
+        {
+            **raw,
+            "processor": {"port": free_port()},
+            "envoy": {"listen_port": free_port(), "admin_port": free_port()},
+        }
+    )
+    tmp = Path(tempfile.mkdtemp(prefix="tierpick-gwbench-"))
+    (tmp / "gateway.yaml").write_text(yaml.safe_dump(raw))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "classifier.cli",
+            "gateway",
+            "run",
+            "--config",
+            str(tmp / "gateway.yaml"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    envoys: list[Envoy] = []
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if "processor on" not in line:
+            raise RuntimeError(f"the processor did not start: {line!r}")
+        envoys = [
+            Envoy(render_envoy_config(with_cfg), with_cfg.admin_port),
+            Envoy(render_envoy_config(plain_cfg, with_processor=False), plain_cfg.admin_port),
+            Envoy(render_envoy_config(down_cfg), down_cfg.admin_port),
+        ]
+        conns = [
+            http.client.HTTPConnection("127.0.0.1", c.listen_port, timeout=30)
+            for c in (with_cfg, plain_cfg, down_cfg)
+        ]
+        bodies = [
+            json.dumps({"model": "auto", "messages": [{"role": "user", "content": p}]}).encode()
+            for p in prompts
+        ]
+
+        def call(k: int, body: bytes) -> tuple[float, str]:
+            t0 = time.perf_counter()
+            conns[k].request(
+                "POST",
+                "/v1/chat/completions",
+                body=body,
+                headers={"content-type": "application/json"},
+            )
+            resp = conns[k].getresponse()
+            resp.read()
+            return time.perf_counter() - t0, resp.getheader("x-tierpick-status") or ""
+
+        for i in range(100):  # warm-up: connections, caches
+            for k in range(3):
+                call(k, bodies[i % len(bodies)])
+        samples: list[list[float]] = [[], [], []]
+        statuses: list[dict[str, int]] = [{}, {}, {}]
+        for i in range(calls):
+            body = bodies[i % len(bodies)]
+            for k in (0, 1, 2) if i % 2 == 0 else (1, 0, 2):
+                dt, status = call(k, body)
+                samples[k].append(dt)
+                statuses[k][status] = statuses[k].get(status, 0) + 1
+        p = [_percentiles(s) for s in samples]
+        names = [
+            "Envoy + tierpick ext_proc (classified)",
+            "same Envoy, no ext_proc filter (reference)",
+            "Envoy + ext_proc, processor stopped (fail-open)",
+        ]
+        rows = [
+            [
+                names[k],
+                p[k][0],
+                p[k][1],
+                p[k][0] - p[1][0],
+                p[k][1] - p[1][1],
+                ", ".join(f"{s or '-'} {n}" for s, n in sorted(statuses[k].items())),
+            ]
+            for k in range(3)
+        ]
+        return (
+            format_table(
+                ["path", "p50 us", "p99 us", "p50 added us", "p99 added us", "x-tierpick-status"],
+                rows,
+                f"Gateway latency per request, {calls} alternating calls per path on "
+                f"{len(prompts)} real prompts (OpenAI chat bodies); upstreams answer at once",
+            )
+            + "\n"
+        )
+    finally:
+        for env in envoys:
+            env.close()
+        proc.terminate()
+        proc.wait(timeout=30)
+        for u in upstreams.values():
+            u.close()
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)

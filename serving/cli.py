@@ -197,13 +197,23 @@ def register_bench(sub: Any) -> None:
     )
     p.add_argument("--rows", type=int, default=1_000_000, help="with --score: log size")
     p.add_argument("--no-ray", action="store_true", help="with --score: skip the Ray engine")
+    p.add_argument(
+        "--gateway",
+        action="store_true",
+        help="benchmark the latency Envoy + the tierpick ext_proc filter adds over Envoy alone "
+        "(--calls per path)",
+    )
     p.set_defaults(func=_bench)
 
 
 def _bench(args: argparse.Namespace) -> int:
     from serving.bench import run_grpc_bench, run_inprocess_bench
 
-    if args.score:
+    if args.gateway:
+        from serving.bench import run_gateway_bench
+
+        sys.stdout.write(run_gateway_bench(args.model, Path(args.prompts), args.calls))
+    elif args.score:
         from serving.bench import run_score_bench
 
         sys.stdout.write(

@@ -28,12 +28,13 @@ list), ``x-tierpick-cost-weight``, ``x-tierpick-max-price``; they override the c
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
+import threading
 import time
-from collections.abc import Iterator, Mapping
-from concurrent import futures
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -315,35 +316,38 @@ class TierpickProcessor:
 
         self.cfg, self.holder, self.metrics, self.ep = cfg, holder, metrics, ep
 
-    def Process(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-        ep = self.ep
+    async def Process(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
+        """One HTTP request: its headers, then (buffered) its body; one answer to each.
+
+        Runs on the server's event loop: classifying one prompt costs tens of microseconds,
+        less than handing it to a thread would.
+        """
         headers: dict[str, str] = {}
-        for req in requests:
-            kind = req.WhichOneof("request")
-            if kind == "request_headers":
-                headers = {
-                    h.key.lower(): h.raw_value.decode("utf-8", "replace")
-                    if h.raw_value
-                    else h.value
-                    for h in req.request_headers.headers.headers
-                }
-                if req.request_headers.end_of_stream:  # no body to read: leave it to the route
-                    self.metrics.decisions.labels("not-classified").inc()
-                    yield ep.ProcessingResponse(
-                        request_headers=ep.HeadersResponse(
-                            response=self._common(
-                                {"status": "not-classified", "reason": "no request body"}
-                            )
-                        )
-                    )
-                else:
-                    yield ep.ProcessingResponse(request_headers=ep.HeadersResponse())
-            elif kind == "request_body":
-                start = time.perf_counter()
-                yield self._on_body(req.request_body.body, headers)
-                self.metrics.latency.labels("ext_proc").observe(time.perf_counter() - start)
-            else:  # not asked for by the processing mode; answer so the stream goes on
-                yield ep.ProcessingResponse(**{kind: _EMPTY[kind](ep)})
+        async for req in requests:
+            yield self.respond(req, headers)
+
+    def respond(self, req: Any, headers: dict[str, str]) -> Any:
+        """The answer to one message of a request's stream; ``headers`` carries the request's
+        headers from its first message to its body."""
+        ep = self.ep
+        kind = req.WhichOneof("request")
+        if kind == "request_headers":
+            headers.update(
+                (h.key.lower(), h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value)
+                for h in req.request_headers.headers.headers
+            )
+            if req.request_headers.end_of_stream:  # no body to read: leave it to the route
+                self.metrics.decisions.labels("not-classified").inc()
+                common = self._common({"status": "not-classified", "reason": "no request body"})
+                return ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=common))
+            return ep.ProcessingResponse(request_headers=ep.HeadersResponse())
+        if kind == "request_body":
+            start = time.perf_counter()
+            out = self._on_body(req.request_body.body, headers)
+            self.metrics.latency.labels("ext_proc").observe(time.perf_counter() - start)
+            return out
+        # not asked for by the processing mode; answer so the stream goes on
+        return ep.ProcessingResponse(**{kind: _EMPTY[kind](ep)})
 
     def _on_body(self, body: bytes, headers: Mapping[str, str]) -> Any:
         cfg = self.cfg
@@ -458,46 +462,64 @@ _EMPTY = {
 }
 
 
-@dataclass
 class Gateway:
-    """A running processor server."""
+    """A running processor: a ``grpc.aio`` server on its own event-loop thread."""
 
-    server: grpc.Server
-    port: int
-    holder: ModelHolder
-    metrics: GatewayMetrics
+    def __init__(self, cfg: GatewayConfig, address: str | None = None) -> None:
+        try:
+            from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+        except ImportError as exc:
+            raise MissingDependencyError(
+                f"the gateway needs Envoy's ext_proc stubs (pip install 'tierpick[gateway]'): {exc}"
+            ) from exc
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+        self.metrics = GatewayMetrics()
+        self.holder = ModelHolder(
+            cfg.model, self.metrics, check=lambda c: check_model_tiers(cfg, c)
+        )
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, daemon=True, name="tierpick-gateway"
+        )
+        self._thread.start()
+        address = address or cfg.processor_address
+
+        async def start() -> tuple[Any, int]:
+            server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            ep_grpc.add_ExternalProcessorServicer_to_server(
+                TierpickProcessor(cfg, self.holder, self.metrics), server
+            )
+            health_servicer = health.aio.HealthServicer()
+            await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+            port = server.add_insecure_port(address)
+            if port == 0:
+                raise TierpickError(f"cannot bind {address}")
+            await server.start()
+            return server, port
+
+        try:
+            self._server, self.port = asyncio.run_coroutine_threadsafe(start(), self._loop).result()
+        except BaseException:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            raise
+        log.info(
+            "tierpick ext_proc processor on port %d (model %s)",
+            self.port,
+            self.holder.current.version,
+        )
 
     def stop(self, grace: float = 5.0) -> None:
-        self.server.stop(grace).wait()
+        """Finish in-flight requests (up to ``grace`` seconds), then stop."""
+        asyncio.run_coroutine_threadsafe(self._server.stop(grace), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
 
 
 def create_gateway(cfg: GatewayConfig, address: str | None = None) -> Gateway:
     """Load the model (checked against the config's tiers) and start the processor."""
-    try:
-        from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
-    except ImportError as exc:
-        raise MissingDependencyError(
-            f"the gateway needs Envoy's ext_proc stubs (pip install 'tierpick[gateway]'): {exc}"
-        ) from exc
-    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
-    metrics = GatewayMetrics()
-    holder = ModelHolder(cfg.model, metrics, check=lambda clf: check_model_tiers(cfg, clf))
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="tierpick-gw"),
-        options=[("grpc.so_reuseport", 0)],
-    )
-    processor = TierpickProcessor(cfg, holder, metrics)
-    ep_grpc.add_ExternalProcessorServicer_to_server(processor, server)
-    health_servicer = health.HealthServicer()
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(address or cfg.processor_address)
-    if port == 0:
-        raise TierpickError(f"cannot bind {address or cfg.processor_address}")
-    server.start()
-    log.info("tierpick ext_proc processor on port %d (model %s)", port, holder.current.version)
-    return Gateway(server, port, holder, metrics)
+    return Gateway(cfg, address)
 
 
 def run_gateway(cfg: GatewayConfig, metrics_port: int | None = None) -> int:

@@ -90,9 +90,11 @@ def stack(upstreams: dict[str, Upstream]) -> Iterator[Stack]:
     cfg = _config(upstreams, free_port())
     gw = create_gateway(cfg)
     env = Envoy(render_envoy_config(cfg), cfg.admin_port)
-    yield Stack(cfg, upstreams, env, gw)
+    stack = Stack(cfg, upstreams, env, gw)
+    yield stack
     env.close()
-    gw.stop(0)
+    if stack.gateway is not None:  # a test may have replaced it
+        stack.gateway.stop(0)
 
 
 def _prompts_per_tier(clf: classifier.TierClassifier, tiny_data: Path) -> dict[str, list[str]]:
