@@ -29,6 +29,7 @@ list), ``x-tierpick-cost-weight``, ``x-tierpick-max-price``; they override the c
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import logging
 import math
@@ -89,7 +90,6 @@ class GatewayConfig:
     listen_port: int = 8080
     admin_port: int = 9901
     upstream_timeout_s: float = 300.0
-    workers: int = 16
 
     @property
     def processor_address(self) -> str:
@@ -97,7 +97,7 @@ class GatewayConfig:
 
 
 _KEYS = {
-    "processor": {"host", "port", "workers"},
+    "processor": {"host", "port"},
     "model": None,
     "policy": {"min_success", "allowed_tiers", "cost_weight", "max_price"},
     "rewrite_model": None,
@@ -190,7 +190,6 @@ def parse_gateway_config(raw: object) -> GatewayConfig:
         tiers=tiers,
         processor_host=str(proc.get("host", "127.0.0.1")),
         processor_port=_port(proc.get("port", 50052), "processor.port"),
-        workers=int(_number(proc.get("workers", 16), "processor.workers", 1, 1024)),
         model=model_path,
         policy=policy,
         rewrite_model=rewrite,
@@ -504,6 +503,7 @@ class Gateway:
         except BaseException:
             self._loop.call_soon_threadsafe(self._loop.stop)
             raise
+        atexit.register(self.stop, 0)  # a running aio server would hold the interpreter at exit
         log.info(
             "tierpick ext_proc processor on port %d (model %s)",
             self.port,
@@ -511,7 +511,9 @@ class Gateway:
         )
 
     def stop(self, grace: float = 5.0) -> None:
-        """Finish in-flight requests (up to ``grace`` seconds), then stop."""
+        """Finish in-flight requests (up to ``grace`` seconds), then stop; idempotent."""
+        if not self._loop.is_running():
+            return
         asyncio.run_coroutine_threadsafe(self._server.stop(grace), self._loop).result()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
