@@ -354,7 +354,7 @@ class TierpickProcessor:
             policy = request_policy(cfg.policy, headers)
             clf = self.holder.current
             clf.check_policy(policy)
-        except (BadRequest, TierpickError) as exc:
+        except TierpickError as exc:  # BadRequest, PolicyError
             self.metrics.decisions.labels("bad-request").inc()
             return self._reject(400, "invalid_request_error", str(exc))
         try:

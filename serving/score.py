@@ -556,6 +556,8 @@ def score(
         progress: print progress to stderr (default: when stderr is a terminal).
     """
     start = time.perf_counter()
+    if engine not in ("local", "ray"):
+        raise ConfigError(f"engine {engine!r} is not one of ['local', 'ray']")
     opts = opts or ScoreOptions()
     files, base = expand_inputs(inputs)
     if base is None:
@@ -596,8 +598,6 @@ def score(
         from serving.score_ray import score_parts_on_ray
 
         fresh = score_parts_on_ray(todo, work, clf, opts, workers, ray_address, meter)
-    elif engine != "local":
-        raise ConfigError(f"engine {engine!r} is not one of ['local', 'ray']")
     elif n == 1:
         cache = PredictionCache(opts.cache_size)
         fresh = {}
@@ -610,7 +610,10 @@ def score(
     for part in parts:
         summary.add(done.get(part.index) or fresh[part.index])
     if base is None:
-        _join_parts([work / p.name for p in parts], output, opts.out_kind)
+        if len(parts) == 1:
+            os.replace(work / parts[0].name, output)
+        else:
+            _join_parts([work / p.name for p in parts], output, opts.out_kind)
         shutil.rmtree(work)
     else:
         _atomic_write_json(work / BOOKKEEPING / "summary.json", summary.to_json())
