@@ -17,6 +17,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
 	$(BIN)/python -m pip install --quiet -e '.[train,dev,ray,report,gateway]'
+	# xds-protos (gateway) ships its own copy of opentelemetry/proto/..., older than the one MLflow
+	# imports (TracesData): whichever package is installed last wins, so put opentelemetry-proto back.
+	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps \
+		"opentelemetry-proto==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("opentelemetry-proto"))')"
 	touch $@
 
 venv: $(STAMP)

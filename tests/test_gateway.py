@@ -7,6 +7,7 @@ import http.client
 import json
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -282,3 +283,15 @@ def test_shipped_example_is_current_and_valid(capsys: pytest.CaptureFixture[str]
         text=True,
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_gateway_stubs_and_mlflow_coexist() -> None:
+    """xds-protos ships an older copy of opentelemetry's protos than MLflow needs; the install
+    (Makefile) restores opentelemetry-proto's. Both must import in one environment."""
+    code = (
+        "from envoy.service.ext_proc.v3 import external_processor_pb2_grpc\n"
+        "from opentelemetry.proto.trace.v1.trace_pb2 import TracesData\n"
+        "import mlflow.tracing\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
