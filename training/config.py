@@ -103,6 +103,9 @@ class StudentConfig:
     label_epochs: int = 0  # optional fine-tune on labels + teacher probabilities
     distill_weight: float = 0.9  # share of the teacher's probabilities in that fine-tune
     vocab: str = "full"  # "full" tokenizer vocabulary, or "seen": only tokens in the dataset
+    # "meanmax": mean and max of the token vectors, concatenated; "mean": the mean only
+    pooling: str = "meanmax"
+    hidden: int = 384  # width of the projection's hidden layer (0: a linear projection)
 
 
 @dataclass(frozen=True)
@@ -268,6 +271,13 @@ def parse_config(
             )
         if train.student.vocab not in ("full", "seen"):
             c.fail("train.student.vocab", f"must be 'full' or 'seen', got {train.student.vocab!r}")
+        if train.student.pooling not in ("mean", "meanmax"):
+            c.fail(
+                "train.student.pooling",
+                f"must be 'mean' or 'meanmax', got {train.student.pooling!r}",
+            )
+        if train.student.hidden < 0:
+            c.fail("train.student.hidden", "must be >= 0 (0: a linear projection)")
         if not 0 <= train.student.distill_weight <= 1:
             c.fail("train.student.distill_weight", "must be in [0, 1]")
 

@@ -213,21 +213,39 @@ def teacher_outputs(
 
 
 class Student(nn.Module):
-    """Static token embeddings -> mean over tokens -> linear map into the teacher's sentence
-    embedding space -> the teacher's tier head. Costs one embedding gather, a mean and two
-    small matrix products per prompt."""
+    """Static token embeddings -> pooled over tokens (mean, or mean and max concatenated) ->
+    a projection (linear, or one hidden GELU layer) into the teacher's sentence embedding space
+    -> the teacher's tier head. Costs one embedding gather, the pooling and a few small matrix
+    products per prompt."""
 
-    def __init__(self, embeddings: FloatArray, teacher_head: nn.Linear) -> None:
+    def __init__(
+        self,
+        embeddings: FloatArray,
+        teacher_head: nn.Linear,
+        pooling: str = "mean",
+        hidden: int = 0,
+    ) -> None:
         super().__init__()
+        self.pooling = pooling
         self.embedding = nn.Embedding.from_pretrained(torch.from_numpy(embeddings), freeze=False)
-        self.proj = nn.Linear(embeddings.shape[1], teacher_head.in_features)
+        width = embeddings.shape[1] * (2 if pooling == "meanmax" else 1)
+        out = teacher_head.in_features
+        self.proj: nn.Module = (
+            nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, out))
+            if hidden > 0
+            else nn.Linear(width, out)
+        )
         self.head = nn.Linear(teacher_head.in_features, teacher_head.out_features)
         self.head.load_state_dict(teacher_head.state_dict())
 
     def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        e = self.embedding(input_ids) * attention_mask.unsqueeze(-1)
-        mean = e.sum(1) / attention_mask.sum(1, keepdim=True).clamp(min=1.0)
-        out: torch.Tensor = self.proj(mean)
+        e = self.embedding(input_ids)
+        mask = attention_mask.unsqueeze(-1)
+        features = (e * mask).sum(1) / attention_mask.sum(1, keepdim=True).clamp(min=1.0)
+        if self.pooling == "meanmax":  # the max keeps what a few salient tokens say
+            top = e.masked_fill(mask == 0, -1e4).max(1).values
+            features = torch.cat([features, top], -1)
+        out: torch.Tensor = self.proj(features)
         return out
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -322,7 +340,7 @@ def train_student(
        distribution AUC, so the default is 0 epochs.
     """
     seed_everything(seed)
-    model = Student(embeddings, teacher_head)
+    model = Student(embeddings, teacher_head, cfg.pooling, cfg.hidden)
     gen = torch.Generator().manual_seed(seed)
     target = torch.from_numpy(teacher_emb)
     vx, vm = pad_ids(val_ids)
