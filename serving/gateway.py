@@ -311,9 +311,12 @@ class TierpickProcessor:
     """``envoy.service.ext_proc.v3.ExternalProcessor``: one bidirectional stream per request."""
 
     def __init__(self, cfg: GatewayConfig, holder: ModelHolder, metrics: GatewayMetrics) -> None:
+        from envoy.config.core.v3 import base_pb2
         from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
+        from envoy.type.v3 import http_status_pb2
 
-        self.cfg, self.holder, self.metrics, self.ep = cfg, holder, metrics, ep
+        self.cfg, self.holder, self.metrics = cfg, holder, metrics
+        self.ep, self.base, self.http_status = ep, base_pb2, http_status_pb2
 
     async def Process(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
         """One HTTP request: its headers, then (buffered) its body; one answer to each.
@@ -401,9 +404,7 @@ class TierpickProcessor:
         body: bytes | None = None,
         raw_headers: Mapping[str, str] | None = None,
     ) -> Any:
-        from envoy.config.core.v3 import base_pb2
-
-        ep = self.ep
+        ep, base_pb2 = self.ep, self.base
         items = {HEADER_PREFIX + k: v for k, v in decision.items()}
         items.update(raw_headers or {})
         mutation = ep.HeaderMutation(
@@ -425,10 +426,7 @@ class TierpickProcessor:
         return self.ep.ProcessingResponse(request_body=self.ep.BodyResponse(response=common))
 
     def _reject(self, code: int, kind: str, message: str) -> Any:
-        from envoy.config.core.v3 import base_pb2
-        from envoy.type.v3 import http_status_pb2
-
-        ep = self.ep
+        ep, base_pb2, http_status_pb2 = self.ep, self.base, self.http_status
         body = json.dumps({"error": {"message": message, "type": kind, "code": code}})
         return ep.ProcessingResponse(
             immediate_response=ep.ImmediateResponse(

@@ -28,7 +28,7 @@ import numpy.typing as npt
 from classifier import TierClassifier
 from classifier._io import open_text
 from classifier.errors import ConfigError, MissingDependencyError, TierpickError
-from serving.score import KINDS, kind_of
+from serving.score import expand_inputs, kind_of
 
 THRESHOLDS = np.round(np.linspace(0.0, 1.0, 51), 2)
 
@@ -43,24 +43,6 @@ class ScoredLog:
     files: int
 
 
-def _scored_files(path: Path) -> list[Path]:
-    if path.is_file():
-        kind_of(path)
-        return [path]
-    if path.is_dir():
-        files = sorted(
-            p
-            for p in path.rglob("*")
-            if p.is_file()
-            and p.name.lower().endswith(KINDS)
-            and not any(s.startswith((".", "_")) for s in p.relative_to(path).parts)
-        )
-        if files:
-            return files
-        raise ConfigError(f"{path}: no scored files ({'/'.join(KINDS)}) in this directory")
-    raise ConfigError(f"{path} does not exist")
-
-
 def read_scored(path: Path, tiers: tuple[str, ...], prompt_field: str = "prompt") -> ScoredLog:
     """Read a scored log; the probability columns must be this model's tiers."""
     index = {t: i for i, t in enumerate(tiers)}
@@ -68,7 +50,7 @@ def read_scored(path: Path, tiers: tuple[str, ...], prompt_field: str = "prompt"
     chars: list[int] = []
     proba: list[list[float]] = []
     routed: list[int] = []
-    files = _scored_files(path)
+    files, _ = expand_inputs([path])  # a file, or every scored file under a directory
     for f in files:
         for text, probs, tier, where in _rows(f, prompt_field, cols):
             if tier is None:
@@ -101,9 +83,9 @@ def _rows(path: Path, prompt_field: str, cols: list[str]) -> Iterator[Record]:
     if kind == ".parquet":
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(path)
-        if path.stat().st_size == 0:
+        if path.stat().st_size == 0:  # a part that had no rows
             return
+        pf = pq.ParquetFile(path)
         missing = [c for c in needed if c not in pf.schema_arrow.names]
         if missing:
             raise TierpickError(
