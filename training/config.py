@@ -106,6 +106,9 @@ class StudentConfig:
     # "meanmax": mean and max of the token vectors, concatenated; "mean": the mean only
     pooling: str = "meanmax"
     hidden: int = 384  # width of the projection's hidden layer (0: a linear projection)
+    # unlabeled crops (a random run of 30-70% of the words) per training prompt, added to the
+    # embedding distillation with the teacher's embedding of each crop
+    crops: int = 1
 
 
 @dataclass(frozen=True)
@@ -276,6 +279,8 @@ def parse_config(
                 "train.student.pooling",
                 f"must be 'mean' or 'meanmax', got {train.student.pooling!r}",
             )
+        if train.student.crops < 0:
+            c.fail("train.student.crops", "must be >= 0 (0: no crops)")
         if train.student.hidden < 0:
             c.fail("train.student.hidden", "must be >= 0 (0: a linear projection)")
         if not 0 <= train.student.distill_weight <= 1:

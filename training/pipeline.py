@@ -163,21 +163,38 @@ def run_training(
         )
     timings["teacher_inference"] = time.perf_counter() - t0
 
+    # ---- unlabeled crops of the training prompts, with the teacher's outputs for them
+    t0 = time.perf_counter()
+    crops = encoders.crop_prompts(train.prompts, scfg.crops, tcfg.seed)
+    crops_path = outputs_path.with_name(f"crops-{scfg.crops}-{tcfg.seed}-{outputs_path.name}")
+    if not crops:
+        crop_z = np.zeros((0, len(ds.tiers)), np.float32)
+        crop_e = np.zeros((0, teacher_e["train"].shape[1]), np.float32)
+    elif crops_path.exists():
+        cached = np.load(crops_path)
+        crop_z, crop_e = cached["z"], cached["e"]
+    else:
+        crop_z, crop_e = encoders.teacher_outputs(teacher, crops, tcfg.teacher, scfg.max_chars)
+        np.savez(crops_path, z=crop_z, e=crop_e)
+    timings["teacher_inference_crops"] = time.perf_counter() - t0
+
     # ---- student
     t0 = time.perf_counter()
     tok = encoders.student_tokenizer(scfg.max_tokens)
     ids = {s.name: encoders.encode_ids(tok, s.prompts, scfg.max_chars) for s in all_splits}
+    crop_ids = encoders.encode_ids(tok, crops, scfg.max_chars)
     emb = encoders.distill_static_embeddings(teacher, tok, ids["train"], scfg)
     timings["static_distill"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    no_label = np.zeros((len(crops), len(ds.tiers)), np.float32)  # crops have no outcome: masked
     student, student_info = encoders.train_student(
         emb,
         teacher.head,
-        ids["train"],
-        teacher_e["train"],
-        teacher_z["train"].astype(np.float32),
-        train.targets.astype(np.float32),
-        train.mask.astype(np.float32),
+        ids["train"] + crop_ids,
+        np.concatenate([teacher_e["train"], crop_e]),
+        np.concatenate([teacher_z["train"], crop_z]).astype(np.float32),
+        np.concatenate([train.targets, no_label]).astype(np.float32),
+        np.concatenate([train.mask, no_label]).astype(np.float32),
         ids["val"],
         teacher_e["val"],
         scfg,
