@@ -98,27 +98,37 @@ def stack(upstreams: dict[str, Upstream]) -> Iterator[Stack]:
         stack.gateway.stop(0)
 
 
-def _prompts_per_tier(clf: classifier.TierClassifier, tiny_data: Path) -> dict[str, list[str]]:
-    """Real prompts (arena-hard, MMLU-Pro sample, AlpacaEval) grouped by the tier the model picks
-    for them directly, up to 8 per tier."""
+POLICIES: list[tuple[dict[str, str], classifier.RoutingPolicy]] = [
+    ({}, classifier.RoutingPolicy()),  # the model's default
+    ({"x-tierpick-cost-weight": "1.0"}, classifier.RoutingPolicy(cost_weight=1.0)),  # thrifty
+    ({"x-tierpick-cost-weight": "0"}, classifier.RoutingPolicy(cost_weight=0.0)),  # best p
+]
+
+
+def _cases(
+    clf: classifier.TierClassifier, tiny_data: Path
+) -> dict[str, list[tuple[str, dict[str, str]]]]:
+    """Real prompts (arena-hard, an MMLU-Pro sample) with a policy header, grouped by the tier
+    the model picks for them directly under that policy, up to 8 per tier."""
     with (DATA / "prompt-logs" / "arena-hard-v0.1-question.jsonl").open() as fh:
         prompts = [json.loads(x)["prompt"] for x in fh]
     prompts += [json.loads(x)["prompt"] for x in tiny_data.read_text().splitlines()]
-    out: dict[str, list[str]] = {t: [] for t in TIERS}
-    for p, d in zip(prompts, clf.route(prompts), strict=True):
-        if len(out[d.tier]) < 8:
-            out[d.tier].append(p)
+    out: dict[str, list[tuple[str, dict[str, str]]]] = {t: [] for t in TIERS}
+    for headers, policy in POLICIES:
+        for p, d in zip(prompts, clf.route(prompts, policy), strict=True):
+            if len(out[d.tier]) < 8:
+                out[d.tier].append((p, headers))
     return out
 
 
 def test_requests_reach_the_tier_tierpick_chose(stack: Stack, tiny_data: Path) -> None:
     clf = stack.gateway.holder.current  # type: ignore[union-attr]
-    by_tier = _prompts_per_tier(clf, tiny_data)
-    assert all(by_tier[t] for t in TIERS), {t: len(v) for t, v in by_tier.items()}
+    cases = _cases(clf, tiny_data)
+    assert all(len(cases[t]) == 8 for t in TIERS), {t: len(v) for t, v in cases.items()}
     sent = misrouted = 0
-    for tier, prompts in by_tier.items():
-        for p in prompts:
-            status, headers, body, _ = stack.post(_chat(p, temperature=0.2))
+    for tier, items in cases.items():
+        for p, policy_headers in items:
+            status, headers, body, _ = stack.post(_chat(p, temperature=0.2), policy_headers)
             sent += 1
             assert status == 200 and isinstance(body, dict)
             if body["upstream"] != tier:
@@ -135,12 +145,12 @@ def test_requests_reach_the_tier_tierpick_chose(stack: Stack, tiny_data: Path) -
             forwarded = json.loads(body["body"])
             assert forwarded["messages"][0]["content"] == p and forwarded["temperature"] == 0.2
             assert body["body_bytes"] == len(body["body"].encode("utf-8"))
-    assert misrouted == 0 and sent >= 3 * 4
+    assert misrouted == 0 and sent == 3 * 8
 
     # completions-style bodies are classified too
-    easy = by_tier["local"][0]
+    p, policy_headers = cases["local"][0]
     status, _, body, _ = stack.post(
-        json.dumps({"model": "x", "prompt": easy}), path="/v1/completions"
+        json.dumps({"model": "x", "prompt": p}), policy_headers, path="/v1/completions"
     )
     assert status == 200 and body["upstream"] == "local"  # type: ignore[index]
 

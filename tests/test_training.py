@@ -221,3 +221,18 @@ def test_int8_export_is_verified_smaller_and_close(
     assert manifest.evaluation["int8_same_tier_share"] > 0.8
     size = lambda d: (d / "student.onnx").stat().st_size  # noqa: E731
     assert size(out) < size(Path(tiny_trained.model_dir))
+
+
+def test_crops_are_seeded_runs_of_the_prompts_words() -> None:
+    from training.encoders import crop_prompts
+
+    prompts = ["short prompt", " ".join(f"w{i}" for i in range(40)), " ".join("abcdefghijklmn")]
+    crops = crop_prompts(prompts, 2, seed=3)
+    assert crops == crop_prompts(prompts, 2, seed=3) != crop_prompts(prompts, 2, seed=4)
+    assert len(crops) == 4  # the 2-word prompt gives none
+    for crop in crops[:2]:
+        words = crop.split()
+        assert 12 <= len(words) <= 28  # 30-70% of 40 words
+        start = int(words[0][1:])
+        assert words == [f"w{i}" for i in range(start, start + len(words))]  # one contiguous run
+    assert crop_prompts(prompts, 0, seed=3) == []
