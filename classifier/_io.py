@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 from pathlib import Path
 from typing import IO
 
@@ -16,3 +17,18 @@ def open_text(path: Path, mode: str = "r") -> IO[str]:
         fh: IO[str] = gzip.open(path, mode + "t", encoding="utf-8", newline="")  # type: ignore[assignment]  # noqa: SIM115
         return fh
     return path.open(mode, encoding="utf-8", newline="")
+
+
+def read_prompts(path: Path, field: str = "prompt") -> list[str]:
+    """The non-empty string values of ``field`` in a JSONL file (benchmarks, drift checks)."""
+    from classifier.errors import ConfigError
+
+    prompts = []
+    with open_text(path, "r") as fh:
+        for line in fh:
+            value = json.loads(line).get(field) if line.strip() else None
+            if isinstance(value, str) and value.strip():
+                prompts.append(value)
+    if not prompts:
+        raise ConfigError(f"{path}: no prompts in field {field!r}")
+    return prompts

@@ -11,20 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from classifier._io import read_prompts
 from classifier._table import format_table
-
-
-def load_prompts(path: Path, field: str = "prompt") -> list[str]:
-    prompts = []
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                value = json.loads(line).get(field)
-                if isinstance(value, str) and value.strip():
-                    prompts.append(value)
-    if not prompts:
-        raise ValueError(f"{path}: no prompts in field {field!r}")
-    return prompts
 
 
 def _percentiles(samples: list[float]) -> tuple[float, float, float]:
@@ -38,7 +26,7 @@ def run_inprocess_bench(
     import classifier
 
     clf = classifier.load(model)
-    prompts = load_prompts(prompts_path)
+    prompts = read_prompts(prompts_path)
     clf.predict_proba(prompts[:8])  # warm-up
 
     def timed(fn: object) -> list[float]:
@@ -120,7 +108,7 @@ def run_grpc_bench(
 
     from serving.client import TierpickClient
 
-    prompts = load_prompts(prompts_path)
+    prompts = read_prompts(prompts_path)
     proc = None
     if target is None:
         cmd = [sys.executable, "-m", "classifier.cli", "serve", "--port", "0", "--watch", "0"]
@@ -386,7 +374,7 @@ def run_gateway_bench(model: str | None, prompts_path: Path, calls: int = 2000) 
     from serving._envoy import Envoy, Upstream, free_port
     from serving.gateway import parse_gateway_config, render_envoy_config
 
-    prompts = load_prompts(prompts_path)
+    prompts = read_prompts(prompts_path)
     upstreams = {t: Upstream(t) for t in ("local", "mid", "frontier")}
     raw = {
         "processor": {"port": free_port()},

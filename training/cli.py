@@ -88,16 +88,10 @@ def register_export(sub: Any) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from classifier._io import read_prompts
     from training.export import quantize_artifact
 
-    prompts = []
-    with open(args.prompts, encoding="utf-8") as fh:
-        for line in fh:
-            value = json.loads(line).get("prompt") if line.strip() else None
-            if isinstance(value, str) and value.strip():
-                prompts.append(value)
-    if not prompts:
-        raise ConfigError(f"{args.prompts}: no prompts to measure the drift on")
+    prompts = read_prompts(Path(args.prompts))  # real prompts to measure the drift on
     drift = quantize_artifact(Path(args.model), Path(args.out), prompts)
     for key, value in drift.items():
         print(f"{key}: {value:.6g}")
