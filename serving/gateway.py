@@ -404,47 +404,37 @@ class TierpickProcessor:
         body: bytes | None = None,
         raw_headers: Mapping[str, str] | None = None,
     ) -> Any:
-        ep, base_pb2 = self.ep, self.base
         items = {HEADER_PREFIX + k: v for k, v in decision.items()}
         items.update(raw_headers or {})
-        mutation = ep.HeaderMutation(
+        return self.ep.CommonResponse(
+            header_mutation=self._set_headers(items),
+            body_mutation=self.ep.BodyMutation(body=body) if body is not None else None,
+            clear_route_cache=True,
+        )
+
+    def _set_headers(self, items: Mapping[str, str]) -> Any:
+        """A header mutation that sets (overwrites) each of ``items``."""
+        option = self.base.HeaderValueOption
+        return self.ep.HeaderMutation(
             set_headers=[
-                base_pb2.HeaderValueOption(
-                    header=base_pb2.HeaderValue(key=k, raw_value=v.encode("utf-8")),
-                    append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+                option(
+                    header=self.base.HeaderValue(key=k, raw_value=v.encode("utf-8")),
+                    append_action=option.OVERWRITE_IF_EXISTS_OR_ADD,
                 )
                 for k, v in items.items()
             ]
-        )
-        return ep.CommonResponse(
-            header_mutation=mutation,
-            body_mutation=ep.BodyMutation(body=body) if body is not None else None,
-            clear_route_cache=True,
         )
 
     def _body_response(self, common: Any) -> Any:
         return self.ep.ProcessingResponse(request_body=self.ep.BodyResponse(response=common))
 
     def _reject(self, code: int, kind: str, message: str) -> Any:
-        ep, base_pb2, http_status_pb2 = self.ep, self.base, self.http_status
         body = json.dumps({"error": {"message": message, "type": kind, "code": code}})
-        return ep.ProcessingResponse(
-            immediate_response=ep.ImmediateResponse(
-                status=http_status_pb2.HttpStatus(code=code),
-                headers=ep.HeaderMutation(
-                    set_headers=[
-                        base_pb2.HeaderValueOption(
-                            header=base_pb2.HeaderValue(
-                                key="content-type", raw_value=b"application/json"
-                            )
-                        ),
-                        base_pb2.HeaderValueOption(
-                            header=base_pb2.HeaderValue(
-                                key=HEADER_PREFIX + "status", raw_value=b"rejected"
-                            )
-                        ),
-                    ]
-                ),
+        headers = {"content-type": "application/json", HEADER_PREFIX + "status": "rejected"}
+        return self.ep.ProcessingResponse(
+            immediate_response=self.ep.ImmediateResponse(
+                status=self.http_status.HttpStatus(code=code),
+                headers=self._set_headers(headers),
                 body=body.encode("utf-8"),
                 details=f"tierpick_{kind}",
             )
