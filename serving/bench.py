@@ -4,8 +4,14 @@ with the tokenization floor."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -101,10 +107,6 @@ def run_grpc_bench(
 ) -> str:
     """Classify vs GetModelInfo latency against a real server in its own process (or ``target``),
     interleaved call by call so both see the same machine state, then a concurrency sweep."""
-    import os
-    import subprocess
-    import sys
-    import threading
 
     from serving.client import TierpickClient
 
@@ -244,8 +246,6 @@ def _tree_rss_mb(root: int) -> float:
 def _run_measured(cmd: list[str]) -> tuple[float, float, str]:
     """Run a command; returns wall seconds, the peak of its process tree's summed RSS (sampled
     every 0.1 s) and its stdout."""
-    import subprocess
-    import threading
 
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -292,9 +292,6 @@ def run_score_bench(
 ) -> str:
     """``tierpick score`` on a log of ``rows`` real prompts, each configuration in its own
     process tree, against the single-machine path with all cores as the reference."""
-    import shutil
-    import sys
-    import tempfile
 
     tmp = Path(tempfile.mkdtemp(prefix="tierpick-bench-", dir=workdir))
     try:
@@ -364,10 +361,6 @@ def run_gateway_bench(model: str | None, prompts_path: Path, calls: int = 2000) 
     it, on real prompts as OpenAI chat requests. Both Envoys run side by side in front of the
     same upstreams and requests alternate between them, so both see the same machine state; the
     processor runs in its own process, as deployed."""
-    import http.client
-    import subprocess
-    import sys
-    import tempfile
 
     import yaml
 
@@ -486,6 +479,4 @@ def run_gateway_bench(model: str | None, prompts_path: Path, calls: int = 2000) 
         proc.wait(timeout=30)
         for u in upstreams.values():
             u.close()
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
