@@ -231,12 +231,17 @@ class TierClassifier:
         return allowed
 
     def choose(
-        self, proba: npt.NDArray[np.float32], policy: RoutingPolicy | None = None
+        self,
+        proba: npt.NDArray[np.float32],
+        policy: RoutingPolicy | None = None,
+        allowed: npt.NDArray[np.bool_] | None = None,
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
         """Tier index per row under ``policy`` (see :class:`RoutingPolicy`), and whether the
-        threshold was met (always True under the utility rule)."""
+        threshold was met (always True under the utility rule). ``allowed`` is what
+        :meth:`check_policy` returned for ``policy``, when the caller validated it already."""
         policy = policy or RoutingPolicy()
-        allowed = self.check_policy(policy)
+        if allowed is None:
+            allowed = self.check_policy(policy)
         n = proba.shape[0]
         if policy.min_success > 0:
             ok = (proba >= policy.min_success) & allowed
@@ -251,10 +256,14 @@ class TierClassifier:
         return np.argmax(value, axis=1).astype(np.int64), np.ones(n, dtype=bool)
 
     def route_proba(
-        self, proba: npt.NDArray[np.float32], policy: RoutingPolicy | None = None
+        self,
+        proba: npt.NDArray[np.float32],
+        policy: RoutingPolicy | None = None,
+        allowed: npt.NDArray[np.bool_] | None = None,
     ) -> list[Decision]:
-        """Route already-computed probabilities (see :class:`RoutingPolicy`)."""
-        chosen, met = self.choose(proba, policy)
+        """Route already-computed probabilities (see :class:`RoutingPolicy`; ``allowed`` as in
+        :meth:`choose`)."""
+        chosen, met = self.choose(proba, policy, allowed)
         return [
             Decision(
                 tier=self.tiers[int(c)],
@@ -267,8 +276,8 @@ class TierClassifier:
     def route(self, prompts: Sequence[str], policy: RoutingPolicy | None = None) -> list[Decision]:
         """Predict and route each prompt (see :meth:`route_proba`)."""
         policy = policy or RoutingPolicy()
-        self.check_policy(policy)  # fail before inference
-        return self.route_proba(self.predict_proba(prompts), policy)
+        allowed = self.check_policy(policy)  # fail before inference, validate once
+        return self.route_proba(self.predict_proba(prompts), policy, allowed)
 
 
 def default_model_dir() -> Path:

@@ -52,13 +52,13 @@ def classify(
     groups: dict[RoutingPolicy, list[int]] = {}
     for i, p in enumerate(policies):
         groups.setdefault(p, []).append(i)
-    for p in groups:  # once per distinct policy: a batch usually shares one
-        clf.check_policy(p)
+    # validated once per distinct policy (a batch usually shares one), before any inference
+    allowed = {p: clf.check_policy(p) for p in groups}
     proba = clf.predict_proba(prompts)
     chosen = np.zeros(len(requests), dtype=np.int64)
     met = np.ones(len(requests), dtype=bool)
     for p, rows in groups.items():
-        chosen[rows], met[rows] = clf.choose(proba[rows], p)
+        chosen[rows], met[rows] = clf.choose(proba[rows], p, allowed[p])
     tiers = clf.manifest.tiers
     out = []
     for i, r in enumerate(requests):

@@ -356,7 +356,7 @@ class TierpickProcessor:
         try:
             policy = request_policy(cfg.policy, headers)
             clf = self.holder.current
-            clf.check_policy(policy)
+            allowed = clf.check_policy(policy)
         except TierpickError as exc:  # BadRequest, PolicyError
             self.metrics.decisions.labels("bad-request").inc()
             return self._reject(400, "invalid_request_error", str(exc))
@@ -368,7 +368,7 @@ class TierpickProcessor:
                 self._common({"status": "not-classified", "reason": str(exc)})
             )
         try:
-            decision = clf.route([prompt], policy)[0]
+            decision = clf.route_proba(clf.predict_proba([prompt]), policy, allowed)[0]
         except Exception as exc:  # the classifier failed: the failure policy decides
             log.exception("classifier error")
             if cfg.failure_mode == "closed":
