@@ -223,6 +223,21 @@ def test_int8_export_is_verified_smaller_and_close(
     assert size(out) < size(Path(tiny_trained.model_dir))
 
 
+def test_token_dropout_hides_a_share_of_real_tokens_and_keeps_cls() -> None:
+    import torch
+
+    from training.encoders import drop_tokens
+
+    mask = torch.ones((400, 50))
+    mask[:, 30:] = 0.0  # padding stays padding
+    out = drop_tokens(mask, 0.4, torch.Generator().manual_seed(0))
+    assert out[:, 30:].sum() == 0 and bool((out[:, 0] == 1).all())
+    assert 0.55 < float(out[:, 1:30].mean()) < 0.65  # about 60% of the real tokens kept
+    again = drop_tokens(mask, 0.4, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    assert torch.equal(drop_tokens(mask, 0.0, torch.Generator()), mask)
+
+
 def test_crops_are_seeded_runs_of_the_prompts_words() -> None:
     from training.encoders import crop_prompts
 

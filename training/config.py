@@ -109,6 +109,9 @@ class StudentConfig:
     # unlabeled crops (a random run of 30-70% of the words) per training prompt, added to the
     # embedding distillation with the teacher's embedding of each crop
     crops: int = 1
+    # share of each text's tokens (past [CLS]) hidden at random in every distillation step, the
+    # target staying the teacher's embedding of the whole text
+    token_dropout: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -281,6 +284,8 @@ def parse_config(
             )
         if train.student.crops < 0:
             c.fail("train.student.crops", "must be >= 0 (0: no crops)")
+        if not 0 <= train.student.token_dropout < 1:
+            c.fail("train.student.token_dropout", "must be in [0, 1)")
         if train.student.hidden < 0:
             c.fail("train.student.hidden", "must be >= 0 (0: a linear projection)")
         if not 0 <= train.student.distill_weight <= 1:

@@ -331,6 +331,17 @@ def distill_static_embeddings(
     return emb
 
 
+def drop_tokens(mask: torch.Tensor, rate: float, gen: torch.Generator) -> torch.Tensor:
+    """``mask`` with a random share ``rate`` of its tokens hidden, the first ([CLS]) always kept so
+    no text is left empty. The student then learns to reproduce the teacher's embedding of a
+    whole text from part of its words, which is the situation of a prompt whose telling words
+    were rare in training: measured on the default data, 0.4 raised OOD AUC by 0.004-0.014 per
+    tier at unchanged in-distribution AUC (0.2: less; 0.6: lower OOD AUC on `local`)."""
+    keep = (torch.rand(mask.shape, generator=gen) >= rate).to(mask.dtype)
+    keep[:, 0] = 1.0
+    return mask * keep
+
+
 def _embedding_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     cos = nn.functional.cosine_similarity(pred, target).mean()
     return 1 - cos + 0.1 * nn.functional.mse_loss(pred, target)
@@ -353,7 +364,8 @@ def train_student(
 
     1. Embedding distillation (all ``cfg.epochs``, early stop on validation loss): token
        embeddings and the projection learn to reproduce the fine-tuned teacher's sentence
-       embedding (cosine + 0.1 x MSE), so the teacher's tier head reads them unchanged.
+       embedding (cosine + 0.1 x MSE), so the teacher's tier head reads them unchanged;
+       with ``cfg.token_dropout``, from a random part of each text's tokens.
     2. Optional (``cfg.label_epochs``): embeddings frozen, projection and head fine-tuned on
        the labels (masked BCE) mixed with the teacher's probabilities (``distill_weight``).
        Measured on the default data it raises in-distribution AUC and lowers out-of-
@@ -379,6 +391,8 @@ def train_student(
         model.train()
         for b in torch.randperm(len(train_ids), generator=gen).split(cfg.batch_size):
             x, xm = pad_ids([train_ids[i] for i in b])
+            if cfg.token_dropout > 0:
+                xm = drop_tokens(xm, cfg.token_dropout, gen)
             loss = _embedding_loss(model.pooled(x, xm), target[b])
             opt.zero_grad()
             loss.backward()
