@@ -70,6 +70,10 @@ def test_default_config_resolves_data_root_relative_to_file(
             lambda c: c.update(train={"student": {"token_dropout": 1.0}}),
             "'train.student.token_dropout' must be in [0, 1)",
         ),
+        (
+            lambda c: c.update(train={"student": {"sif": -1e-3}}),
+            "'train.student.sif' must be >= 0",
+        ),
     ],
 )
 def test_bad_config_names_the_key(mutate, message: str) -> None:  # type: ignore[no-untyped-def]

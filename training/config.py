@@ -93,6 +93,9 @@ class StudentConfig:
     sentence embedding, read by the teacher's tier head (see ``training.encoders``)."""
 
     dim: int = 256  # PCA dimension of the static embeddings
+    # SIF weight a / (a + p(token)) on each static vector, p from the training data's token
+    # frequencies; 0: no weighting (the distillation learns each token's weight)
+    sif: float = 0.0
     max_tokens: int = 256
     max_chars: int = 1536  # prompts are cut to this many characters before tokenizing
     epochs: int = 8  # embedding-distillation epochs (early stop on validation loss)
@@ -284,6 +287,8 @@ def parse_config(
             )
         if train.student.crops < 0:
             c.fail("train.student.crops", "must be >= 0 (0: no crops)")
+        if train.student.sif < 0:
+            c.fail("train.student.sif", "must be >= 0 (0: no SIF weighting)")
         if not 0 <= train.student.token_dropout < 1:
             c.fail("train.student.token_dropout", "must be in [0, 1)")
         if train.student.hidden < 0:

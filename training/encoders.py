@@ -302,8 +302,13 @@ def distill_static_embeddings(
     teacher: Teacher, tokenizer: Any, ids: Sequence[Sequence[int]], cfg: StudentConfig
 ) -> FloatArray:
     """One vector per vocabulary token: the fine-tuned encoder's output for ``[CLS] tok [SEP]``,
-    reduced by PCA to ``cfg.dim``, each row scaled by its SIF weight a / (a + p(token)) with
-    p from the dataset's token frequencies (frequent, uninformative tokens count less)."""
+    reduced by PCA to ``cfg.dim``; with ``cfg.sif`` = a > 0, each row scaled by its SIF weight
+    a / (a + p(token)), p from the dataset's token frequencies (frequent tokens count less).
+
+    Measured on the default data (with token dropout 0.4), OOD AUC rose steadily as the
+    weighting weakened: a = 1e-4, 1e-3, 1e-2, 3e-2, none: local 0.726, 0.740, 0.748, 0.751,
+    0.758 (test AUC 0.751-0.760 throughout), so the default is no weighting: the
+    distillation learns how much each token counts."""
     vocab = tokenizer.get_vocab_size()
     cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     counts = np.bincount(
@@ -323,9 +328,9 @@ def distill_static_embeddings(
     mean = raw[tokens].mean(axis=0)
     _, _, vt = np.linalg.svd(raw[tokens] - mean, full_matrices=False)
     emb = ((raw - mean) @ vt[:dim].T).astype(np.float32)
-    p = counts / max(1, counts.sum())
-    sif = 1e-3 / (1e-3 + p)
-    emb *= sif[:, None].astype(np.float32)
+    if cfg.sif > 0:
+        p = counts / max(1, counts.sum())
+        emb *= (cfg.sif / (cfg.sif + p))[:, None].astype(np.float32)
     if cfg.vocab == "seen":
         emb[counts == 0] = 0.0
     return emb
