@@ -114,7 +114,7 @@ class StudentConfig:
     crops: int = 1
     # share of each text's tokens (past [CLS]) hidden at random in every distillation step, the
     # target staying the teacher's embedding of the whole text
-    token_dropout: float = 0.0
+    token_dropout: float = 0.4
 
 
 @dataclass(frozen=True)
