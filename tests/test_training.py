@@ -197,6 +197,8 @@ def test_int8_export_is_verified_smaller_and_close(
     tiny_trained, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "int8"
+    src = Path(tiny_trained.model_dir)
+    before = (sorted(p.name for p in src.iterdir()), src.stat().st_mtime_ns)
     assert (
         main(
             [
@@ -220,7 +222,14 @@ def test_int8_export_is_verified_smaller_and_close(
     assert manifest.evaluation["int8_max_abs_prob_diff"] < 0.1
     assert manifest.evaluation["int8_same_tier_share"] > 0.8
     size = lambda d: (d / "student.onnx").stat().st_size  # noqa: E731
-    assert size(out) < size(Path(tiny_trained.model_dir))
+    assert size(out) < size(src)
+    # the source model is only read: nothing was written into its directory, even for a moment
+    assert (sorted(p.name for p in src.iterdir()), src.stat().st_mtime_ns) == before
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json",
+        "student.onnx",
+        "tokenizer.json",
+    ]
 
 
 def test_token_dropout_hides_a_share_of_real_tokens_and_keeps_cls() -> None:

@@ -142,13 +142,18 @@ def quantize_artifact(src: Path, out_dir: Path, prompts: list[str]) -> dict[str,
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    # quantize_dynamic writes a shape-inferred copy next to its input: quantize a copy in tmp, so
+    # the source directory (perhaps read-only, perhaps the shipped model) is only read
+    fp32_copy = tmp / ("fp32-" + manifest.graph)
+    shutil.copy(src / manifest.graph, fp32_copy)
     quantize_dynamic(
-        str(src / manifest.graph),
+        str(fp32_copy),
         str(tmp / manifest.graph),
         op_types_to_quantize=["Gather", "MatMul", "Gemm"],
         weight_type=QuantType.QInt8,
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
     )
+    fp32_copy.unlink()
     shutil.copy(src / manifest.tokenizer, tmp / manifest.tokenizer)
     files = {name: sha256_file(tmp / name) for name in (manifest.graph, manifest.tokenizer)}
     quantized = dataclasses.replace(
