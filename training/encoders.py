@@ -1,8 +1,10 @@
 """The teacher (all-MiniLM-L6-v2 fine-tuned with a multi-tier head) and the student (static token
-embeddings distilled from the fine-tuned teacher + mean pooling + an MLP head)."""
+embeddings distilled from the fine-tuned teacher, pooled, projected and read by the teacher's
+head)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -75,13 +77,20 @@ class Teacher(nn.Module):
         return logits
 
 
+@functools.cache
+def teacher_tokenizer() -> Any:
+    """The teacher's fast tokenizer (read from disk once per process)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_dir())
+
+
 def load_teacher(n_tiers: int, state_path: Path | None = None) -> tuple[Teacher, Any]:
     """A teacher on the pretrained encoder (or a saved fine-tuned state) and its fast tokenizer."""
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
 
-    path = minilm_dir()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = Teacher(AutoModel.from_pretrained(path), n_tiers)
+    tokenizer = teacher_tokenizer()
+    model = Teacher(AutoModel.from_pretrained(minilm_dir()), n_tiers)
     if state_path is not None:
         model.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True))
     return model, tokenizer
@@ -188,9 +197,7 @@ def teacher_outputs(
     model: Teacher, prompts: Sequence[str], cfg: TeacherConfig, max_chars: int
 ) -> tuple[FloatArray, FloatArray]:
     """Teacher logits and pooled sentence embeddings, batched by length to limit padding."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    tokenizer = teacher_tokenizer()
     model.eval()
     texts = [prepare_prompt(p, max_chars) for p in prompts]
     order = np.argsort([len(t) for t in texts], kind="stable")

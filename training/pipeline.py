@@ -22,7 +22,7 @@ import numpy.typing as npt
 from classifier.errors import DatasetError
 from training import baselines, metrics
 from training.calibrate import apply_platt, fit_platt
-from training.config import TierConfig
+from training.config import TeacherConfig, TierConfig
 from training.dataset import BuiltDataset, build_dataset, load_dataset, write_dataset
 from training.evaluate import SplitData, evaluate_split, write_report
 
@@ -147,35 +147,21 @@ def run_training(
     # keyed by the teacher fine-tune and the data: a change of student settings reuses them
     teacher_key = (workdir / "teacher" / "teacher.key").read_text().strip()[:16]
     outputs_path = workdir / "teacher" / f"outputs-{teacher_key}-{ds.fingerprint[:12]}.npz"
-    if outputs_path.exists():
-        cached = np.load(outputs_path)
-        teacher_z = {s.name: cached[f"{s.name}_z"].astype(np.float64) for s in all_splits}
-        teacher_e = {s.name: cached[f"{s.name}_e"] for s in all_splits}
-    else:
-        teacher_z, teacher_e = {}, {}
-        for s in all_splits:
-            z, e = encoders.teacher_outputs(teacher, s.prompts, tcfg.teacher, scfg.max_chars)
-            teacher_z[s.name], teacher_e[s.name] = z.astype(np.float64), e
-        np.savez(
-            outputs_path,
-            **{f"{n}_z": v for n, v in teacher_z.items()},
-            **{f"{n}_e": v for n, v in teacher_e.items()},
-        )
+    texts = {s.name: s.prompts for s in all_splits}
+    raw_z, teacher_e = cached_teacher_outputs(
+        outputs_path, texts, teacher, tcfg.teacher, scfg.max_chars
+    )
+    teacher_z = {n: z.astype(np.float64) for n, z in raw_z.items()}
     timings["teacher_inference"] = time.perf_counter() - t0
 
     # ---- unlabeled crops of the training prompts, with the teacher's outputs for them
     t0 = time.perf_counter()
     crops = encoders.crop_prompts(train.prompts, scfg.crops, tcfg.seed)
     crops_path = outputs_path.with_name(f"crops-{scfg.crops}-{tcfg.seed}-{outputs_path.name}")
-    if not crops:
-        crop_z = np.zeros((0, len(ds.tiers)), np.float32)
-        crop_e = np.zeros((0, teacher_e["train"].shape[1]), np.float32)
-    elif crops_path.exists():
-        cached = np.load(crops_path)
-        crop_z, crop_e = cached["z"], cached["e"]
-    else:
-        crop_z, crop_e = encoders.teacher_outputs(teacher, crops, tcfg.teacher, scfg.max_chars)
-        np.savez(crops_path, z=crop_z, e=crop_e)
+    zs, es = cached_teacher_outputs(
+        crops_path, {"crops": crops}, teacher, tcfg.teacher, scfg.max_chars
+    )
+    crop_z, crop_e = zs["crops"], es["crops"]
     timings["teacher_inference_crops"] = time.perf_counter() - t0
 
     # ---- student
@@ -294,6 +280,29 @@ def run_training(
         "exported %s (version %s) in %.0f s", out_dir, manifest.model_version, timings["total"]
     )
     return TrainResult(out_dir, report_dir, report, summary, student)
+
+
+def cached_teacher_outputs(
+    path: Path,
+    texts: dict[str, list[str]],
+    teacher: Any,
+    cfg: TeacherConfig,
+    max_chars: int,
+) -> tuple[dict[str, npt.NDArray[np.float32]], dict[str, npt.NDArray[np.float32]]]:
+    """The teacher's logits and sentence embeddings for each named list of texts, read from
+    ``path`` when a run with the same teacher and data wrote it, else computed and written."""
+    from training import encoders
+
+    if path.exists():
+        cached = np.load(path)
+        return {n: cached[f"{n}_z"] for n in texts}, {n: cached[f"{n}_e"] for n in texts}
+    z, e = {}, {}
+    for name, batch in texts.items():
+        z[name], e[name] = encoders.teacher_outputs(teacher, batch, cfg, max_chars)
+    arrays: dict[str, Any] = {f"{n}_z": v for n, v in z.items()}
+    arrays.update((f"{n}_e", v) for n, v in e.items())
+    np.savez(path, **arrays)
+    return z, e
 
 
 def reference_routers(train: SplitData, split: SplitData, seed: int) -> dict[str, Array]:
