@@ -295,7 +295,8 @@ def cached_teacher_outputs(
 
     if path.exists():
         cached = np.load(path)
-        return {n: cached[f"{n}_z"] for n in texts}, {n: cached[f"{n}_e"] for n in texts}
+        if all(f"{n}_{k}" in cached.files for n in texts for k in "ze"):  # else: another layout
+            return {n: cached[f"{n}_z"] for n in texts}, {n: cached[f"{n}_e"] for n in texts}
     z, e = {}, {}
     for name, batch in texts.items():
         z[name], e[name] = encoders.teacher_outputs(teacher, batch, cfg, max_chars)
