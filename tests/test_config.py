@@ -60,7 +60,7 @@ def test_default_config_resolves_data_root_relative_to_file(
         (lambda c: c.update(split={"val_fraction": 0.6, "test_fraction": 0.5}), "must be < 1"),
         (
             lambda c: c.update(split={"holdout": {"column": "model", "values": ["x"]}}),
-            "'split.holdout.column' must be one of ['task', 'source']",
+            "'split.holdout.column' must be one of ['task', 'source', 'family']",
         ),
         (
             lambda c: c.update(decontaminate={"paths": ["e.csv"], "method": "fuzzy"}),
@@ -74,6 +74,24 @@ def test_default_config_resolves_data_root_relative_to_file(
             lambda c: c.update(train={"student": {"sif": -1e-3}}),
             "'train.student.sif' must be >= 0",
         ),
+        (
+            lambda c: c.update(sources=[{"path": "x", "success": {"scale": [10, 1]}}]),
+            "'sources[0].success.scale' must be [low, high] with low < high",
+        ),
+        (
+            lambda c: c.update(
+                sources=[{"path": "x", "success": {"scale": [1, 10], "threshold": 11}}]
+            ),
+            "'sources[0].success.threshold' must be a number in (1, 10]",
+        ),
+        (
+            lambda c: c.update(sources=[{"path": "x", "success": {"pass": 8}}]),
+            "'sources[0].success' has unknown key(s) ['pass']",
+        ),
+        (
+            lambda c: c.update(sources=[{"path": "x", "optional": "yes"}]),
+            "'sources[0].optional' must be true or false",
+        ),
     ],
 )
 def test_bad_config_names_the_key(mutate, message: str) -> None:  # type: ignore[no-untyped-def]
@@ -83,6 +101,15 @@ def test_bad_config_names_the_key(mutate, message: str) -> None:  # type: ignore
         parse_config(cfg, base_dir=Path("."), where="t.yaml")
     assert message in str(info.value)
     assert str(info.value).startswith("t.yaml:")
+
+
+def test_default_config_declares_family_and_success_per_source(data_dir: Path) -> None:
+    cfg = load_config(DEFAULT_CONFIG, data_root=str(data_dir))
+    families = {s.family for s in cfg.sources}
+    assert {"mmlu-pro", "chat", "math", "code", "easy-qa"} <= families
+    arena = next(s for s in cfg.sources if s.path == "arena-bench-v1")
+    assert arena.success(8) == 1.0 and arena.success(7) == 0.0 and arena.success(0) is None
+    assert "score >= 8" in arena.success.describe()
 
 
 def test_unreadable_and_non_yaml_files(tmp_path: Path) -> None:

@@ -9,8 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from classifier import normalize_prompt
 from classifier.errors import IngestError
-from training.config import Source
+from training.config import Source, Success
 from training.ingest import (
     IngestReport,
     detect_format,
@@ -331,3 +332,103 @@ def test_zip_without_mmlu_rows_in_a_folder_is_skipped_with_warning(tmp_path: Pat
     rows = read_source(Source(path=str(tmp_path)), None, report)
     assert len(rows) == 1
     assert any("other.zip: skipped" in w for w in report.warnings)
+
+
+# --------------------------------------------------------------------------- FastChat llm-judge
+
+
+ARENA_GRADES = Success(scale=(1, 10), threshold=8)
+
+
+def test_llm_judge_arena_bench(data_dir: Path) -> None:
+    bench = data_dir / "arena-bench-v1"
+    judgment = bench / "model_judgment" / "gpt-4-0314.jsonl"
+    assert detect_format(judgment) == "llm-judge"
+    assert detect_format(bench / "question.jsonl") is None  # read beside the judgments
+    report = IngestReport()
+    rows = read_source(Source(path=str(bench), family="chat", success=ARENA_GRADES), None, report)
+    raw = [json.loads(line) for line in judgment.read_text().splitlines()]
+    graded = [r for r in raw if r["score"] is not None]
+    gpt4 = [r for r in rows if r.model == "gpt-4-0314"]
+    assert len(gpt4) == len(graded) == 296  # 3 rows without a grade are dropped, not lost
+    assert [o.score for o in gpt4] == [float(int(r["score"]) >= 8) for r in graded]
+    assert {o.family for o in rows} == {"chat"} and gpt4[0].source == "arena-bench-v1"
+    questions = {
+        json.loads(line)["question_id"]: json.loads(line)["turns"][0]
+        for line in (bench / "question.jsonl").read_text().splitlines()
+    }
+    assert gpt4[0].prompt == normalize_prompt(questions[graded[0]["question_id"]])
+    no_grade = [p for p in report.problems if p.reason == "judge gave no grade"]
+    assert len(no_grade) == sum(
+        1
+        for f in (bench / "model_judgment").glob("*.jsonl")
+        for line in f.read_text().splitlines()
+        if json.loads(line)["score"] is None
+    )
+    assert all(":" in p.origin and p.origin.split(":")[-1].isdigit() for p in no_grade)
+    assert not any("question.jsonl" in w for w in report.warnings)
+
+
+def test_llm_judge_scale_and_bad_rows(tmp_path: Path) -> None:
+    (tmp_path / "question.jsonl").write_text(
+        json.dumps({"question_id": 1, "turns": ["Write a haiku.", "Now a limerick."]})
+        + "\n"
+        + json.dumps({"question_id": 2, "turns": ["Explain TCP."]})
+        + "\n"
+    )
+    judged = tmp_path / "model_judgment"
+    judged.mkdir()
+    path = judged / "m.jsonl"
+    rows = [
+        {"question_id": 1, "model": "m", "score": 10, "turn": 1},
+        {"question_id": 1, "model": "m", "score": "4", "turn": 2},
+        {"question_id": 2, "model": "m", "score": -1},
+        {"question_id": 3, "model": "m", "score": 7},
+        {"question_id": 2, "model": "m", "score": 11},
+        {"question_id": 2, "score": 5},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
+    report = IngestReport()
+    out = read_file(path, "llm-judge", report, success=Success(scale=(1, 10)))
+    # a multi-turn question is classified on its first user turn; grades scale to [0, 1]
+    assert [(o.prompt, o.score) for o in out] == [
+        ("Write a haiku.", 1.0),
+        ("Write a haiku.", pytest.approx(3 / 9)),
+    ]
+    assert [(p.origin.rsplit(":", 1)[1], p.reason) for p in report.problems] == [
+        ("3", "judge gave no grade"),
+        ("4", "question_id not in the questions file"),
+        ("5", "score is not a score in [1, 10]"),
+        ("6", "model missing"),
+        ("7", "invalid JSON line"),
+    ]
+    with pytest.raises(IngestError, match=r"m\.jsonl: judge grades need a success rule"):
+        read_file(path, "llm-judge", IngestReport())
+    lonely = tmp_path / "elsewhere.jsonl"
+    lonely.write_text(json.dumps(rows[0]) + "\n")
+    (tmp_path / "question.jsonl").unlink()
+    with pytest.raises(IngestError, match=r"no question\.jsonl beside or above"):
+        read_file(judged / "m.jsonl", "llm-judge", IngestReport(), success=ARENA_GRADES)
+
+
+def test_success_rule_maps_graded_long_rows(tmp_path: Path) -> None:
+    path = tmp_path / "graded.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"prompt": f"p{i}", "model": "m", "score": s}) + "\n"
+            for i, s in enumerate([1, 5, 8, 10, 0, "9"])
+        )
+    )
+    report = IngestReport()
+    out = read_file(path, "long", report, success=Success(scale=(1, 10), threshold=8))
+    assert [o.score for o in out] == [0.0, 0.0, 1.0, 1.0, 1.0]
+    assert [p.reason for p in report.problems] == ["field 'score' is not a score in [1, 10]"]
+
+
+def test_optional_source_is_reported_and_skipped(tmp_path: Path) -> None:
+    report = IngestReport()
+    missing = Source(path=str(tmp_path / "not-there"), optional=True)
+    assert read_source(missing, None, report) == []
+    assert any("optional source" in w and "not-there" in w for w in report.warnings)
+    with pytest.raises(IngestError, match="matches no file"):
+        read_source(Source(path=str(tmp_path / "not-there")), None, IngestReport())

@@ -18,7 +18,7 @@ import yaml
 
 from classifier.errors import ConfigError
 
-FORMATS = ("auto", "mmlu-pro", "lm-eval", "wide-csv", "alpaca-eval", "long")
+FORMATS = ("auto", "mmlu-pro", "lm-eval", "wide-csv", "alpaca-eval", "llm-judge", "long")
 # Eval sets named for decontamination may also be plain prompt lists (JSONL/CSV/Parquet/TXT).
 DECON_FORMATS = (*FORMATS, "prompts")
 _TIER_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
@@ -36,13 +36,54 @@ class Tier:
 
 
 @dataclass(frozen=True)
+class Success:
+    """How a source's raw outcome becomes success in [0, 1]: "this answer is good enough".
+
+    A raw score must lie in ``scale`` (else the row is dropped and reported). With a
+    ``threshold``, success is 1 where the raw score reaches it and 0 below; without one, the
+    raw score is mapped linearly from ``scale`` onto [0, 1] (a soft success).
+    """
+
+    scale: tuple[float, float] = (0.0, 1.0)
+    threshold: float | None = None
+
+    def __call__(self, raw: float) -> float | None:
+        """Success for a raw score, or None when it is outside ``scale`` (or not a number)."""
+        lo, hi = self.scale
+        if raw != raw or not lo <= raw <= hi:  # NaN fails every comparison
+            return None
+        if self.threshold is not None:
+            return 1.0 if raw >= self.threshold else 0.0
+        return (raw - lo) / (hi - lo)
+
+    def describe(self) -> str:
+        lo, hi = (f"{v:g}" for v in self.scale)
+        if self.threshold is not None:
+            return f"score in [{lo}, {hi}], success = score >= {self.threshold:g}"
+        if self.scale == (0.0, 1.0):
+            return "score in [0, 1] as it is"
+        return f"score in [{lo}, {hi}] scaled to [0, 1]"
+
+
+IDENTITY = Success()
+
+
+@dataclass(frozen=True)
 class Source:
-    """One eval-outcome input: a file, a directory or a glob, and its format."""
+    """One eval-outcome input: a file, a directory or a glob, and its format.
+
+    ``family`` groups sources of one kind of traffic (multiple choice, judged chat, math,
+    code, easy QA, ...): leave-one-family-out evaluation holds out one family at a time.
+    An ``optional`` source that is missing or unreadable is reported and skipped.
+    """
 
     path: str
     format: str = "auto"
     name: str | None = None  # source label in the dataset; default: derived by the reader
     options: dict[str, Any] = field(default_factory=dict)
+    family: str | None = None  # default: the source label
+    success: Success = IDENTITY
+    optional: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,7 +99,7 @@ class Decontamination:
 class Holdout:
     """Whole groups kept out of train/val as the out-of-distribution split."""
 
-    column: str  # "task" or "source"
+    column: str  # "task", "source" or "family"
     values: tuple[str, ...]
 
 
@@ -252,7 +293,7 @@ def parse_config(
         if s.get("holdout") is not None:
             h = c.mapping(s["holdout"], "split.holdout")
             c.known_keys(h, "split.holdout", {"column", "values"})
-            column = c.choice(h.get("column"), "split.holdout.column", ("task", "source"))
+            column = c.choice(h.get("column"), "split.holdout.column", ("task", "source", "family"))
             values = tuple(
                 c.string(v, f"split.holdout.values[{i}]")
                 for i, v in enumerate(c.seq(h, "values", "split.holdout"))
@@ -354,14 +395,47 @@ def _parse_source(c: _Checker, raw: object, key: str, formats: tuple[str, ...] =
     if isinstance(raw, str):
         return Source(path=raw)
     s = c.mapping(raw, key)
-    c.known_keys(s, key, {"path", "format", "name", "options"})
+    c.known_keys(s, key, {"path", "format", "name", "options", "family", "success", "optional"})
     options = c.mapping(s.get("options", {}), f"{key}.options")
-    name = s.get("name")
+    name, family = s.get("name"), s.get("family")
+    optional = s.get("optional", False)
+    if not isinstance(optional, bool):
+        c.fail(f"{key}.optional", f"must be true or false, got {optional!r}")
     return Source(
         path=c.string(s.get("path"), f"{key}.path"),
         format=c.choice(s.get("format", "auto"), f"{key}.format", formats),
         name=None if name is None else c.string(name, f"{key}.name"),
         options=dict(options),
+        family=None if family is None else c.string(family, f"{key}.family"),
+        success=_parse_success(c, s["success"], f"{key}.success") if "success" in s else IDENTITY,
+        optional=optional,
+    )
+
+
+def _parse_success(c: _Checker, raw: object, key: str) -> Success:
+    s = c.mapping(raw, key)
+    c.known_keys(s, key, {"scale", "threshold"})
+    scale = s.get("scale", [0, 1])
+    if (
+        not isinstance(scale, list)
+        or len(scale) != 2
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in scale)
+        or not scale[0] < scale[1]
+    ):
+        c.fail(f"{key}.scale", f"must be [low, high] with low < high, got {scale!r}")
+    threshold = s.get("threshold")
+    if threshold is not None and (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, int | float)
+        or not scale[0] < threshold <= scale[1]
+    ):
+        c.fail(
+            f"{key}.threshold",
+            f"must be a number in ({scale[0]}, {scale[1]}] (the scale), got {threshold!r}",
+        )
+    return Success(
+        scale=(float(scale[0]), float(scale[1])),
+        threshold=None if threshold is None else float(threshold),
     )
 
 

@@ -35,7 +35,7 @@ from training.config import Decontamination, Source, SplitConfig, TierConfig
 from training.ingest import IngestReport, Outcome, read_source
 from training.ingest._sources import expand
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: a `family` column
 DATASET_FILE = "dataset.parquet"
 OUTCOMES_FILE = "outcomes.parquet"
 REPORT_FILE = "report.json"
@@ -148,7 +148,7 @@ def assemble(
     )
     holdout = config.split.holdout
     if holdout is not None:
-        present = {getattr(first[k], holdout.column) for k in per_prompt}
+        present = {_group(first[k], holdout.column) for k in per_prompt}
         missing = [v for v in holdout.values if v not in present]
         if missing:
             raise DatasetError(
@@ -169,6 +169,7 @@ def assemble(
         columns["prompt"].append(o.prompt)
         columns["source"].append(o.source)
         columns["sources"].append(sorted(sources[key]))
+        columns["family"].append(family_of(o))
         columns["task"].append(o.task)
         columns["prompt_ids"].append(sorted(ids[key]))
         columns["split"].append(assign_split(key, o, config.split))
@@ -223,6 +224,7 @@ def assemble(
         "decontamination": decon_counts,
         "rows": table.num_rows,
         "splits": dict(collections.Counter(table["split"].to_pylist())),
+        "families": dict(collections.Counter(table["family"].to_pylist())),
     }
     return table, outcome_table, details
 
@@ -233,6 +235,7 @@ def dataset_schema(tiers: Iterable[str]) -> pa.Schema:
         ("prompt", pa.string()),
         ("source", pa.string()),
         ("sources", pa.list_(pa.string())),
+        ("family", pa.string()),
         ("task", pa.string()),
         ("prompt_ids", pa.list_(pa.string())),
         ("split", pa.string()),
@@ -246,9 +249,18 @@ def dataset_schema(tiers: Iterable[str]) -> pa.Schema:
     return pa.schema(fields)
 
 
+def family_of(outcome: Outcome) -> str:
+    """The source family a prompt's outcome counts in: the configured one, else its source."""
+    return outcome.family or outcome.source
+
+
+def _group(outcome: Outcome, column: str) -> str:
+    return family_of(outcome) if column == "family" else str(getattr(outcome, column))
+
+
 def assign_split(key: str, outcome: Outcome, split: SplitConfig) -> str:
     """The split of a prompt: ``ood`` for a held-out group, else by a salted hash of its key."""
-    if split.holdout is not None and getattr(outcome, split.holdout.column) in split.holdout.values:
+    if split.holdout is not None and _group(outcome, split.holdout.column) in split.holdout.values:
         return "ood"
     digest = hashlib.sha256(f"{split.salt}:{key}".encode()).digest()
     u = int.from_bytes(digest[:8], "big") / 2.0**64
@@ -352,10 +364,12 @@ def _warn_unknown_models(
 
 
 def fingerprint_table(table: pa.Table, tiers: Iterable[str]) -> str:
-    """A sha256 of the dataset's content (keys, splits, targets, masks) and tier order."""
+    """A sha256 of the dataset's content (keys, splits, families, targets, masks) and tier
+    order."""
     tiers = list(tiers)
     h = hashlib.sha256(json.dumps({"schema": SCHEMA_VERSION, "tiers": tiers}).encode())
-    cols = ["prompt_key", "split"] + [f"{p}_{t}" for t in tiers for p in ("target", "mask")]
+    cols = ["prompt_key", "split", "family"]
+    cols += [f"{p}_{t}" for t in tiers for p in ("target", "mask")]
     data = [table[c].to_pylist() for c in cols]
     for row in zip(*data, strict=True):
         h.update(json.dumps(row, separators=(",", ":")).encode())

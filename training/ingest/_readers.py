@@ -16,9 +16,11 @@ from typing import Any
 
 from classifier._io import open_text
 from classifier._text import messages_to_prompt, normalize_prompt
+from training.config import IDENTITY, Success
 from training.ingest._report import IngestReport, Outcome
 
-Reader = Callable[[Path, IngestReport, "str | None", Mapping[str, Any]], Iterator[Outcome]]
+# (file, report, source label, options, success rule) -> outcome rows
+Reader = Callable[[Path, IngestReport, "str | None", Mapping[str, Any], Success], Iterator[Outcome]]
 
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -41,33 +43,36 @@ _TRUE = {"true", "t", "yes", "y"}
 _FALSE = {"false", "f", "no", "n"}
 
 
-def parse_score(value: object) -> float | None:
-    """Turn a bool, a number in [0, 1] or a True/False/number string into a score, else None."""
+def parse_score(value: object, success: Success = IDENTITY) -> float | None:
+    """Turn a bool, a number or a True/False/number string into a success in [0, 1] by the
+    source's ``success`` rule (default: a number in [0, 1] as it is); None when it is not one."""
     if isinstance(value, bool):
-        return 1.0 if value else 0.0
-    if isinstance(value, int | float):
-        score = float(value)
+        raw = 1.0 if value else 0.0
+    elif isinstance(value, int | float):
+        raw = float(value)
     elif isinstance(value, str):
         text = value.strip().lower()
-        if text in _TRUE:
-            return 1.0
-        if text in _FALSE:
-            return 0.0
-        try:
-            score = float(text)
-        except ValueError:
-            return None
+        if text in _TRUE or text in _FALSE:
+            raw = 1.0 if text in _TRUE else 0.0
+        else:
+            try:
+                raw = float(text)
+            except ValueError:
+                return None
     else:
         return None
-    if math.isnan(score) or not 0.0 <= score <= 1.0:
+    if math.isnan(raw):
         return None
-    return score
+    return success(raw)
 
 
-def _score_or_drop(value: object, origin: str, report: IngestReport, what: str) -> float | None:
-    score = parse_score(value)
+def _score_or_drop(
+    value: object, origin: str, report: IngestReport, what: str, success: Success = IDENTITY
+) -> float | None:
+    score = parse_score(value, success)
     if score is None:
-        report.drop(origin, f"{what} is not a score in [0, 1]", repr(value)[:80])
+        lo, hi = (f"{v:g}" for v in success.scale)
+        report.drop(origin, f"{what} is not a score in [{lo}, {hi}]", repr(value)[:80])
     return score
 
 
@@ -125,7 +130,11 @@ def format_multiple_choice(question: str, options: list[str]) -> str:
 
 
 def read_mmlu_pro(
-    path: Path, report: IngestReport, source: str | None, options: Mapping[str, Any]
+    path: Path,
+    report: IngestReport,
+    source: str | None,
+    options: Mapping[str, Any],
+    success: Success = IDENTITY,
 ) -> Iterator[Outcome]:
     """MMLU-Pro `model_outputs_<model>_5shots.zip` (or its `.json`): correct = pred == answer."""
     model = options.get("model") or _mmlu_pro_model(path.name)
@@ -136,10 +145,10 @@ def read_mmlu_pro(
                 report.warn(f"{path}: zip holds no .json member")
             for member in members:
                 rows = json.loads(zf.read(member))
-                yield from _mmlu_pro_rows(rows, f"{path}!{member}", model, report, source)
+                yield from _mmlu_pro_rows(rows, f"{path}!{member}", model, report, source, success)
     else:
         rows = json.loads(path.read_text(encoding="utf-8"))
-        yield from _mmlu_pro_rows(rows, str(path), model, report, source)
+        yield from _mmlu_pro_rows(rows, str(path), model, report, source, success)
 
 
 def _mmlu_pro_model(filename: str) -> str:
@@ -148,7 +157,12 @@ def _mmlu_pro_model(filename: str) -> str:
 
 
 def _mmlu_pro_rows(
-    rows: object, where: str, model: str, report: IngestReport, source: str | None
+    rows: object,
+    where: str,
+    model: str,
+    report: IngestReport,
+    source: str | None,
+    success: Success,
 ) -> Iterator[Outcome]:
     if not isinstance(rows, list):
         report.drop(where, "file is not a JSON list of rows", type(rows).__name__)
@@ -182,11 +196,15 @@ def _mmlu_pro_rows(
         if pred is None:
             report.note("mmlu-pro: pred is null (no answer extracted), scored 0")
         qid = row.get("question_id")
+        correct = pred is not None and str(pred).strip() == answer.strip()
+        score = _score_or_drop(correct, origin, report, "correctness", success)
+        if score is None:
+            continue
         yield Outcome(
             prompt_id=f"{src}:{qid}" if qid is not None else f"{src}:{where}[{index}]",
             prompt=prompt,
             model=model,
-            score=1.0 if pred is not None and str(pred).strip() == answer.strip() else 0.0,
+            score=score,
             source=src,
             task=str(row.get("category") or "unknown"),
             origin=origin,
@@ -265,7 +283,11 @@ def _lm_eval_model(path: Path, ts: str, report: IngestReport) -> str:
 
 
 def read_lm_eval(
-    path: Path, report: IngestReport, source: str | None, options: Mapping[str, Any]
+    path: Path,
+    report: IngestReport,
+    source: str | None,
+    options: Mapping[str, Any],
+    success: Success = IDENTITY,
 ) -> Iterator[Outcome]:
     """lm-evaluation-harness ``samples_<task>_<timestamp>.jsonl`` from ``--log_samples``."""
     m = _SAMPLES.match(path.name)
@@ -292,7 +314,7 @@ def read_lm_eval(
         if metric is None:
             report.drop(origin, "no metric key in row", f"looked for {candidates[:6]}")
             continue
-        score = _score_or_drop(row[metric], origin, report, f"metric {metric!r}")
+        score = _score_or_drop(row[metric], origin, report, f"metric {metric!r}", success)
         if score is None:
             continue
         doc = row.get("doc_hash") or row.get("doc_id")
@@ -311,7 +333,11 @@ def read_lm_eval(
 
 
 def read_alpaca_eval(
-    path: Path, report: IngestReport, source: str | None, options: Mapping[str, Any]
+    path: Path,
+    report: IngestReport,
+    source: str | None,
+    options: Mapping[str, Any],
+    success: Success = IDENTITY,
 ) -> Iterator[Outcome]:
     """AlpacaEval ``annotations.json``: model = ``generator_2``, soft score = ``preference - 1``."""
     rows = json.loads(path.read_text(encoding="utf-8"))
@@ -338,11 +364,14 @@ def read_alpaca_eval(
         if pref_f is None or math.isnan(pref_f) or not 1.0 <= pref_f <= 2.0:
             report.drop(origin, "preference missing or outside [1, 2]", repr(pref)[:40])
             continue
+        score = _score_or_drop(pref_f - 1.0, origin, report, "preference - 1", success)
+        if score is None:
+            continue
         yield Outcome(
             prompt_id=f"{src}:{index}",
             prompt=prompt,
             model=model,
-            score=pref_f - 1.0,
+            score=score,
             source=src,
             task=str(row.get("dataset") or "alpaca-eval"),
             origin=origin,
@@ -353,11 +382,15 @@ def read_alpaca_eval(
 
 
 def read_wide_csv(
-    path: Path, report: IngestReport, source: str | None, options: Mapping[str, Any]
+    path: Path,
+    report: IngestReport,
+    source: str | None,
+    options: Mapping[str, Any],
+    success: Success = IDENTITY,
 ) -> Iterator[Outcome]:
     """A prompt column plus one True/False or numeric column per model (RouteLLM's layout)."""
     prompt_col = options.get("prompt_column", "prompt")
-    id_col = options.get("id_column")
+    id_col = options.get("id_column", "id")  # an `id` column names the prompt, not a model
     src = source or path.parent.name or "wide-csv"
     task = options.get("task") or path.stem
     with open_text(path) as fh:
@@ -386,17 +419,115 @@ def read_wide_csv(
                 if not cell.strip():
                     report.note("wide-csv: empty cell (no outcome for that model)")
                     continue
-                score = _score_or_drop(cell, f"{origin} ({model})", report, f"column {model!r}")
+                score = _score_or_drop(
+                    cell, f"{origin} ({model})", report, f"column {model!r}", success
+                )
                 if score is None:
                     continue
                 yield Outcome(f"{src}:{task}:{pid}", prompt, model, score, src, str(task), origin)
+
+
+# --------------------------------------------------------------------------- FastChat llm-judge
+
+QUESTION_FILES = ("question.jsonl", "questions.jsonl")
+
+
+def is_questions_file(path: Path) -> bool:
+    """A FastChat ``question.jsonl``: read beside its judgments, not an outcome file itself."""
+    return path.name.lower() in QUESTION_FILES
+
+
+def _questions_for(path: Path, options: Mapping[str, Any]) -> Path:
+    named = options.get("questions")
+    if named:
+        return Path(str(named))
+    # FastChat's layout: data/<bench>/question.jsonl beside data/<bench>/model_judgment/
+    for folder in (path.parent, path.parent.parent):
+        for name in QUESTION_FILES:
+            if (folder / name).is_file():
+                return folder / name
+    raise ValueError(
+        "no question.jsonl beside or above this judgment file; name it with "
+        "options: {questions: PATH}"
+    )
+
+
+def _read_questions(path: Path) -> dict[str, tuple[object, str]]:
+    """question_id -> (first user turn, category), from a FastChat questions file. Bad rows are
+    not outcomes; they surface as judgments whose question cannot be found."""
+    out: dict[str, tuple[object, str]] = {}
+    scratch = IngestReport()
+    for _, row in _jsonl(path, scratch):
+        turns = row.get("turns")
+        first = turns[0] if isinstance(turns, list) and turns else row.get("prompt")
+        out[str(row.get("question_id"))] = (first, str(row.get("category") or ""))
+    return out
+
+
+def read_llm_judge(
+    path: Path,
+    report: IngestReport,
+    source: str | None,
+    options: Mapping[str, Any],
+    success: Success = IDENTITY,
+) -> Iterator[Outcome]:
+    """FastChat llm-judge single-answer grading (MT-Bench, arena-bench): a judgment JSONL of
+    ``question_id, model, score`` rows (``score`` a 1-10 grade; None or -1 when the judge gave
+    none) beside the bench's ``question.jsonl`` (``question_id, turns[, category]``).
+
+    A multi-turn question is classified on its first user turn (every turn's grade of a model
+    is averaged into one outcome by the dataset builder). Grades need the source's ``success``
+    rule, declared in the config: there is no one right mapping of a 1-10 grade to success.
+    """
+    if success == IDENTITY:
+        raise ValueError(
+            "judge grades need a success rule in the source's config, e.g. "
+            "success: {scale: [1, 10], threshold: 8}"
+        )
+    qpath = _questions_for(path, options)
+    questions = _read_questions(qpath)
+    bench = qpath.parent.name or "llm-judge"
+    src = source or bench
+    for origin, row in _jsonl(path, report):
+        qid = row.get("question_id")
+        question = questions.get(str(qid))
+        if question is None:
+            report.drop(origin, "question_id not in the questions file", f"{qid!r} ({qpath})")
+            continue
+        prompt = _prompt_or_drop(question[0], origin, report)
+        if prompt is None:
+            continue
+        model = row.get("model") or options.get("model")
+        if not isinstance(model, str) or not model:
+            report.drop(origin, "model missing")
+            continue
+        raw = row.get("score")
+        if raw is None or raw == -1 or raw == "-1":
+            report.drop(origin, "judge gave no grade", repr(raw))
+            continue
+        score = _score_or_drop(raw, origin, report, "score", success)
+        if score is None:
+            continue
+        yield Outcome(
+            prompt_id=f"{src}:{qid}",
+            prompt=prompt,
+            model=model,
+            score=score,
+            source=src,
+            task=question[1] or bench,
+            origin=origin,
+        )
 
 
 # --------------------------------------------------------------------------- generic long format
 
 
 def read_long(
-    path: Path, report: IngestReport, source: str | None, options: Mapping[str, Any]
+    path: Path,
+    report: IngestReport,
+    source: str | None,
+    options: Mapping[str, Any],
+    success: Success = IDENTITY,
 ) -> Iterator[Outcome]:
     """JSONL, CSV or Parquet rows: prompt, model, score (optional prompt_id, task, source)."""
     pf = options.get("prompt_field", "prompt")
@@ -411,7 +542,7 @@ def read_long(
         if not isinstance(model, str) or not model.strip():
             report.drop(origin, f"field {mf!r} missing or not a string")
             continue
-        score = _score_or_drop(row.get(sf), origin, report, f"field {sf!r}")
+        score = _score_or_drop(row.get(sf), origin, report, f"field {sf!r}", success)
         if score is None:
             continue
         src = source or str(row.get("source") or default_source)
@@ -449,5 +580,6 @@ READERS: dict[str, Reader] = {
     "lm-eval": read_lm_eval,
     "alpaca-eval": read_alpaca_eval,
     "wide-csv": read_wide_csv,
+    "llm-judge": read_llm_judge,
     "long": read_long,
 }

@@ -18,6 +18,8 @@ class Outcome:
         source: where the outcome comes from (``mmlu-pro``, ``alpaca-eval``, ...).
         task: the task or category inside the source.
         origin: ``file:line`` (or ``file[index]``) of the row it was read from.
+        family: the configured source family (see :class:`training.config.Source`); empty
+            until :func:`training.ingest.read_source` sets it.
     """
 
     prompt_id: str
@@ -27,6 +29,7 @@ class Outcome:
     source: str
     task: str
     origin: str
+    family: str = ""
 
 
 @dataclass(frozen=True, slots=True)

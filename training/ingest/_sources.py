@@ -4,6 +4,7 @@ and read it. A file that cannot be read at all, or yields no rows, is an :class:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import glob
 import gzip
 import json
@@ -12,8 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from classifier.errors import IngestError
-from training.config import Source, TierConfig
-from training.ingest._readers import READERS
+from training.config import IDENTITY, Source, Success, TierConfig
+from training.ingest._readers import READERS, is_questions_file
 from training.ingest._report import IngestReport, Outcome
 
 _PEEK = 65536
@@ -23,8 +24,8 @@ _DATA_SUFFIXES = (".zip", ".json", ".jsonl", ".jsonl.gz", ".csv", ".csv.gz", ".p
 def detect_format(path: Path) -> str | None:
     """Guess a file's eval-outcome format from its name and first bytes; None when it is not one."""
     name = path.name.lower()
-    if name.startswith("results_") and name.endswith(".json"):
-        return None  # lm-eval run metadata, read beside its samples file
+    if _is_companion(path):
+        return None  # read beside the outcome files it describes
     if name.endswith(".zip"):
         with zipfile.ZipFile(path) as zf:
             members = [n for n in zf.namelist() if n.endswith(".json")]
@@ -46,6 +47,8 @@ def detect_format(path: Path) -> str | None:
             return None
         if "arguments" in first and ("doc_id" in first or "doc" in first):
             return "lm-eval"
+        if {"question_id", "model", "score"} <= set(first):
+            return "llm-judge"
         if {"prompt", "model", "score"} <= set(first):
             return "long"
         return None
@@ -59,6 +62,13 @@ def detect_format(path: Path) -> str | None:
     if name.endswith(".parquet"):
         return "long"
     return None
+
+
+def _is_companion(path: Path) -> bool:
+    """lm-eval's ``results_<ts>.json`` and FastChat's ``question.jsonl``: not outcome files,
+    read beside the files that are."""
+    name = path.name.lower()
+    return (name.startswith("results_") and name.endswith(".json")) or is_questions_file(path)
 
 
 def _head(path: Path) -> str:
@@ -108,13 +118,30 @@ def read_source(source: Source, config: TierConfig | None, report: IngestReport)
         report: receives dropped rows, notes and warnings.
 
     Returns:
-        The outcome rows, in file order.
+        The outcome rows, in file order, each carrying the source's family.
 
     Raises:
         IngestError: a path that matches nothing, a named file whose format cannot be detected,
-            a file that cannot be parsed at all, or a file that yields zero rows.
+            a file that cannot be parsed at all, or a file that yields zero rows; for an
+            ``optional`` source these are reported as a warning and it yields nothing.
     """
     root = config.resolve(source.path) if config is not None else Path(source.path)
+    local = IngestReport()
+    try:
+        outcomes = _read_source_files(source, root, local)
+    except IngestError as exc:
+        if not source.optional:
+            raise
+        report.warn(f"optional source {source.path} skipped: {exc}")
+        report.skipped_files.append(str(root))
+        return []
+    report.merge(local)
+    if source.family:
+        outcomes = [dataclasses.replace(o, family=source.family) for o in outcomes]
+    return outcomes
+
+
+def _read_source_files(source: Source, root: Path, report: IngestReport) -> list[Outcome]:
     files, explicit = expand(root)
     outcomes: list[Outcome] = []
     for path in files:
@@ -125,11 +152,11 @@ def read_source(source: Source, config: TierConfig | None, report: IngestReport)
                     f"{path}: cannot tell its format; name it with 'format:' "
                     f"(one of {sorted(READERS)})"
                 )
-            if path.name.lower().endswith(_DATA_SUFFIXES) and not path.name.startswith("results_"):
+            if path.name.lower().endswith(_DATA_SUFFIXES) and not _is_companion(path):
                 report.warn(f"{path}: skipped, not a recognized eval-outcome file")
             report.skipped_files.append(str(path))
             continue
-        outcomes.extend(read_file(path, fmt, report, source.name, source.options))
+        outcomes.extend(read_file(path, fmt, report, source.name, source.options, source.success))
     if not outcomes:
         raise IngestError(f"source {root} yielded no outcome rows")
     return outcomes
@@ -148,14 +175,16 @@ def read_file(
     report: IngestReport,
     source: str | None = None,
     options: dict[str, object] | None = None,
+    success: Success = IDENTITY,
 ) -> list[Outcome]:
-    """Read one file in a named format; raises :class:`IngestError` if it yields nothing."""
+    """Read one file in a named format, its scores turned into success by ``success``;
+    raises :class:`IngestError` if it yields nothing."""
     reader = READERS.get(fmt)
     if reader is None:
         raise IngestError(f"{path}: unknown format {fmt!r}; known: {sorted(READERS)}")
     local = IngestReport()
     try:
-        rows = list(reader(path, local, source, options or {}))
+        rows = list(reader(path, local, source, options or {}, success))
     except (OSError, zipfile.BadZipFile, UnicodeDecodeError) as exc:
         raise IngestError(f"{path}: cannot be read: {exc}") from exc
     except json.JSONDecodeError as exc:
