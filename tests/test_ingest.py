@@ -404,8 +404,6 @@ def test_llm_judge_scale_and_bad_rows(tmp_path: Path) -> None:
     ]
     with pytest.raises(IngestError, match=r"m\.jsonl: judge grades need a success rule"):
         read_file(path, "llm-judge", IngestReport())
-    lonely = tmp_path / "elsewhere.jsonl"
-    lonely.write_text(json.dumps(rows[0]) + "\n")
     (tmp_path / "question.jsonl").unlink()
     with pytest.raises(IngestError, match=r"no question\.jsonl beside or above"):
         read_file(judged / "m.jsonl", "llm-judge", IngestReport(), success=ARENA_GRADES)
