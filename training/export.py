@@ -122,8 +122,15 @@ def parity(model: torch.nn.Module, model_dir: Path, prompts: list[str]) -> float
 
 
 def quantize_artifact(src: Path, out_dir: Path, prompts: list[str]) -> dict[str, float]:
-    """Write an int8 copy of a model directory (dynamic quantization of the embedding table and
-    the matrix products) and measure its drift from the fp32 model on ``prompts``.
+    """Write an int8 copy of a model directory (the embedding table, which is ~95% of the
+    student's weights, stored as int8 and dequantized on lookup) and measure its drift from the
+    fp32 model on ``prompts``.
+
+    The matrix products stay fp32 on purpose: onnxruntime's dynamic-quantized u8s8 MatMul
+    kernels saturate on x86-64 CPUs without VNNI, so a copy with int8 matrix products drifts
+    by CPU (measured on an AVX2-only CPU: max probability drift 0.161 on a small model, 0.02
+    on the shipped one). An int8 Gather is exact dequantization arithmetic on any CPU, and
+    the drift recorded here is the drift every user gets.
 
     Returns:
         The drift figures, also recorded in the new manifest's ``evaluation``: max and mean
@@ -149,7 +156,7 @@ def quantize_artifact(src: Path, out_dir: Path, prompts: list[str]) -> dict[str,
     quantize_dynamic(
         str(fp32_copy),
         str(tmp / manifest.graph),
-        op_types_to_quantize=["Gather", "MatMul", "Gemm"],
+        op_types_to_quantize=["Gather"],
         weight_type=QuantType.QInt8,
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
     )
