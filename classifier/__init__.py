@@ -15,6 +15,7 @@ from classifier.errors import (
     IngestError,
     MissingDependencyError,
     PolicyError,
+    PromptError,
     TierpickError,
 )
 
@@ -27,6 +28,7 @@ __all__ = [
     "Manifest",
     "MissingDependencyError",
     "PolicyError",
+    "PromptError",
     "RoutingPolicy",
     "TierClassifier",
     "TierSpec",

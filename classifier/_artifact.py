@@ -114,6 +114,24 @@ def _check_fields(m: Manifest, path: Path) -> None:
     missing = sorted(needed - set(m.files))
     if missing:
         raise ArtifactError(f"{path}: files {missing} are used but have no checksum entry")
+    for name in sorted(set(m.files) | needed):
+        if not _plain_name(name):
+            raise ArtifactError(
+                f"{path}: file name {name!r} is not a plain name inside the model directory "
+                "(no directories, '..' or absolute paths)"
+            )
+
+
+def _plain_name(name: object) -> bool:
+    """A file directly in the model directory: artifact paths never leave it."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\x00" not in name
+        and not Path(name).is_absolute()
+    )
 
 
 def verify_files(model_dir: Path, manifest: Manifest) -> None:

@@ -11,12 +11,26 @@ from typing import IO
 def open_text(path: Path, mode: str = "r") -> IO[str]:
     """Open a UTF-8 text file for reading or writing, gzip-compressed when it ends in ``.gz``.
 
-    Newlines are not translated, as the csv module wants.
+    Newlines are not translated, as the csv module wants. Reading skips a UTF-8 byte-order
+    mark (spreadsheet exports start with one).
     """
+    encoding = "utf-8-sig" if mode == "r" else "utf-8"
     if path.name.lower().endswith(".gz"):
-        fh: IO[str] = gzip.open(path, mode + "t", encoding="utf-8", newline="")  # type: ignore[assignment]  # noqa: SIM115
+        fh: IO[str] = gzip.open(path, mode + "t", encoding=encoding, newline="")  # type: ignore[assignment]  # noqa: SIM115
         return fh
-    return path.open(mode, encoding="utf-8", newline="")
+    return path.open(mode, encoding=encoding, newline="")
+
+
+def first_bad_utf8_line(path: Path) -> int | None:
+    """The number of the first line of a (gzip) file that is not valid UTF-8, or None."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return lineno
+    return None
 
 
 def read_prompts(path: Path, field: str = "prompt") -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ import numpy.typing as npt
 from classifier._artifact import Manifest, read_manifest
 from classifier._text import normalize_prompt
 from classifier._wordpiece import FastWordPiece
-from classifier.errors import ArtifactError, MissingDependencyError, PolicyError
+from classifier.errors import ArtifactError, MissingDependencyError, PolicyError, PromptError
 
 DEFAULT_MODEL_ENV = "TIERPICK_MODEL"
 _REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -22,13 +23,20 @@ DEFAULT_MODEL_NAME = "default"
 _CHUNK = 64  # rows per inference call within a batch (sorted by length first)
 
 
+# A prompt is read up to this many times ``max_chars`` characters before it is normalized: the
+# work per prompt is bounded (a 20 MiB prompt costs what a 6 KiB one does), with room for the
+# white space and invisible characters normalization removes.
+RAW_CHARS_FACTOR = 4
+
+
 def prepare_prompt(text: str, max_chars: int) -> str:
     """The text the encoder sees: the normalized prompt, cut to ``max_chars`` characters.
 
-    Cutting characters before tokenizing bounds the tokenizer's cost on very long prompts;
-    the tokenizer then keeps at most the manifest's ``max_tokens``.
+    The raw text is cut to ``RAW_CHARS_FACTOR x max_chars`` characters first, so normalizing
+    costs the same for any longer prompt; cutting characters before tokenizing bounds the
+    tokenizer's cost; the tokenizer then keeps at most the manifest's ``max_tokens``.
     """
-    return normalize_prompt(text)[:max_chars]
+    return normalize_prompt(text[: RAW_CHARS_FACTOR * max_chars])[:max_chars]
 
 
 def normalized_costs(
@@ -133,13 +141,30 @@ class TierClassifier:
 
     # ------------------------------------------------------------------ inference
 
-    def token_ids(self, prompts: Sequence[str], fast_path: bool = True) -> list[list[int]]:
+    def prepare(self, prompts: Sequence[str]) -> list[str]:
+        """Each prompt as the model sees it (see :func:`prepare_prompt`); an empty string for a
+        prompt with nothing left once normalized."""
+        return [prepare_prompt(p, self.manifest.max_chars) for p in prompts]
+
+    def token_ids(
+        self, prompts: Sequence[str], fast_path: bool = True, prepared: bool = False
+    ) -> list[list[int]]:
         """Token ids of each prompt after normalization and cutting (no padding).
 
         ASCII prompts take :class:`FastWordPiece` (same ids, several times faster) unless
-        ``fast_path`` is False; the rest, the ``tokenizers`` library.
+        ``fast_path`` is False; the rest, the ``tokenizers`` library. ``prepared``: the prompts
+        come from :meth:`prepare` already.
+
+        Raises:
+            PromptError: a prompt has no text left once normalized.
         """
-        texts = [prepare_prompt(p, self.manifest.max_chars) for p in prompts]
+        texts = list(prompts) if prepared else self.prepare(prompts)
+        for i, text in enumerate(texts):
+            if not text:
+                raise PromptError(
+                    f"prompt {i} has no text once normalized (only white space, control or "
+                    "zero-width characters)"
+                )
         fast = self._fast if fast_path else None
         out: list[list[int] | None] = [fast.ids(t) if fast else None for t in texts]
         slow = [i for i, ids in enumerate(out) if ids is None]
@@ -171,18 +196,23 @@ class TierClassifier:
         """Token ids and mask, padded to the longest prompt of the batch."""
         return self.pad(self.token_ids(prompts))
 
-    def predict_logits(self, prompts: Sequence[str]) -> npt.NDArray[np.float32]:
+    def predict_logits(
+        self, prompts: Sequence[str], prepared: bool = False
+    ) -> npt.NDArray[np.float32]:
         """Uncalibrated per-tier logits, shape (n, n_tiers).
 
         Batches are run in chunks of similar length, so a few long prompts do not make every
-        row pay for their padding.
+        row pay for their padding. ``prepared``: the prompts come from :meth:`prepare`.
+
+        Raises:
+            PromptError: a prompt has no text left once normalized.
         """
         if isinstance(prompts, str):
             raise TypeError("predict_* take a sequence of prompts, not one string")
         out = np.zeros((len(prompts), len(self.tiers)), dtype=np.float32)
         if not prompts:
             return out
-        ids_list = self.token_ids(prompts)
+        ids_list = self.token_ids(prompts, prepared=prepared)
         if len(ids_list) == 1:  # the serving hot path: no sorting, no chunks
             ids, mask = self.pad(ids_list)
             logits: npt.NDArray[np.float32] = self._session.run(
@@ -202,9 +232,12 @@ class TierClassifier:
         p: npt.NDArray[np.float32] = (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
         return p
 
-    def predict_proba(self, prompts: Sequence[str]) -> npt.NDArray[np.float32]:
-        """Calibrated success probability per tier, shape (n, n_tiers), cheapest tier first."""
-        return self.calibrate(self.predict_logits(prompts))
+    def predict_proba(
+        self, prompts: Sequence[str], prepared: bool = False
+    ) -> npt.NDArray[np.float32]:
+        """Calibrated success probability per tier, shape (n, n_tiers), cheapest tier first
+        (``prepared`` as in :meth:`predict_logits`)."""
+        return self.calibrate(self.predict_logits(prompts, prepared))
 
     # ------------------------------------------------------------------ routing
 
@@ -212,8 +245,9 @@ class TierClassifier:
         """Validate a policy against this model; returns the allowed-tier mask."""
         if not 0.0 <= policy.min_success <= 1.0:
             raise PolicyError(f"min_success must be in [0, 1], got {policy.min_success}")
-        if policy.cost_weight is not None and not policy.cost_weight >= 0:
-            raise PolicyError(f"cost_weight must be >= 0, got {policy.cost_weight}")
+        if policy.cost_weight is not None and not 0 <= policy.cost_weight < math.inf:
+            # inf x a zero cost is NaN, which would pick a tier outside allowed_tiers
+            raise PolicyError(f"cost_weight must be >= 0 and finite, got {policy.cost_weight}")
         unknown = [t for t in policy.allowed_tiers if t not in self.tiers]
         if unknown:
             raise PolicyError(
@@ -223,7 +257,7 @@ class TierClassifier:
             [not policy.allowed_tiers or t in policy.allowed_tiers for t in self.tiers]
         )
         if policy.max_price is not None:
-            if policy.max_price < 0:
+            if not policy.max_price >= 0:  # NaN too
                 raise PolicyError(f"max_price must be >= 0, got {policy.max_price}")
             allowed &= self._prices <= policy.max_price
         if not allowed.any():

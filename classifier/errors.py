@@ -8,7 +8,8 @@ wrong and what is allowed::
     ├── IngestError        an input file that cannot be read at all, or yields no rows
     ├── DatasetError       a dataset that cannot train a model (a tier with no targets, ...)
     ├── ArtifactError      a model directory that is incomplete, tampered with or of another schema
-    └── PolicyError        a routing policy that names an unknown tier or is out of range
+    ├── PolicyError        a routing policy that names an unknown tier or is out of range
+    └── PromptError        a prompt with no text left once normalized
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ class ArtifactError(TierpickError):
 
 class PolicyError(TierpickError):
     """A routing policy is invalid for the loaded model."""
+
+
+class PromptError(TierpickError):
+    """A prompt that holds nothing to classify once normalized (white space, control or
+    zero-width characters only)."""
 
 
 class MissingDependencyError(TierpickError, ImportError):

@@ -23,6 +23,12 @@ def register_score(sub: Any) -> None:
     p.add_argument("--model", help="model directory or models:/ URI (default: shipped model)")
     p.add_argument("--prompt-field", default="prompt", help="field holding the prompt text")
     p.add_argument(
+        "--output-prefix",
+        default="",
+        help="prefix for the columns scoring adds (tier, p_<tier>, error, extra_fields), for "
+        "inputs that already have fields of those names",
+    )
+    p.add_argument(
         "--format",
         choices=["parquet", "jsonl", "jsonl.gz", "csv"],
         default="parquet",
@@ -79,6 +85,7 @@ def _score(args: argparse.Namespace) -> int:
         cache_size=args.cache_size,
         part_bytes=max(1, int(args.part_mb * (1 << 20))),
         threads=args.threads,
+        output_prefix=args.output_prefix,
     )
     *inputs, output = args.paths
     summary = score(
@@ -105,6 +112,9 @@ def register_report(sub: Any) -> None:
     p.add_argument("--model", help="the model that scored it, for tier prices (default: shipped)")
     p.add_argument("--out", help="report directory (default: SCORED-report beside it)")
     p.add_argument("--prompt-field", default="prompt", help="field holding the prompt text")
+    p.add_argument(
+        "--output-prefix", default="", help="the --output-prefix the log was scored with"
+    )
     p.add_argument("--output-tokens", type=int, default=300, help="assumed output tokens per call")
     p.add_argument(
         "--chars-per-token", type=float, default=4.0, help="assumed characters per input token"
@@ -120,7 +130,13 @@ def _report(args: argparse.Namespace) -> int:
     scored = Path(args.scored)
     out = Path(args.out) if args.out else scored.parent / f"{scored.name}-report"
     _, md, note = write_report(
-        scored, out, clf, args.prompt_field, args.output_tokens, args.chars_per_token
+        scored,
+        out,
+        clf,
+        args.prompt_field,
+        args.output_tokens,
+        args.chars_per_token,
+        args.output_prefix,
     )
     sys.stdout.write(md)
     if note:

@@ -43,16 +43,19 @@ class ScoredLog:
     files: int
 
 
-def read_scored(path: Path, tiers: tuple[str, ...], prompt_field: str = "prompt") -> ScoredLog:
-    """Read a scored log; the probability columns must be this model's tiers."""
+def read_scored(
+    path: Path, tiers: tuple[str, ...], prompt_field: str = "prompt", prefix: str = ""
+) -> ScoredLog:
+    """Read a scored log; the probability columns must be this model's tiers (named with the
+    ``--output-prefix`` the log was scored with)."""
     index = {t: i for i, t in enumerate(tiers)}
-    cols = [f"p_{t}" for t in tiers]
+    cols = [f"{prefix}p_{t}" for t in tiers]
     chars: list[int] = []
     proba: list[list[float]] = []
     routed: list[int] = []
     files, _ = expand_inputs([path])  # a file, or every scored file under a directory
     for f in files:
-        for text, probs, tier, where in _rows(f, prompt_field, cols):
+        for text, probs, tier, where in _rows(f, prompt_field, cols, f"{prefix}tier"):
             if tier is None:
                 chars.append(0)
                 proba.append([math.nan] * len(cols))
@@ -76,10 +79,10 @@ def read_scored(path: Path, tiers: tuple[str, ...], prompt_field: str = "prompt"
 Record = tuple[object, list[object], str | None, str]
 
 
-def _rows(path: Path, prompt_field: str, cols: list[str]) -> Iterator[Record]:
+def _rows(path: Path, prompt_field: str, cols: list[str], tier_col: str) -> Iterator[Record]:
     """(prompt, probabilities, tier, location) per row of one scored file."""
     kind = kind_of(path)
-    needed = [prompt_field, "tier", *cols]
+    needed = [prompt_field, tier_col, *cols]
     if kind == ".parquet":
         import pyarrow.parquet as pq
 
@@ -98,7 +101,7 @@ def _rows(path: Path, prompt_field: str, cols: list[str]) -> Iterator[Record]:
                 yield (
                     data[prompt_field][i],
                     [data[c][i] for c in cols],
-                    data["tier"][i],
+                    data[tier_col][i],
                     f"{path} row {row + i}",
                 )
             row += rb.num_rows
@@ -111,7 +114,7 @@ def _rows(path: Path, prompt_field: str, cols: list[str]) -> Iterator[Record]:
                 raise TierpickError(f"{path}: no column(s) {missing}: not a scored log")
             for rec in reader:
                 probs: list[object] = [float(rec[c]) if rec[c] else None for c in cols]
-                yield rec[prompt_field], probs, rec["tier"] or None, f"{path}:{reader.line_num}"
+                yield rec[prompt_field], probs, rec[tier_col] or None, f"{path}:{reader.line_num}"
             return
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
@@ -120,9 +123,14 @@ def _rows(path: Path, prompt_field: str, cols: list[str]) -> Iterator[Record]:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise TierpickError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from exc
-            if not isinstance(obj, dict) or "tier" not in obj:
-                raise TierpickError(f"{path}:{lineno}: not a scored row (no 'tier' field)")
-            yield obj.get(prompt_field), [obj.get(c) for c in cols], obj["tier"], f"{path}:{lineno}"
+            if not isinstance(obj, dict) or tier_col not in obj:
+                raise TierpickError(f"{path}:{lineno}: not a scored row (no {tier_col!r} field)")
+            yield (
+                obj.get(prompt_field),
+                [obj.get(c) for c in cols],
+                obj[tier_col],
+                f"{path}:{lineno}",
+            )
 
 
 def threshold_route(proba: npt.NDArray[np.float32], t: float) -> npt.NDArray[np.int64]:
@@ -289,10 +297,11 @@ def write_report(
     prompt_field: str = "prompt",
     output_tokens: int = 300,
     chars_per_token: float = 4.0,
+    prefix: str = "",
 ) -> tuple[dict[str, Any], str, str | None]:
     """Write report.md, report.json and cost_curve.png; returns the report, its Markdown and
     a note when the PNG could not be drawn."""
-    log = read_scored(scored, clf.tiers, prompt_field)
+    log = read_scored(scored, clf.tiers, prompt_field, prefix)
     report = build_report(log, clf, output_tokens, chars_per_token)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=1))

@@ -27,15 +27,22 @@ refused unless ``--restart`` is given.
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import csv
+import fcntl
 import glob
 import gzip
+import itertools
 import json
 import os
 import resource
 import shutil
+import signal
 import sys
+import threading
 import time
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -46,7 +53,7 @@ from typing import IO, Any
 import numpy as np
 
 from classifier import TierClassifier
-from classifier._io import open_text
+from classifier._io import first_bad_utf8_line, open_text
 from classifier.errors import ConfigError, TierpickError
 
 KINDS = (".jsonl", ".jsonl.gz", ".csv", ".parquet")
@@ -66,16 +73,33 @@ def kind_of(path: Path) -> str:
 class ScoreOptions:
     """What a part's scoring needs besides the model; the same on every engine.
 
-    ``prompt_field`` and ``out_kind`` change the output, so they are part of the resume check;
-    the others only change speed.
+    ``prompt_field``, ``out_kind`` and ``output_prefix`` change the output, so they are part
+    of the resume check; the others only change speed.
     """
 
     prompt_field: str = "prompt"
     out_kind: str = ".parquet"
+    output_prefix: str = ""  # put before the names of the columns scoring adds
     batch_size: int = 4096
     cache_size: int = 100_000
     part_bytes: int = 32 << 20  # a JSONL file is cut into parts of about this many bytes
     threads: int = 1  # ONNX Runtime intra-op threads per worker
+
+
+def output_columns(opts: ScoreOptions, tiers: Sequence[str]) -> list[str]:
+    """The columns scoring adds to every row (``extra_fields`` for Parquet output too)."""
+    p = opts.output_prefix
+    return [f"{p}tier", *[f"{p}p_{t}" for t in tiers], f"{p}error", f"{p}{EXTRA}"]
+
+
+def check_no_clash(fields: Iterable[str], added: Sequence[str], where: str) -> None:
+    """Refuse input fields that the columns scoring adds would overwrite."""
+    clash = sorted(set(fields) & set(added))
+    if clash:
+        raise ConfigError(
+            f"{where}: input field(s) {clash} have the names of columns scoring adds and would "
+            "be overwritten; give the added columns a prefix, e.g. --output-prefix tierpick_"
+        )
 
 
 @dataclass(frozen=True)
@@ -168,6 +192,11 @@ class ScoreSummary:
         return "\n".join(lines)
 
 
+EMPTY_ONCE_NORMALIZED = (
+    "empty prompt once normalized (only white space, control or zero-width characters)"
+)
+
+
 def _prompt_error(value: object) -> str | None:
     if value is None:
         return "missing prompt"
@@ -192,9 +221,10 @@ class PredictionCache:
         self.misses = 0
 
     def predict(self, clf: TierClassifier, prompts: list[str]) -> np.ndarray:
+        """Probabilities of prompts already prepared (:meth:`TierClassifier.prepare`)."""
         if self.size <= 0:
             self.misses += len(prompts)
-            return clf.predict_proba(prompts)
+            return clf.predict_proba(prompts, prepared=True)
         out = np.empty((len(prompts), len(clf.tiers)), dtype=np.float32)
         todo: dict[str, list[int]] = {}
         for i, p in enumerate(prompts):
@@ -206,7 +236,7 @@ class PredictionCache:
         self.hits += len(prompts) - sum(len(v) for v in todo.values())
         self.misses += sum(len(v) for v in todo.values())
         if todo:
-            fresh = clf.predict_proba(list(todo))
+            fresh = clf.predict_proba(list(todo), prepared=True)
             for (p, idx), row in zip(todo.items(), fresh, strict=True):
                 out[idx] = row
                 self._rows[p] = row
@@ -220,12 +250,19 @@ def score_prompts(
 ) -> tuple[np.ndarray, list[str | None], list[str | None]]:
     """Probabilities (NaN for bad rows), tiers and errors for a batch of raw prompt values."""
     errors = [_prompt_error(v) for v in values]
-    good = [i for i, e in enumerate(errors) if e is None]
+    candidates = [i for i, e in enumerate(errors) if e is None]
+    texts = clf.prepare([values[i] for i in candidates])  # type: ignore[misc]
+    good, prompts = [], []
+    for i, text in zip(candidates, texts, strict=True):
+        if text:
+            good.append(i)
+            prompts.append(text)
+        else:
+            errors[i] = EMPTY_ONCE_NORMALIZED
     proba = np.full((len(values), len(clf.tiers)), np.nan, dtype=np.float32)
     tiers: list[str | None] = [None] * len(values)
     if good:
-        prompts = [values[i] for i in good]
-        p = (cache or PredictionCache(0)).predict(clf, prompts)  # type: ignore[arg-type]
+        p = (cache or PredictionCache(0)).predict(clf, prompts)
         proba[good] = p
         chosen, _ = clf.choose(p)
         for i, c in zip(good, chosen, strict=True):
@@ -368,6 +405,22 @@ Row = tuple[dict[str, Any], str | None, int]  # (fields, error found while readi
 
 def _jsonl_rows(part: Part, summary: ScoreSummary) -> Iterator[Row]:
     path = Path(part.source)
+    with _unreadable_as_error(path):
+        yield from _jsonl_lines(path, part, summary)
+
+
+@contextlib.contextmanager
+def _unreadable_as_error(path: Path) -> Iterator[None]:
+    """A truncated or fake gzip file, or a file that vanished, is one clear error."""
+    try:
+        yield
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise TierpickError(f"{path}: not a complete gzip file ({exc})") from exc
+    except OSError as exc:
+        raise TierpickError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+
+
+def _jsonl_lines(path: Path, part: Part, summary: ScoreSummary) -> Iterator[Row]:
     gz = path.name.lower().endswith(".gz")
     with gzip.open(path, "rb") if gz else path.open("rb") as fh:
         if part.start:
@@ -376,6 +429,9 @@ def _jsonl_rows(part: Part, summary: ScoreSummary) -> Iterator[Row]:
         for raw in fh:
             if 0 <= part.stop <= pos:
                 break
+            if pos == 0 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8) :]  # a byte-order mark, not part of the row
+                pos += len(codecs.BOM_UTF8)
             pos += len(raw)
             lineno += 1
             try:
@@ -396,6 +452,13 @@ def _jsonl_rows(part: Part, summary: ScoreSummary) -> Iterator[Row]:
                     lineno,
                 )
                 continue
+            except RecursionError:
+                yield (
+                    {"line": lineno, "raw": line.rstrip("\r\n")},
+                    "invalid JSON (nested too deeply)",
+                    lineno,
+                )
+                continue
             if isinstance(obj, dict):
                 yield obj, None, lineno
             else:
@@ -406,18 +469,34 @@ def _jsonl_rows(part: Part, summary: ScoreSummary) -> Iterator[Row]:
                 )
 
 
+# A CSV field may be this long (the csv module's default, 128 KiB, is shorter than long
+# prompts); a longer one is an error row. A prompt is read up to 4 x max_chars characters.
+CSV_FIELD_LIMIT = 64 << 20
+
+
 def _csv_rows(part: Part, summary: ScoreSummary) -> Iterator[Row]:
-    with open_text(Path(part.source), "r") as fh:
+    path = Path(part.source)
+    csv.field_size_limit(CSV_FIELD_LIMIT)
+    with _unreadable_as_error(path), open_text(path, "r") as fh:
         reader = csv.DictReader(fh)
         try:
-            for row in reader:
+            while True:
+                line = reader.line_num + 1
+                try:
+                    row = next(reader)
+                except StopIteration:
+                    return
+                except csv.Error as exc:  # e.g. a field over the limit: the reader goes on
+                    yield {"line": line}, f"malformed CSV row ({exc})", line
+                    continue
                 extra = row.pop(None, None)  # a long row; a short one has None values (restval)
                 short = any(v is None for v in row.values())
-                yield row, "wrong number of CSV fields" if extra or short else None, reader.line_num
+                yield row, "wrong number of CSV fields" if extra or short else None, line
         except UnicodeDecodeError as exc:  # the csv module reads text: one bad byte stops it
+            bad = first_bad_utf8_line(path)
             raise TierpickError(
-                f"{part.source}: not UTF-8 after line {reader.line_num} ({exc.reason}); "
-                "re-encode the file or convert it to JSONL, where bad lines are kept as errors"
+                f"{path}: line {bad} is not UTF-8 ({exc.reason}); re-encode the file or convert "
+                "it to JSONL, where bad lines are kept as errors"
             ) from exc
 
 
@@ -449,13 +528,17 @@ def score_part(
     src = Path(part.source)
     tmp = work / BOOKKEEPING / "tmp" / f"{part.index:05d}{opts.out_kind}"
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    writer = _Writer(tmp, opts.out_kind, [f"p_{t}" for t in clf.tiers])
+    writer = _Writer(tmp, opts.out_kind, output_columns(opts, clf.tiers))
     try:
         if kind_of(src) == ".parquet":
             _score_parquet(clf, part, opts, cache, writer, summary)
         else:
             reader = _csv_rows if kind_of(src) == ".csv" else _jsonl_rows
             for batch in _batched(reader(part, summary), opts.batch_size):
+                fields = {k for row, _, _ in batch for k in row}
+                if set(writer.added) & fields:
+                    line = next(n for row, _, n in batch if set(row) & set(writer.added))
+                    check_no_clash(fields, writer.added, f"{src}:{line}")
                 values = [
                     row.get(opts.prompt_field) if err is None else None for row, err, _ in batch
                 ]
@@ -489,8 +572,16 @@ def _score_parquet(
         raise TierpickError(
             f"{part.source}: no column {opts.prompt_field!r}; columns: {pf.schema_arrow.names}"
         )
+    check_no_clash(pf.schema_arrow.names, writer.added, part.source)
     first = sum(pf.metadata.row_group(g).num_rows for g in range(part.start))
-    for rb in pf.iter_batches(batch_size=opts.batch_size, row_groups=range(part.start, part.stop)):
+    batches = pf.iter_batches(batch_size=opts.batch_size, row_groups=range(part.start, part.stop))
+    for rb in itertools.chain(batches, [pf.schema_arrow.empty_table().to_batches()]):
+        if isinstance(rb, list):  # the end: an empty batch keeps an empty file's columns
+            if writer.written:
+                break
+            import pyarrow as pa
+
+            rb = pa.RecordBatch.from_pylist([], schema=pf.schema_arrow)
         values = rb.column(opts.prompt_field).to_pylist()
         proba, tiers, errors = score_prompts(clf, values, cache)
         writer.write_arrow(rb, proba, tiers, errors)
@@ -560,6 +651,16 @@ def score(
         raise ConfigError(f"engine {engine!r} is not one of ['local', 'ray']")
     opts = opts or ScoreOptions()
     files, base = expand_inputs(inputs)
+    out_abs = output.resolve()
+    if out_abs in files:
+        raise ConfigError(f"{output} is also an input: it would be overwritten; write elsewhere")
+    for item in inputs:
+        folder = Path(str(item)).resolve()
+        if folder.is_dir() and (out_abs == folder or folder in out_abs.parents):
+            raise ConfigError(
+                f"{output} is inside the input directory {item}: a rerun would read the output "
+                "as input; write it elsewhere"
+            )
     if base is None:
         opts = ScoreOptions(**{**asdict(opts), "out_kind": kind_of(output)})
         work = output.parent / f".{output.name}.parts"
@@ -574,6 +675,9 @@ def score(
             raise ConfigError(f"{output} is inside the input; write the output elsewhere")
     if opts.out_kind not in KINDS:
         raise ConfigError(f"output format {opts.out_kind!r} is not one of {list(KINDS)}")
+    added = output_columns(opts, clf.tiers)
+    for path in files:
+        check_no_clash(_input_fields(path), added, str(path))
     parts = plan_parts(files, base, opts)
     plan = {
         "inputs": [_stat(p) for p in files],
@@ -581,8 +685,106 @@ def score(
         "tiers": list(clf.tiers),
         "prompt_field": opts.prompt_field,
         "out_kind": opts.out_kind,
+        "output_prefix": opts.output_prefix,
         "parts": [asdict(p) for p in parts],
     }
+    with _exclusive(work, output):
+        return _score_parts(
+            parts,
+            plan,
+            work,
+            output,
+            base,
+            clf,
+            opts,
+            workers,
+            engine,
+            ray_address,
+            restart,
+            progress,
+            start,
+        )
+
+
+def _input_fields(path: Path, lines: int = 1000) -> set[str]:
+    """The field names an input file starts with: its CSV header or Parquet columns, or the keys
+    of its first JSONL rows (checked again row by row while scoring)."""
+    kind = kind_of(path)
+    with _unreadable_as_error(path):
+        if kind == ".parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                return set(pq.ParquetFile(path).schema_arrow.names)
+            except Exception as exc:  # pyarrow raises ArrowInvalid and OSError subclasses
+                raise TierpickError(f"{path}: not a readable Parquet file: {exc}") from exc
+        if kind == ".csv":
+            csv.field_size_limit(CSV_FIELD_LIMIT)
+            try:
+                with open_text(path, "r") as fh:
+                    return set(next(csv.reader(fh), []))
+            except (UnicodeDecodeError, csv.Error):
+                return set()  # reported with its line while scoring
+        fields: set[str] = set()
+        with open_text(path, "r") as fh:
+            try:
+                for line in itertools.islice(fh, lines):
+                    with contextlib.suppress(ValueError, RecursionError):
+                        obj = json.loads(line)
+                        if isinstance(obj, dict):
+                            fields.update(obj)
+            except UnicodeDecodeError:
+                pass  # a bad line is an error row while scoring
+        return fields
+
+
+LOCK_FILE = "_tierpick.lock"
+
+
+@contextlib.contextmanager
+def _exclusive(work: Path, output: Path) -> Iterator[None]:
+    """One run at a time per output: a second run on the same output is refused at once."""
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        fh = (work / LOCK_FILE).open("a+")
+    except OSError as exc:
+        raise ConfigError(f"cannot write {output}: {exc.strerror or exc}") from exc
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise ConfigError(
+            f"another tierpick score ({holder}) is writing {output}; wait for it to finish or "
+            "choose another output"
+        ) from None
+    try:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}")
+        fh.flush()
+        yield
+    finally:
+        (work / LOCK_FILE).unlink(missing_ok=True)
+        fh.close()
+
+
+def _score_parts(
+    parts: list[Part],
+    plan: dict[str, Any],
+    work: Path,
+    output: Path,
+    base: Path | None,
+    clf: TierClassifier,
+    opts: ScoreOptions,
+    workers: int | None,
+    engine: str,
+    ray_address: str | None,
+    restart: bool,
+    progress: bool | None,
+    start: float,
+) -> ScoreSummary:
     _prepare_work_dir(work, plan, restart, output if base is None else None)
     done: dict[int, ScoreSummary] = {}
     for part in parts:
@@ -643,7 +845,7 @@ def _prepare_work_dir(
         for p in old.get("parts", []):
             (work / p["name"]).unlink(missing_ok=True)
         shutil.rmtree(work / BOOKKEEPING)
-    elif work.is_dir() and any(work.iterdir()):
+    elif work.is_dir() and any(p.name != LOCK_FILE for p in work.iterdir()):
         raise ConfigError(
             f"{work} is not empty and holds no tierpick run; choose an empty or new directory"
         )
@@ -678,8 +880,30 @@ _WORKER: dict[str, Any] = {}
 def _init_worker(model_dir: str, opts: ScoreOptions) -> None:
     import classifier
 
+    _die_with_parent()
     _WORKER["clf"] = classifier.load(model_dir, threads=opts.threads)
     _WORKER["cache"] = PredictionCache(opts.cache_size)
+
+
+def _die_with_parent() -> None:
+    """End this worker when the process that started it is gone (even by SIGKILL): the kernel
+    sends SIGKILL on Linux (PR_SET_PDEATHSIG), and a watchdog thread checks elsewhere. An
+    orphaned worker would go on committing parts into a run nobody is running."""
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="tierpick-parent-watch").start()
 
 
 def _score_in_worker(part: Part, work: str, opts: ScoreOptions) -> ScoreSummary:
@@ -778,7 +1002,9 @@ def _conform(table: Any, schema: Any) -> Any:
 EXTRA = "extra_fields"  # Parquet output of JSON rows: fields that do not fit the file's columns
 
 
-def _rows_to_table(rows: list[dict[str, Any]], schema: Any, fixed: dict[str, Any]) -> Any:
+def _rows_to_table(
+    rows: list[dict[str, Any]], schema: Any, fixed: dict[str, Any], extra_name: str = EXTRA
+) -> Any:
     """An Arrow table of JSON rows that fits one Parquet file's columns, losing nothing.
 
     The first batch (``schema`` None) sets the columns: nested values become JSON text, a column
@@ -791,11 +1017,8 @@ def _rows_to_table(rows: list[dict[str, Any]], schema: Any, fixed: dict[str, Any
 
     bad = (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError)
     first = schema is None
-    names = [
-        n
-        for n in (dict.fromkeys(k for r in rows for k in r) if first else schema.names)
-        if n != EXTRA
-    ]
+    keys = dict.fromkeys(k for r in rows for k in r) if rows else dict.fromkeys(fixed)
+    names = [n for n in (keys if first else schema.names) if n != extra_name]
     extra: list[dict[str, Any]] = [{} for _ in rows]
     if not first:
         known = set(names)
@@ -831,7 +1054,7 @@ def _rows_to_table(rows: list[dict[str, Any]], schema: Any, fixed: dict[str, Any
             type=pa.string(),
         )
     )
-    return pa.table(arrays, names=[*names, EXTRA])
+    return pa.table(arrays, names=[*names, extra_name])
 
 
 class _Writer:
@@ -841,19 +1064,25 @@ class _Writer:
     each is converted once to what the output kind needs.
     """
 
-    def __init__(self, path: Path, kind: str, prob_cols: list[str]) -> None:
-        self.path, self.kind, self.prob_cols = path, kind, prob_cols
+    def __init__(self, path: Path, kind: str, added: list[str]) -> None:
+        """``added``: the names of the columns scoring adds (:func:`output_columns`)."""
+        self.path, self.kind, self.added = path, kind, added
+        self.tier_col, *self.prob_cols, self.error_col, self.extra_col = added
         self._fh: IO[str] | None = None
         self._csv: csv.DictWriter[str] | None = None
         self._pq: Any = None
 
+    @property
+    def written(self) -> bool:
+        return self._fh is not None or self._pq is not None
+
     def _added(
         self, proba: np.ndarray, tiers: list[str | None], errors: list[str | None]
     ) -> dict[str, list[Any]]:
-        cols: dict[str, list[Any]] = {"tier": list(tiers)}
+        cols: dict[str, list[Any]] = {self.tier_col: list(tiers)}
         for j, name in enumerate(self.prob_cols):
             cols[name] = [None if np.isnan(v) else float(v) for v in proba[:, j]]
-        cols["error"] = list(errors)
+        cols[self.error_col] = list(errors)
         return cols
 
     def write_rows(
@@ -868,10 +1097,10 @@ class _Writer:
         if self.kind == ".parquet":
             import pyarrow as pa
 
-            fixed = {"tier": pa.string(), "error": pa.string()}
+            fixed = {self.tier_col: pa.string(), self.error_col: pa.string()}
             fixed.update((name, pa.float32()) for name in self.prob_cols)
             schema = self._pq.schema if self._pq is not None else None
-            self._write_table(_rows_to_table(out, schema, fixed))
+            self._write_table(_rows_to_table(out, schema, fixed, self.extra_col))
         else:
             self._write_dicts(out)
 
@@ -882,7 +1111,7 @@ class _Writer:
 
         table = pa.Table.from_batches([rb])
         for name, values in self._added(proba, tiers, errors).items():
-            typ = pa.float32() if name.startswith("p_") else pa.string()
+            typ = pa.float32() if name in self.prob_cols else pa.string()
             table = table.append_column(name, pa.array(values, type=typ))
         if self.kind == ".parquet":
             self._write_table(table)
@@ -898,7 +1127,9 @@ class _Writer:
             )
         if self.kind == ".csv":
             if self._csv is None:
-                names = list(dict.fromkeys(k for r in rows for k in r))
+                names = list(dict.fromkeys(k for r in rows for k in r)) or [
+                    n for n in self.added if n != self.extra_col
+                ]
                 self._csv = csv.DictWriter(self._fh, fieldnames=names)
                 self._csv.writeheader()
             try:
@@ -928,12 +1159,13 @@ class _Writer:
         self._pq.write_table(table)
 
     def close(self) -> None:
+        if not self.written:  # no row: still a valid file, with the columns scoring adds
+            empty = np.zeros((0, len(self.prob_cols)), dtype=np.float32)
+            self.write_rows([], empty, [], [])
         if self._pq is not None:
             self._pq.close()
         if self._fh is not None:
             self._fh.close()
-        if self._pq is None and self._fh is None:
-            self.path.touch()
 
 
 def score_file(

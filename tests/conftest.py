@@ -30,6 +30,7 @@ def default_built(data_dir: Path):  # type: ignore[no-untyped-def]
 
 # --------------------------------------------------------------------------- tiny training fixture
 
+SCIENCE = {"biology", "chemistry", "physics", "math", "computer science", "engineering"}
 TINY_MODELS = {
     "Meta-Llama-3_1-8B-Instruct": "local",
     "Mixtral-8x7B-Instruct-v0.1": "mid",
@@ -54,8 +55,9 @@ split: {{val_fraction: 0.2, test_fraction: 0.2{hold}}}
 train:
   seed: {seed}
   model_name: tiny
-  teacher: {{max_tokens: 32, max_train: 64, batch_size: 16, checkpoint_every: 2}}
-  student: {{dim: 32, epochs: 3, vocab: seen, max_tokens: 64, label_epochs: 1}}
+  teacher: {{max_tokens: 32}}
+  student: {{dim: 32, epochs: 3, vocab: seen, max_tokens: 64}}
+  head: {{hidden: 16, epochs: 20, patience: 3}}
 """
     )
     return cfg
@@ -64,7 +66,8 @@ train:
 @pytest.fixture(scope="session")
 def tiny_data(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every 30th MMLU-Pro question for three models, as a long-format JSONL (derived, not copied
-    into the repo): ~400 prompts with real outcomes."""
+    into the repo): ~400 prompts with real outcomes, in two sources (so two families: the
+    science subjects and the rest)."""
     import json
     import zipfile
 
@@ -87,6 +90,9 @@ def tiny_data(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
                                 "prompt": prompt,
                                 "model": model,
                                 "task": r["category"],
+                                "source": "tiny-science"
+                                if r["category"] in SCIENCE
+                                else "tiny-other",
                                 "score": float(r["pred"] is not None and r["pred"] == r["answer"]),
                             }
                         )

@@ -45,6 +45,7 @@ def test_public_surface_of_classifier() -> None:
         "Manifest",
         "MissingDependencyError",
         "PolicyError",
+        "PromptError",
         "RoutingPolicy",
         "TierClassifier",
         "TierSpec",

@@ -41,8 +41,30 @@ def _config(tmp_path: Path, **overrides: object):  # type: ignore[no-untyped-def
 
 def test_default_dataset_counts(default_built: BuiltDataset) -> None:
     rep = default_built.report
-    assert rep["dropped_by_reason"] == {"row is not a JSON object": 43}
-    assert all("DeepSeek-Coder-V2" in p["origin"] for p in rep["dropped_rows"])
+    assert rep["dropped_by_reason"] == {
+        "row is not a JSON object": 43,  # MMLU-Pro DeepSeek-Coder-V2's junk rows
+        "judge gave no grade": 39,  # arena-bench scores of None
+        "preference missing or outside [1, 2]": 249,  # AlpacaEval-davinci003 0 or null
+    }
+    where = {
+        "row is not a JSON object": "DeepSeek-Coder-V2",
+        "judge gave no grade": "arena-bench-v1/model_judgment/",
+        "preference missing or outside [1, 2]": "alpaca-eval-davinci003/",
+    }
+    assert all(where[p["reason"]] in p["origin"] for p in rep["dropped_rows"])
+    # every dropped row names its file and line (or index)
+    assert all(
+        p["origin"].rsplit(":", 1)[-1].isdigit() or p["origin"].endswith("]")
+        for p in rep["dropped_rows"]
+    )
+    assert rep["families"] == {
+        "mmlu-pro": 11816,
+        "easy-qa": 2068,
+        "chat": 1102,
+        "reasoning": 848,
+        "code": 964,
+        "math": 2047,
+    }
     out = default_built.outcomes
     llama8 = pc.sum(pc.equal(out["model"], "Meta-Llama-3_1-8B-Instruct")).as_py()
     assert llama8 == 12032
@@ -80,12 +102,15 @@ def test_default_stats_table(default_built: BuiltDataset) -> None:
     assert row["rows"] == 12032 and round(row["mean_score"], 3) == 0.442
     deepseek = next(r for r in data["per_model"] if r["model"] == "DeepSeek-Coder-V2")
     assert deepseek["rows"] == 10351
-    assert data["dropped_by_reason"] == {"row is not a JSON object": 43}
-    alpaca = [r for r in data["per_model"] if r["source"] == "alpaca-eval"]
-    assert len(alpaca) == 11 and all(r["rows"] == 805 for r in alpaca)
-    # the shipped tiers are ordered by measured success on every source
-    assert not tier_order_warnings(default_built.table, default_built.tiers)
-    assert "FuseChat-Llama-3.1-8B-Instruct" in " ".join(data["warnings"])  # left out, and said so
+    assert data["dropped_by_reason"]["row is not a JSON object"] == 43
+    arena = [r for r in data["per_model"] if r["source"] == "arena-bench-v1"]
+    assert len(arena) == 15 and sum(r["rows"] for r in arena) == 15 * 299 - 39
+    # the shipped tiers are ordered by measured success on every source and on every task but
+    # lm-eval's 10 winogrande questions (gpt-4o 3 of 10, the local models 7 of 20)
+    warnings = tier_order_warnings(default_built.table, default_built.tiers)
+    assert len(warnings) == 1 and "lm-eval/winogrande (10 prompts)" in warnings[0]
+    # models left out on purpose are said so
+    assert "'llama3-chatqa-1.5-8b' (3569 outcomes) is in no tier" in " ".join(data["warnings"])
 
 
 # --------------------------------------------------------------------------- mechanics

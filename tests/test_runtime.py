@@ -80,6 +80,51 @@ def test_bad_policies(model_dir: Path, policy: RoutingPolicy, message: str) -> N
     assert message in str(info.value)
 
 
+def test_every_policy_routes_within_its_allowed_tiers_or_is_refused(model_dir: Path) -> None:
+    """inf x a zero cost is NaN: cost_weight=inf once routed to a tier outside allowed_tiers."""
+    import itertools
+    import math
+
+    clf = classifier.load(model_dir)
+    p = clf.predict_proba(["What is 2 + 2?", "Prove that there are infinitely many primes."])
+    odd = [0.0, 1e-12, 0.5, 1.0, 1e300, math.inf, -math.inf, math.nan, -0.0, -1.0]
+    subsets = [(), ("frontier",), ("local",), ("mid", "frontier"), ("local", "frontier")]
+    refused = 0
+    for weight, minimum, price, allowed in itertools.product(odd, odd, [None, *odd], subsets):
+        policy = RoutingPolicy(
+            min_success=minimum, allowed_tiers=allowed, max_price=price, cost_weight=weight
+        )
+        try:
+            decisions = clf.route_proba(p, policy)
+        except PolicyError:
+            refused += 1
+            continue
+        ok = set(allowed or clf.tiers)
+        if price is not None:
+            ok &= {t.name for t in clf.manifest.tiers if t.price_output <= price}
+        assert {d.tier for d in decisions} <= ok, policy
+        assert math.isfinite(weight) and 0 <= minimum <= 1
+    assert refused > 0
+    for bad in (math.inf, math.nan):
+        with pytest.raises(PolicyError, match="cost_weight must be >= 0 and finite"):
+            clf.route(["hi"], RoutingPolicy(cost_weight=bad, allowed_tiers=("frontier",)))
+
+
+def test_prompt_with_nothing_left_once_normalized_is_refused(model_dir: Path) -> None:
+    from classifier import PromptError
+
+    clf = classifier.load(model_dir)
+    for junk in ("\u200b\u200c\u200d\ufeff", "\x00\x01\x7f", " \t\n\r ", "\u2060" * 1000):
+        with pytest.raises(PromptError, match="prompt 1 has no text once normalized"):
+            clf.predict_proba(["fine", junk])
+        assert clf.prepare([junk]) == [""]
+    # the work per prompt is bounded: only 4 x max_chars raw characters are read
+    m = clf.manifest.max_chars
+    assert prepare_prompt("a" * 10 + "b" * 20_000_000, m) == "a" * 10 + "b" * (m - 10)
+    assert prepare_prompt(" " * (4 * m) + "hello", m) == ""
+    assert prepare_prompt(" " * (4 * m - 5) + "hello", m) == "hello"
+
+
 def test_tampered_or_incomplete_artifacts_are_refused(model_dir: Path, tmp_path: Path) -> None:
     bad = tmp_path / "m"
     shutil.copytree(model_dir, bad)
@@ -105,6 +150,32 @@ def test_tampered_or_incomplete_artifacts_are_refused(model_dir: Path, tmp_path:
         classifier.load(bad)
     with pytest.raises(ArtifactError, match="does not exist"):
         classifier.load(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("escape", ["../secret.txt", "/etc/passwd", "sub/student.onnx", ".."])
+def test_manifest_paths_never_leave_the_model_directory(
+    model_dir: Path, tmp_path: Path, escape: str
+) -> None:
+    """A manifest naming a file outside its directory is refused before anything is read (the
+    error once printed part of an outside file's sha256)."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not yours")
+    bad = tmp_path / "m"
+    shutil.copytree(model_dir, bad)
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    for field in ("files", "graph"):
+        edited = dict(manifest)
+        if field == "files":
+            edited["files"] = {**manifest["files"], escape: "0" * 64}
+        else:
+            edited["files"] = {**manifest["files"], escape: manifest["files"]["student.onnx"]}
+            edited["graph"] = escape
+        (bad / "manifest.json").write_text(json.dumps(edited))
+        with pytest.raises(
+            ArtifactError, match="is not a plain name inside the model directory"
+        ) as info:
+            classifier.load(bad)
+        assert "sha256" not in str(info.value)
 
 
 def test_runtime_never_imports_torch(model_dir: Path) -> None:

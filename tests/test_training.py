@@ -30,12 +30,14 @@ def test_pipeline_outputs(tiny_trained) -> None:  # type: ignore[no-untyped-def]
     assert result.report["teacher_onnx_parity_max_abs_diff"] <= 1e-4
     teacher = read_manifest(Path(result.report["teacher_model_dir"]))
     assert teacher.graph == "teacher.onnx" and teacher.max_tokens == 32
+    assert result.report["test_by_family"].keys() == {"tiny-science", "tiny-other"}
     for split in ("test", "ood"):
         res = result.report["splits"][split]
         assert set(res["routing"]) >= {
             "student",
             "student_threshold_rule",
             "teacher",
+            "knn",
             "tfidf_lr",
             "category_prior",
             "random",
@@ -55,49 +57,92 @@ def test_pipeline_outputs(tiny_trained) -> None:  # type: ignore[no-untyped-def]
     assert "N-tier APGR" in md and "tfidf_lr" in md and "best_fixed_mix" in md
 
 
-def test_teacher_resumes_from_checkpoint(tiny_config: Path, tmp_path: Path) -> None:
-    """A run stopped mid-fine-tune continues from its checkpoint and ends where an
-    uninterrupted run ends."""
-    import torch
+def test_teacher_embeddings_are_cached_and_resume_after_an_interruption(
+    tiny_data: Path, tmp_path: Path
+) -> None:
+    """The teacher's pass is written as it goes: a run that dies midway continues where it
+    stopped, computes only what is missing, and ends with the embeddings of a straight run."""
+    import json
 
     from training import encoders
+    from training.config import TeacherConfig
 
-    cfg = load_config(tiny_config)
-    ds = build_dataset(cfg)
-    from training.pipeline import split_arrays
-
-    train = split_arrays(ds, "train")
-    y, m = train.targets.astype(np.float32), train.mask.astype(np.float32)
-    tcfg = cfg.train.teacher
-    straight = encoders.train_teacher(train.prompts, y, m, tcfg, 0, tmp_path / "a", 512)
-
-    class Stop(Exception):
-        pass
+    prompts = [json.loads(line)["prompt"] for line in tiny_data.read_text().splitlines()][:150]
+    cfg = TeacherConfig(max_tokens=32, inference_batch=16)
+    straight = encoders.EmbeddingCache(tmp_path / "a.npz", cfg, 512).get(prompts)
+    assert straight.shape == (150, 384)
 
     calls = {"n": 0}
-    real_step = torch.optim.AdamW.step
+    real = encoders.Teacher.pooled
 
-    def failing_step(self, *a, **k):  # type: ignore[no-untyped-def]
+    def dies_on_the_fifth_batch(self, *a, **k):  # type: ignore[no-untyped-def]
         calls["n"] += 1
-        if calls["n"] == 3:  # dies after two steps; the checkpoint is from step 2
-            raise Stop
-        return real_step(self, *a, **k)
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
 
-    torch.optim.AdamW.step = failing_step  # type: ignore[method-assign]
+    cache = encoders.EmbeddingCache(tmp_path / "b.npz", cfg, 512, flush_every=32)
+    encoders.Teacher.pooled = dies_on_the_fifth_batch  # type: ignore[method-assign]
     try:
-        with pytest.raises(Stop):
-            encoders.train_teacher(train.prompts, y, m, tcfg, 0, tmp_path / "b", 512)
+        with pytest.raises(KeyboardInterrupt):
+            cache.get(prompts)
     finally:
-        torch.optim.AdamW.step = real_step  # type: ignore[method-assign]
-    assert (tmp_path / "b" / "teacher.ckpt").exists()
-    resumed = encoders.train_teacher(train.prompts, y, m, tcfg, 0, tmp_path / "b", 512)
-    for (k, v1), v2 in zip(
-        straight.state_dict().items(), resumed.state_dict().values(), strict=True
-    ):
-        assert torch.allclose(v1, v2, atol=1e-5), k
-    t0 = time.perf_counter()
-    encoders.train_teacher(train.prompts, y, m, tcfg, 0, tmp_path / "b", 512)  # finished: reused
-    assert time.perf_counter() - t0 < 30
+        encoders.Teacher.pooled = real  # type: ignore[method-assign]
+    resumed = encoders.EmbeddingCache(tmp_path / "b.npz", cfg, 512, flush_every=32)
+    assert len(resumed) == 64  # four batches of 16 were written before the fifth died
+    calls["n"] = 0
+
+    def counting(self, *a, **k):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        return real(self, *a, **k)
+
+    encoders.Teacher.pooled = counting  # type: ignore[method-assign]
+    try:
+        again = resumed.get(prompts)
+        assert calls["n"] == 6  # the 86 missing texts only, in batches of 16
+        calls["n"] = 0
+        encoders.EmbeddingCache(tmp_path / "b.npz", cfg, 512).get(prompts[:40])
+        assert calls["n"] == 0  # a later run computes nothing
+    finally:
+        encoders.Teacher.pooled = real  # type: ignore[method-assign]
+    np.testing.assert_allclose(again, straight, atol=1e-5)
+
+
+def test_leave_one_family_out_never_trains_on_the_family(tiny_trained) -> None:  # type: ignore[no-untyped-def]
+    """Each family is evaluated on all of its prompts by a fit whose train and val sets are
+    the other families' train and val splits only."""
+    from training.dataset import load_dataset
+
+    ds = load_dataset(tiny_trained.report_dir.parent / "dataset")
+    fams = ds.table["family"].to_pylist()
+    splits = ds.table["split"].to_pylist()
+    loso = tiny_trained.report["loso"]
+    assert set(loso["families"]) == {"tiny-science", "tiny-other"}
+    for fam, res in loso["families"].items():
+        assert res["n"] == fams.count(fam)
+        others = [s for f, s in zip(fams, splits, strict=True) if f != fam]
+        assert res["train_prompts"] == others.count("train")
+        assert res["val_prompts"] == others.count("val")
+        assert {"student", "best_fixed_mix", "knn", "teacher", "tfidf_lr"} <= set(res["routing"])
+        assert set(res["per_tier"]["student"]) == {"local", "mid", "frontier"}
+    assert set(loso["mean_apgr"]) >= {"student", "best_fixed_mix", "knn"}
+    md = (tiny_trained.report_dir / "report.md").read_text()
+    assert md.index("## Leave one family out") < md.index("## Split `test`")
+
+
+def test_evaluate_loso_command(tiny_config: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    out = tmp_path / "loso"
+    args = ["evaluate", "--loso", "--config", str(tiny_config), "--out", str(out)]
+    args += ["--workdir", str(tmp_path / "w"), "--no-mlflow", "--families", "tiny-other"]
+    assert main(args) == 0
+    assert "Leave one family out" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["loso"]["families"]) == ["tiny-other"]
+    bad = ["evaluate", "--loso", "--config", str(tiny_config), "--out", str(out), "--no-mlflow"]
+    assert main([*bad, "--families", "nope"]) == 2
+    assert "--families: ['nope'] not in the dataset" in capsys.readouterr().err
 
 
 def test_untrainable_datasets_fail_before_training(tiny_data: Path, tmp_path: Path) -> None:

@@ -66,3 +66,46 @@ def tfidf_lr(
         lr.fit(xs[keep], labels[keep], sample_weight=weights[keep])
         out[:, j] = lr.predict_proba(x)[:, 1]
     return out
+
+
+def knn(
+    train_emb: Array,
+    train_targets: Array,
+    train_mask: Array,
+    emb: Array,
+    k: int,
+) -> Array:
+    """Each tier's mean success over the ``k`` training prompts nearest by cosine similarity
+    (among those with an outcome for the tier; the tier's overall mean when none has)."""
+    norm = train_emb / np.maximum(np.linalg.norm(train_emb, axis=1, keepdims=True), 1e-12)
+    overall = np.where(train_mask > 0, train_targets, 0).sum(0) / np.maximum(train_mask.sum(0), 1)
+    k = max(1, min(k, len(train_emb)))
+    out = np.zeros((len(emb), train_targets.shape[1]))
+    for s in range(0, len(emb), 1024):
+        q = emb[s : s + 1024]
+        sim = (q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)) @ norm.T
+        idx = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+        m, y = train_mask[idx], train_targets[idx]
+        n = m.sum(1)
+        out[s : s + 1024] = np.where(n > 0, (y * m).sum(1) / np.maximum(n, 1), overall)
+    return out
+
+
+KNN_K = (5, 10, 25, 50, 100, 200)
+
+
+def tuned_knn(
+    train_emb: Array,
+    train_targets: Array,
+    train_mask: Array,
+    val_emb: Array,
+    val_targets: Array,
+    val_mask: Array,
+) -> int:
+    """The k of :func:`knn` with the lowest masked Brier score on the validation prompts."""
+
+    def brier(k: int) -> float:
+        p = knn(train_emb, train_targets, train_mask, val_emb, k)
+        return float((((p - val_targets) ** 2) * val_mask).sum() / max(val_mask.sum(), 1))
+
+    return min(KNN_K, key=brier)

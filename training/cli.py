@@ -55,12 +55,29 @@ def register_train(sub: Any) -> None:
 
 
 def register_evaluate(sub: Any) -> None:
-    p = sub.add_parser("evaluate", help="evaluate a model on a dataset's test and ood splits")
-    p.add_argument("--model", required=True, help="model directory or models:/name@alias URI")
+    p = sub.add_parser(
+        "evaluate",
+        help="evaluate a model on a dataset's test and ood splits, and/or leave one family out",
+    )
+    p.add_argument("--model", help="model directory or models:/name@alias URI")
     p.add_argument("--dataset", help="a dataset directory from `tierpick data build`")
     p.add_argument("--config", help="build the dataset from this config instead")
     p.add_argument("--data-root", help="override the config's data_root")
     p.add_argument("--out", required=True, help="report directory (Markdown + JSON + PNG)")
+    p.add_argument(
+        "--loso",
+        action="store_true",
+        help="leave one source family out: train the config's pipeline without each family "
+        "and evaluate on it (needs --config; one student per family)",
+    )
+    p.add_argument(
+        "--families", help="comma-separated families to hold out (default: every family)"
+    )
+    p.add_argument(
+        "--workdir",
+        default="build/train",
+        help="where teacher embeddings are cached (shared with `tierpick train`)",
+    )
     p.add_argument("--experiment", default="tierpick-eval", help="MLflow experiment name")
     p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     _tracking_args(p)
@@ -191,15 +208,23 @@ def _evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import write_report
     from training.pipeline import evaluate_model, flat_metrics
 
-    if bool(args.dataset) == bool(args.config):
+    if bool(args.dataset) == bool(args.config) and not (args.loso and args.config):
         raise ConfigError("give either --dataset or --config, not both or neither")
+    if not args.model and not args.loso:
+        raise ConfigError("give --model (a model to evaluate), --loso, or both")
+    if args.loso and not args.config:
+        raise ConfigError("--loso trains the config's pipeline per family: give --config")
     client = None if args.no_mlflow else tracking.connect(args.tracking_uri)
-    ds = (
-        load_dataset(args.dataset)
-        if args.dataset
-        else build_dataset(load_config(args.config, data_root=args.data_root))
+    config = load_config(args.config, data_root=args.data_root) if args.config else None
+    ds = load_dataset(args.dataset) if args.dataset else build_dataset(config)  # type: ignore[arg-type]
+    report: dict[str, Any] = (
+        evaluate_model(resolve_model_dir(args.model), ds)
+        if args.model
+        else {"data_fingerprint": ds.fingerprint, "splits": {}, "tiers": list(ds.tiers)}
     )
-    report = evaluate_model(resolve_model_dir(args.model), ds)
+    if args.loso:
+        assert config is not None
+        report["loso"] = run_loso(config, ds, Path(args.workdir), args.families)
     out = Path(args.out)
     md = write_report(report, out, ds.tiers)
     sys.stdout.write(md.read_text(encoding="utf-8"))
@@ -211,14 +236,31 @@ def _evaluate(args: argparse.Namespace) -> int:
             mlflow.log_params(
                 {
                     "model": str(args.model),
-                    "model_version": report["model_version"],
+                    "model_version": report.get("model_version", "-"),
                     "data_fingerprint": report["data_fingerprint"],
+                    "loso": bool(args.loso),
                 }
             )
             mlflow.log_metrics(flat_metrics(report, ds.tiers))
             mlflow.log_artifacts(str(out), artifact_path="report")
         print(f"\nMLflow run {run.info.run_id}")
     return 0
+
+
+def run_loso(config: Any, ds: Any, workdir: Path, families: str | None) -> dict[str, Any]:
+    """Leave-one-family-out with the config's training settings (see ``training.loso``)."""
+    from training.loso import leave_one_family_out, loso_families
+    from training.pipeline import Context, tier_cost_vector
+
+    if ds.tiers != config.tier_names:
+        raise ConfigError(f"dataset tiers {ds.tiers} differ from the config's {config.tier_names}")
+    known = loso_families(ds, 1)
+    wanted = [f.strip() for f in families.split(",") if f.strip()] if families else None
+    unknown = sorted(set(wanted or []) - set(known))
+    if unknown:
+        raise ConfigError(f"--families: {unknown} not in the dataset; its families: {known}")
+    ctx = Context(config, workdir)
+    return leave_one_family_out(ds, ctx, tier_cost_vector(config.tiers), wanted)
 
 
 def _promote(args: argparse.Namespace) -> int:

@@ -115,23 +115,45 @@ class SplitConfig:
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    """Fine-tuning all-MiniLM-L6-v2 end to end with a multi-tier head, sized for a 2-core CPU."""
+    """The teacher's encoder: all-MiniLM-L6-v2 as published (frozen), mean-pooled.
 
-    max_tokens: int = 128  # sequence length; MMLU-Pro's median prompt is ~134 tokens
-    epochs: int = 1
-    batch_size: int = 16
-    lr: float = 3e-5  # encoder
-    head_lr: float = 1e-3
-    max_train: int = 6000  # train prompts sampled for fine-tuning (all are used by the student)
-    warmup_fraction: float = 0.1
-    checkpoint_every: int = 50  # optimizer steps between resumable checkpoints
+    It is not fine-tuned: one pass over every text serves the final model and every
+    leave-one-family-out fold (its embeddings carry no label), and it generalizes to traffic
+    the labels never covered (see ``training.encoders``).
+    """
+
+    max_tokens: int = 128  # sequence length of the teacher's pass
     inference_batch: int = 64
 
 
 @dataclass(frozen=True)
+class HeadConfig:
+    """The tier head that turns a sentence embedding into success logits, one per tier.
+
+    ``ordinal``: one hidden GELU layer -> a single difficulty d(x); tier k's logit is
+    a_k (theta_k - d(x)) with a learned ability theta_k and slope a_k per tier (an item-response
+    model), so tiers differ by one difficulty, not by independent noisy estimates.
+    ``independent``: the hidden layer -> one free logit per tier.
+    """
+
+    kind: str = "ordinal"
+    hidden: int = 256
+    dropout: float = 0.1
+    # weight of a loss on the differences between tiers (p_k - p_j against y_k - y_j), the
+    # quantity the default (utility) policy decides on
+    gap_weight: float = 0.0
+    epochs: int = 60  # early stop on validation loss
+    patience: int = 5
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 1e-3
+
+
+@dataclass(frozen=True)
 class StudentConfig:
-    """Static token embeddings distilled from the fine-tuned teacher, trained to reproduce its
-    sentence embedding, read by the teacher's tier head (see ``training.encoders``)."""
+    """Static token embeddings distilled from the teacher's encoder, trained to reproduce its
+    sentence embedding; a tier head then reads the student's own embedding (see
+    ``training.encoders``)."""
 
     dim: int = 256  # PCA dimension of the static embeddings
     # SIF weight a / (a + p(token)) on each static vector, p from the training data's token
@@ -144,8 +166,6 @@ class StudentConfig:
     batch_size: int = 64
     lr: float = 1e-3
     embedding_lr: float = 3e-4
-    label_epochs: int = 0  # optional fine-tune on labels + teacher probabilities
-    distill_weight: float = 0.9  # share of the teacher's probabilities in that fine-tune
     vocab: str = "full"  # "full" tokenizer vocabulary, or "seen": only tokens in the dataset
     # "meanmax": mean and max of the token vectors, concatenated; "mean": the mean only
     pooling: str = "meanmax"
@@ -166,10 +186,15 @@ class TrainConfig:
     model_name: str = "default"
     teacher: TeacherConfig = TeacherConfig()
     student: StudentConfig = StudentConfig()
+    head: HeadConfig = HeadConfig()
     calibration: str = "platt"  # "platt" per tier, or "none"
     export_teacher: bool = True  # also write the teacher as an ONNX artifact in the workdir
     target_quality: float = 0.95  # default cost weight: the cheapest utility-rule routing
     # reaching this share of the top tier's quality on the validation split
+    # leave-one-family-out evaluation in `tierpick train` (one student per source family,
+    # trained without it and evaluated on it); `tierpick evaluate --loso` runs it on its own
+    loso: bool = True
+    loso_min_prompts: int = 50  # families with fewer prompts are not held out on their own
 
 
 @dataclass(frozen=True)
@@ -313,8 +338,15 @@ def parse_config(
         t = c.mapping(top["train"], "train")
         teacher = _dataclass_from(c, TeacherConfig, t.pop("teacher", {}), "train.teacher")
         student = _dataclass_from(c, StudentConfig, t.pop("student", {}), "train.student")
+        head = _dataclass_from(c, HeadConfig, t.pop("head", {}), "train.head")
         train = _dataclass_from(c, TrainConfig, t, "train")
-        train = dataclasses.replace(train, teacher=teacher, student=student)
+        train = dataclasses.replace(train, teacher=teacher, student=student, head=head)
+        if head.kind not in ("ordinal", "independent"):
+            c.fail("train.head.kind", f"must be 'ordinal' or 'independent', got {head.kind!r}")
+        if not 0 <= head.dropout < 1:
+            c.fail("train.head.dropout", "must be in [0, 1)")
+        if head.hidden < 1:
+            c.fail("train.head.hidden", "must be >= 1")
         if train.calibration not in ("platt", "none"):
             c.fail(
                 "train.calibration", f"must be one of ['platt', 'none'], got {train.calibration!r}"
@@ -334,8 +366,6 @@ def parse_config(
             c.fail("train.student.token_dropout", "must be in [0, 1)")
         if train.student.hidden < 0:
             c.fail("train.student.hidden", "must be >= 0 (0: a linear projection)")
-        if not 0 <= train.student.distill_weight <= 1:
-            c.fail("train.student.distill_weight", "must be in [0, 1]")
 
     return TierConfig(
         name=name,

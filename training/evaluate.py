@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,24 +17,69 @@ from training import metrics
 
 Array = npt.NDArray[np.float64]
 # Routers whose per-tier probabilities are judged for AUC/Brier/ECE (the others only route).
-PROBABILISTIC = ("student", "student_uncalibrated", "teacher", "tfidf_lr", "category_prior")
+PROBABILISTIC = ("student", "student_uncalibrated", "teacher", "knn", "tfidf_lr", "category_prior")
 
 
 @dataclass(frozen=True)
 class SplitData:
-    """One evaluation split: prompts, tasks, soft targets (0 where masked) and the mask."""
+    """One evaluation split: prompts, tasks, families, soft targets (0 where masked), the mask."""
 
     name: str
     prompts: list[str]
     tasks: list[str]
     targets: Array
     mask: Array
+    families: list[str] = field(default_factory=list)
+
+    def subset(self, keep: npt.NDArray[np.bool_], name: str | None = None) -> SplitData:
+        idx = np.flatnonzero(keep)
+        return SplitData(
+            name or self.name,
+            [self.prompts[i] for i in idx],
+            [self.tasks[i] for i in idx],
+            self.targets[idx],
+            self.mask[idx],
+            [self.families[i] for i in idx] if self.families else [],
+        )
+
+
+MIN_GROUP = 30  # prompts of one tier pattern needed to route on it
+
+
+def tier_groups(
+    mask: Array, min_prompts: int = MIN_GROUP
+) -> list[tuple[tuple[int, ...], npt.NDArray[np.int64]]]:
+    """Prompts grouped by which tiers have an outcome (two or more), largest group first;
+    groups under ``min_prompts`` are left out. Sources with different model sets (one without a
+    frontier model, say) are routed on the tiers they measured."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, row in enumerate(mask > 0):
+        tiers = tuple(int(j) for j in np.flatnonzero(row))
+        if len(tiers) >= 2:
+            groups.setdefault(tiers, []).append(i)
+    out = [
+        (t, np.array(idx, dtype=np.int64)) for t, idx in groups.items() if len(idx) >= min_prompts
+    ]
+    return sorted(out, key=lambda g: (-len(g[1]), g[0]))
 
 
 def evaluate_split(
-    data: SplitData, routers: Mapping[str, Array], costs: Array, tiers: Sequence[str]
+    data: SplitData,
+    routers: Mapping[str, Array],
+    costs: Array,
+    tiers: Sequence[str],
+    default_cost_weight: float | None = None,
 ) -> dict[str, Any]:
-    """All figures for one split. Routing uses the prompts where every tier has an outcome."""
+    """All figures for one split.
+
+    Per tier: AUC, ECE, Brier and the mean predicted probability against the observed success,
+    over the prompts with an outcome for that tier. Routing: per group of prompts with outcomes
+    for the same tiers (:func:`tier_groups`), every router's cost-quality curve under the
+    utility rule (costs rescaled to the group's tiers), the student's under the threshold rule,
+    and the best fixed mix of the group's tiers; the headline N-tier APGR is the prompt-weighted
+    mean over the groups. With ``default_cost_weight``, the student's default policy as it
+    serves: the tier each prompt gets, among the tiers its group measured.
+    """
     out: dict[str, Any] = {"n": len(data.prompts), "per_tier": {}, "routing": {}, "pairs": {}}
     for name, scores in routers.items():
         if name not in PROBABILISTIC:
@@ -48,31 +93,95 @@ def evaluate_split(
                 "auc": metrics.roc_auc(y, p) if sel.any() else None,
                 "brier": metrics.brier(y, p) if sel.any() else None,
                 "ece": metrics.ece(y, p) if sel.any() else None,
+                "mean_p": float(p.mean()) if sel.any() else None,
+                "mean_y": float(y.mean()) if sel.any() else None,
                 "reliability": metrics.reliability(y, p) if sel.any() else [],
             }
         out["per_tier"][name] = rows
     full = data.mask.min(axis=1) > 0
     out["n_routable"] = int(full.sum())
-    if full.sum() < 10:
-        return out
-    q = data.targets[full]
-    out["tier_quality"] = {t: float(v) for t, v in zip(tiers, q.mean(axis=0), strict=True)}
-    curves = {name: metrics.sweep(s[full], q, costs) for name, s in routers.items()}
+    groups = []
+    for group_tiers, idx in tier_groups(data.mask):
+        cols = np.array(group_tiers, dtype=np.int64)
+        q = data.targets[idx[:, None], cols]
+        if q.mean(axis=0)[-1] - q.mean(axis=0)[0] < metrics.MIN_GAP:
+            continue  # the dearest tier is no better here: nothing to recover
+        c = metrics.rescale(costs[cols])
+        curves = {name: metrics.sweep(s[idx[:, None], cols], q, c) for name, s in routers.items()}
+        if "student" in routers:
+            curves["student_threshold_rule"] = metrics.sweep(
+                routers["student"][idx[:, None], cols], q, c, rule="threshold"
+            )
+        curves["best_fixed_mix"] = metrics.mix_curve(q, c)
+        group: dict[str, Any] = {
+            "tiers": [tiers[j] for j in cols],
+            "n": len(idx),
+            "tier_quality": {
+                tiers[int(j)]: float(v) for j, v in zip(cols, q.mean(axis=0), strict=True)
+            },
+            "routing": {name: metrics.routing_summary(cv, q) for name, cv in curves.items()},
+            "curves": {
+                name: {"cost": cv.cost.tolist(), "quality": cv.quality.tolist()}
+                for name, cv in curves.items()
+            },
+        }
+        if default_cost_weight is not None and "student" in routers:
+            chosen = metrics.route_utility(
+                routers["student"][idx[:, None], cols], costs[cols], default_cost_weight
+            )
+            share = np.bincount(chosen, minlength=len(cols)) / len(idx)
+            quality = float(q[np.arange(len(idx)), chosen].mean())
+            group["default_policy"] = {
+                "share": {tiers[int(j)]: float(v) for j, v in zip(cols, share, strict=True)},
+                "quality": quality,
+                "pgr": float(metrics.pgr(np.array([quality]), q.mean(0)[0], q.mean(0)[-1])[0]),
+                "cost": float(c[chosen].mean()),
+            }
+        groups.append(group)
+    out["groups"] = groups
+    if groups:
+        weights = np.array([g["n"] for g in groups], dtype=np.float64)
+        for name in groups[0]["routing"]:
+            apgr = np.array([g["routing"][name]["apgr"] for g in groups])
+            out["routing"][name] = {
+                "apgr": float(apgr @ weights / weights.sum()),
+                # the figures that only make sense on one curve: of the largest group
+                **{k: v for k, v in groups[0]["routing"][name].items() if k != "apgr"},
+            }
+        if all("default_policy" in g for g in groups):
+            w = weights / weights.sum()
+            shares: dict[str, float] = dict.fromkeys(tiers, 0.0)
+            for g, wi in zip(groups, w, strict=True):
+                for t, v in g["default_policy"]["share"].items():
+                    shares[t] += wi * v
+            out["default_policy"] = {
+                "cost_weight": default_cost_weight,
+                "share": shares,
+                "pgr": float(
+                    sum(wi * g["default_policy"]["pgr"] for g, wi in zip(groups, w, strict=True))
+                ),
+            }
+        out["curves"] = groups[0]["curves"]
+        out["curves_tiers"] = groups[0]["tiers"]
+    pair_scores = dict(routers)
     if "student" in routers:
-        curves["student_threshold_rule"] = metrics.sweep(
-            routers["student"][full], q, costs, rule="threshold"
-        )
-    curves["best_fixed_mix"] = metrics.mix_curve(q, costs)
-    out["curves"] = {
-        name: {"cost": c.cost.tolist(), "quality": c.quality.tolist()} for name, c in curves.items()
-    }
-    for name, curve in curves.items():
-        out["routing"][name] = metrics.routing_summary(curve, q)
-    for name, scores in routers.items():
+        # the threshold rule between two tiers sends a prompt to the dearer one when the cheaper
+        # one's probability is low: rank by 1 - p(cheaper) alone
+        pair_scores["student_threshold_rule"] = routers["student"]
+    for name, scores in pair_scores.items():
         pairs = {}
         for i in range(len(tiers)):
             for j in range(i + 1, len(tiers)):
-                pairs[f"{tiers[i]}->{tiers[j]}"] = metrics.pair_apgr(scores[full], q, i, j)
+                both = (data.mask[:, i] > 0) & (data.mask[:, j] > 0)
+                s = scores[both]
+                if name == "student_threshold_rule":
+                    s = np.zeros_like(s)
+                    s[:, j] = 1 - scores[both, i]
+                pairs[f"{tiers[i]}->{tiers[j]}"] = (
+                    metrics.pair_apgr(s, data.targets[both], i, j)
+                    if both.sum() >= MIN_GROUP
+                    else {"apgr": None, "cpt50": None, "cpt80": None}
+                )
         out["pairs"][name] = pairs
     return out
 
@@ -88,11 +197,127 @@ def write_report(report: dict[str, Any], out_dir: Path, tiers: Sequence[str]) ->
     return out_dir / "report.md"
 
 
+ROUTING_ROWS = ("student", "best_fixed_mix", "knn", "teacher", "tfidf_lr", "category_prior")
+
+
+def family_tables(families: Mapping[str, Any], tiers: Sequence[str]) -> list[str]:
+    """Markdown tables of per-family figures (leave-one-family-out, or a split by family)."""
+    shown = [r for r in ROUTING_ROWS if any(r in f["routing"] for f in families.values())]
+    rows = []
+    for fam, res in families.items():
+        groups = ", ".join(f"{'+'.join(g['tiers'])} ({g['n']})" for g in res["groups"])
+        rows.append(
+            [fam, res["n"], groups or "-"]
+            + [res["routing"].get(r, {}).get("apgr") for r in shown]
+            + [res["routing"].get("student_threshold_rule", {}).get("apgr")]
+        )
+    scored = [f for f in families.values() if f["routing"]]
+    if scored:
+        rows.append(
+            ["mean", sum(f["n"] for f in families.values()), ""]
+            + [float(np.mean([f["routing"][r]["apgr"] for f in scored])) for r in shown]
+            + [float(np.mean([f["routing"]["student_threshold_rule"]["apgr"] for f in scored]))]
+        )
+    out = [
+        "N-tier APGR (utility rule swept over the cost weight; prompts routed in groups on the "
+        "tiers they have outcomes for, weighted by prompts; 0.5 = random, the best fixed mix "
+        "knows the family's tier means):",
+        "```",
+        format_table(
+            ["family", "prompts", "tiers routed (prompts)", *shown, "student threshold rule"],
+            rows,
+        ),
+        "```",
+    ]
+    rows = []
+    for fam, res in families.items():
+        per = res["per_tier"]
+        row: list[object] = [fam]
+        for name in ("student", "teacher", "knn", "tfidf_lr"):
+            if name in per:
+                row.append("/".join(_f(per[name][t]["auc"]) for t in tiers))
+        row.append("/".join(_f(per["student"][t]["ece"]) for t in tiers))
+        row.append(
+            "/".join(
+                f"{_f(per['student'][t]['mean_p'])} vs {_f(per['student'][t]['mean_y'])}"
+                for t in tiers
+            )
+        )
+        rows.append(row)
+    names = [
+        n
+        for n in ("student", "teacher", "knn", "tfidf_lr")
+        if n in next(iter(families.values()))["per_tier"]
+    ]
+    tier_names = "/".join(tiers)
+    out += [
+        "",
+        "Per-tier AUC, the student's ECE and its mean probability vs the observed success "
+        f"({tier_names}):",
+        "```",
+        format_table(
+            ["family", *[f"AUC {n}" for n in names], "ECE student", "mean p vs observed"], rows
+        ),
+        "```",
+    ]
+    rows = []
+    pair_names = list(next(iter(families.values()))["pairs"].get("student", {}))
+    for fam, res in families.items():
+        dp = res.get("default_policy")
+        pairs = res["pairs"]
+        rows.append(
+            [fam]
+            + (["/".join(_f(dp["share"][t]) for t in tiers), dp["pgr"]] if dp else ["-", None])
+            + [
+                f"{_f(pairs['student'][p]['apgr'])} / "
+                f"{_f(pairs.get('student_threshold_rule', {}).get(p, {}).get('apgr'))}"
+                for p in pair_names
+            ]
+        )
+    out += [
+        "",
+        "The student's default policy (utility rule at the default cost weight): share of prompts "
+        f"per tier ({tier_names}) and PGR; two-tier APGR per pair of tiers, by the default "
+        "rule (the probability difference) / by the threshold rule (the cheaper tier's "
+        "probability alone):",
+        "```",
+        format_table(["family", "default policy share", "default policy PGR", *pair_names], rows),
+        "```",
+    ]
+    return out
+
+
+def _f(value: object) -> str:
+    return "-" if value is None else f"{float(value):.3f}"  # type: ignore[arg-type]
+
+
 def render_markdown(report: dict[str, Any], tiers: Sequence[str], plots: Sequence[str] = ()) -> str:
     parts = [f"# Evaluation: {report.get('model_version', '')}", ""]
     for key in ("data_fingerprint", "default_cost_weight", "train_seconds"):
         if key in report:
             parts.append(f"- {key.replace('_', ' ')}: {report[key]}")
+    if report.get("warning"):
+        parts += ["", f"**Warning: {report['warning']}**"]
+    loso = report.get("loso", {}).get("families")
+    if loso:
+        parts += [
+            "",
+            "## Leave one family out: traffic the model has never seen",
+            "",
+            "For each source family, the whole pipeline (student distillation on the other "
+            "families' texts, tier heads, calibration, default cost weight, every reference) "
+            "is trained without any of the family's prompts and evaluated on all of them.",
+            "",
+            *family_tables(loso, tiers),
+        ]
+    by_family = report.get("test_by_family")
+    if by_family:
+        parts += [
+            "",
+            "## In distribution: the test split by family",
+            "",
+            *family_tables(by_family, tiers),
+        ]
     cal = report.get("calibration_ece")
     if cal:
         parts += [
@@ -136,11 +361,12 @@ def render_markdown(report: dict[str, Any], tiers: Sequence[str], plots: Sequenc
             "```",
         ]
         if res.get("routing"):
-            quality = res["tier_quality"]
-            parts.append(
-                "Tier quality on routable prompts: "
-                + ", ".join(f"{t} {quality[t]:.3f}" for t in tiers)
+            groups = ", ".join(
+                f"{'+'.join(g['tiers'])}: {g['n']} prompts, quality "
+                + "/".join(f"{v:.3f}" for v in g["tier_quality"].values())
+                for g in res["groups"]
             )
+            parts.append(f"Routed in groups by the tiers measured: {groups}.")
             pair_names = list(next(iter(res["pairs"].values())).keys())
             rrows = []
             for name, s in res["routing"].items():
@@ -159,8 +385,11 @@ def render_markdown(report: dict[str, Any], tiers: Sequence[str], plots: Sequenc
             parts += [
                 "",
                 "Routing by the utility rule swept over the cost weight (the student also by the "
-                "threshold rule); cost normalized: 0 = cheapest tier only, 1 = dearest only; "
-                "pairwise APGR as RouteLLM defines it:",
+                "threshold rule). N-tier APGR: weighted over the groups; CPT and cost at 95%/100% "
+                "of the top tier's quality: on the largest group "
+                f"({'+'.join(res['groups'][0]['tiers'])}), "
+                "cost normalized 0 = its cheapest tier, 1 = its dearest; pairwise APGR as RouteLLM "
+                "defines it, over the prompts with both tiers:",
                 "```",
                 format_table(
                     [
@@ -176,6 +405,13 @@ def render_markdown(report: dict[str, Any], tiers: Sequence[str], plots: Sequenc
                 ),
                 "```",
             ]
+            dp = res.get("default_policy")
+            if dp:
+                parts.append(
+                    f"Default policy (cost weight {dp['cost_weight']:.4g}): "
+                    + ", ".join(f"{t} {v:.1%}" for t, v in dp["share"].items())
+                    + f" of prompts, PGR {dp['pgr']:.3f}."
+                )
     if plots:
         parts += ["", "## Plots", *[f"![{p}]({p})" for p in plots]]
     return "\n".join(parts) + "\n"

@@ -154,6 +154,13 @@ def mix_curve(quality: Array, costs: Array) -> Curve:
     return Curve(np.full(len(hull), np.nan), xs, qs, shares)
 
 
+def rescale(costs: Array) -> Array:
+    """Costs mapped to [0, 1] over the tiers given (cheapest 0, dearest 1)."""
+    lo, hi = float(costs.min()), float(costs.max())
+    out: Array = (costs - lo) / (hi - lo) if hi > lo else np.zeros_like(costs)
+    return out
+
+
 def _interp_at(curve_x: Array, curve_y: Array, x: Array) -> Array:
     return np.interp(x, curve_x, curve_y)
 

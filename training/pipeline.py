@@ -1,8 +1,11 @@
-"""`tierpick train`: dataset -> teacher -> student -> calibration -> evaluation -> export -> MLflow.
+"""`tierpick train`: dataset -> teacher embeddings -> student -> tier heads -> calibration ->
+evaluation (test, ood, leave-one-family-out) -> export -> MLflow.
 
-Stages write into a work directory so that an interrupted run resumes: the dataset, the teacher's
-fine-tune (checkpointed every few steps) and the teacher's logits are reused when their inputs
-match.
+What is label-free is computed once per run and shared by every fit (the final model and each
+leave-one-family-out fold): the teacher encoder's embedding of every text (cached on disk per
+text, so an interrupted or repeated run reuses them) and the static token vectors. What learns
+from labels is refitted per fold: the student's distillation (on the fold's texts only), its
+tier head, the teacher's head, calibration and the default cost weight.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ import numpy.typing as npt
 
 from classifier.errors import DatasetError
 from training import baselines, metrics
-from training.calibrate import apply_platt, fit_platt
-from training.config import TeacherConfig, TierConfig
+from training.calibrate import apply_platt, fit_platt, sigmoid
+from training.config import TierConfig
 from training.dataset import BuiltDataset, build_dataset, load_dataset, write_dataset
 from training.evaluate import SplitData, evaluate_split, write_report
 
@@ -39,42 +42,238 @@ class TrainResult:
     student: Any = None  # the torch student, for parity checks
 
 
-def split_arrays(ds: BuiltDataset, name: str) -> SplitData:
-    t = ds.split(name)
-    targets = (
-        np.stack(
-            [
-                np.nan_to_num(np.array(t[f"target_{k}"].to_pylist(), dtype=np.float64))
-                for k in ds.tiers
-            ],
-            axis=1,
-        )
-        if t.num_rows
-        else np.zeros((0, len(ds.tiers)))
+def split_arrays(ds: BuiltDataset, name: str | None) -> SplitData:
+    """One split of a dataset as arrays (``None``: every row)."""
+    t = ds.split(name) if name is not None else ds.table
+    if not t.num_rows:
+        empty = np.zeros((0, len(ds.tiers)))
+        return SplitData(name or "all", [], [], empty, empty, [])
+    targets = np.stack(
+        [np.nan_to_num(np.array(t[f"target_{k}"].to_pylist(), dtype=np.float64)) for k in ds.tiers],
+        axis=1,
     )
-    mask = (
-        np.stack([np.array(t[f"mask_{k}"].to_pylist(), dtype=np.float64) for k in ds.tiers], axis=1)
-        if t.num_rows
-        else np.zeros((0, len(ds.tiers)))
+    mask = np.stack(
+        [np.array(t[f"mask_{k}"].to_pylist(), dtype=np.float64) for k in ds.tiers], axis=1
     )
-    return SplitData(name, t["prompt"].to_pylist(), t["task"].to_pylist(), targets, mask)
+    families = t["family"].to_pylist() if "family" in t.column_names else []
+    return SplitData(
+        name or "all", t["prompt"].to_pylist(), t["task"].to_pylist(), targets, mask, families
+    )
 
 
 def check_trainable(ds: BuiltDataset) -> None:
     """Refuse a dataset that cannot train every tier, before any training starts."""
     train, val = split_arrays(ds, "train"), split_arrays(ds, "val")
+    check_fit_data(train, val, ds.tiers)
+
+
+def check_fit_data(train: SplitData, val: SplitData, tiers: tuple[str, ...]) -> None:
     if len(train.prompts) < 10 or len(val.prompts) < 5:
         raise DatasetError(
             f"too few prompts to train: {len(train.prompts)} train, {len(val.prompts)} val "
             "(need >= 10 and >= 5)"
         )
-    for j, tier in enumerate(ds.tiers):
+    for j, tier in enumerate(tiers):
         for split in (train, val):
             if split.mask[:, j].sum() == 0:
                 raise DatasetError(f"tier {tier!r} has no outcome in the {split.name} split")
     for split in (train, val):
         if not np.isfinite(split.targets).all():
             raise DatasetError(f"the {split.name} split has non-finite targets")
+
+
+class Context:
+    """What every fit of one training run shares, none of it learned from labels: the teacher
+    encoder's embeddings (through an on-disk cache), the student's tokenization and the static
+    token vectors."""
+
+    def __init__(self, config: TierConfig, workdir: Path) -> None:
+        from training import encoders
+
+        self.config = config
+        tcfg, scfg = config.train.teacher, config.train.student
+        self.cache = encoders.EmbeddingCache(
+            workdir / "teacher" / f"embeddings-{tcfg.max_tokens}-{scfg.max_chars}.npz",
+            tcfg,
+            scfg.max_chars,
+        )
+        self.tokenizer = encoders.student_tokenizer(scfg.max_tokens)
+        self._ids: dict[str, list[int]] = {}
+        self._static: npt.NDArray[np.float32] | None = None
+
+    def teacher_embeddings(self, prompts: list[str]) -> npt.NDArray[np.float32]:
+        return self.cache.get(prompts)
+
+    def ids(self, prompts: list[str]) -> list[list[int]]:
+        from training import encoders
+
+        new = [p for p in dict.fromkeys(prompts) if p not in self._ids]
+        scfg = self.config.train.student
+        for p, row in zip(
+            new, encoders.encode_ids(self.tokenizer, new, scfg.max_chars), strict=True
+        ):
+            self._ids[p] = row
+        return [self._ids[p] for p in prompts]
+
+    def static_embeddings(self, train_ids: list[list[int]]) -> npt.NDArray[np.float32]:
+        """The static token vectors; computed once unless they depend on the training tokens
+        (``vocab: seen`` or SIF weighting)."""
+        from training import encoders
+
+        scfg = self.config.train.student
+        shared = scfg.vocab == "full" and scfg.sif == 0
+        if shared and self._static is not None:
+            return self._static
+        emb = encoders.distill_static_embeddings(
+            self.cache.encoder(), self.tokenizer, train_ids, scfg
+        )
+        if shared:
+            self._static = emb
+        return emb
+
+
+@dataclass
+class Fitted:
+    """A router fitted on one training set: the student (with its tier head), the teacher's
+    head on the frozen encoder, calibrations, the default cost weight, the kNN reference's k."""
+
+    student: Any
+    teacher: Any
+    calibration: dict[str, Any]
+    teacher_calibration: tuple[list[float], list[float]]
+    cost_weight: float
+    knn_k: int
+    train: SplitData
+    train_teacher_emb: npt.NDArray[np.float32]
+    info: dict[str, Any]
+
+
+def fit_router(ctx: Context, train: SplitData, val: SplitData, costs: Array) -> Fitted:
+    """Distil a student on ``train``'s texts (and crops of them), fit the tier heads on the
+    labels, calibrate on ``val`` and pick the default cost weight there."""
+    from training import encoders
+
+    cfg = ctx.config.train
+    scfg = cfg.student
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    te_train = ctx.teacher_embeddings(train.prompts)
+    te_val = ctx.teacher_embeddings(val.prompts)
+    crops = encoders.crop_prompts(train.prompts, scfg.crops, cfg.seed)
+    te_crops = ctx.teacher_embeddings(crops)
+    timings["teacher_embeddings"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    ids_train, ids_val, ids_crops = ctx.ids(train.prompts), ctx.ids(val.prompts), ctx.ids(crops)
+    static = ctx.static_embeddings(ids_train)
+    student, student_info = encoders.distill_student(
+        static,
+        ids_train + ids_crops,
+        np.concatenate([te_train, te_crops]),
+        ids_val,
+        te_val,
+        scfg,
+        cfg.seed,
+    )
+    timings["student_distill"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    se_train = encoders.student_embeddings(student, ids_train)
+    se_val = encoders.student_embeddings(student, ids_val)
+    y, m = train.targets.astype(np.float32), train.mask.astype(np.float32)
+    yv, mv = val.targets.astype(np.float32), val.mask.astype(np.float32)
+    head, head_info = encoders.train_head(se_train, y, m, se_val, yv, mv, cfg.head, cfg.seed)
+    student.head = head
+    t_head, t_head_info = encoders.train_head(te_train, y, m, te_val, yv, mv, cfg.head, cfg.seed)
+    teacher = encoders.Teacher(ctx.cache.encoder(), t_head)
+    timings["heads"] = time.perf_counter() - t0
+
+    k = len(costs)
+    z_val = encoders.head_logits(head, se_val).astype(np.float64)
+    tz_val = encoders.head_logits(t_head, te_val).astype(np.float64)
+    if cfg.calibration == "platt":
+        a, b = fit_platt(z_val, val.targets, val.mask)
+        ta, tb = fit_platt(tz_val, val.targets, val.mask)
+    else:
+        a, b, ta, tb = [1.0] * k, [0.0] * k, [1.0] * k, [0.0] * k
+    calibration = {"method": cfg.calibration, "a": a, "b": b, "fitted_on": "val"}
+
+    full_val = val.mask.min(axis=1) > 0
+    cost_weight = 0.0
+    if full_val.sum() >= 10:
+        p_val = apply_platt(z_val, a, b)[full_val]
+        curve = metrics.sweep(p_val, val.targets[full_val], costs)
+        cost_weight = metrics.pick_cost_weight(curve, val.targets[full_val], cfg.target_quality)
+    knn_k = baselines.tuned_knn(
+        te_train.astype(np.float64),
+        train.targets,
+        train.mask,
+        te_val.astype(np.float64),
+        val.targets,
+        val.mask,
+    )
+    return Fitted(
+        student=student,
+        teacher=teacher,
+        calibration=calibration,
+        teacher_calibration=(ta, tb),
+        cost_weight=cost_weight,
+        knn_k=knn_k,
+        train=train,
+        train_teacher_emb=te_train,
+        info={
+            "student": student_info,
+            "head": head_info,
+            "teacher_head": t_head_info,
+            "knn_k": knn_k,
+            "timings_seconds": {n: round(v, 1) for n, v in timings.items()},
+        },
+    )
+
+
+def student_logits(fitted: Fitted, ctx: Context, prompts: list[str]) -> Array:
+    from training import encoders
+
+    return encoders.student_logits(fitted.student, ctx.ids(prompts)).astype(np.float64)
+
+
+def routers_for(fitted: Fitted, ctx: Context, split: SplitData) -> dict[str, Array]:
+    """The student (calibrated and raw) and every reference router, scored on ``split``."""
+    from training import encoders
+
+    cal = fitted.calibration
+    z = student_logits(fitted, ctx, split.prompts)
+    te = ctx.teacher_embeddings(split.prompts)
+    tz = encoders.head_logits(fitted.teacher.head, te).astype(np.float64)
+    train = fitted.train
+    return {
+        "student": apply_platt(z, cal["a"], cal["b"]),
+        "student_uncalibrated": sigmoid(z),
+        "teacher": apply_platt(tz, *fitted.teacher_calibration),
+        "knn": baselines.knn(
+            fitted.train_teacher_emb.astype(np.float64),
+            train.targets,
+            train.mask,
+            te.astype(np.float64),
+            fitted.knn_k,
+        ),
+        **reference_routers(train, split, ctx.config.train.seed),
+    }
+
+
+def reference_routers(train: SplitData, split: SplitData, seed: int) -> dict[str, Array]:
+    """The text-only reference rows of every report, fitted on ``train``, scored on ``split``."""
+    k = train.targets.shape[1]
+    return {
+        "tfidf_lr": baselines.tfidf_lr(
+            train.prompts, train.targets, train.mask, split.prompts, seed
+        ),
+        "category_prior": baselines.category_prior(
+            train.tasks, train.targets, train.mask, split.tasks
+        ),
+        "random": baselines.random_scores(len(split.prompts), k, seed),
+        "oracle": split.targets,
+    }
 
 
 def run_training(
@@ -90,12 +289,12 @@ def run_training(
     Args:
         config: the tier config (with its ``train`` section).
         out_dir: where the model directory is written.
-        workdir: resumable intermediate state (dataset, teacher checkpoints, logits, report).
+        workdir: resumable intermediate state (dataset, teacher embeddings, report).
         dataset_dir: a dataset built by `tierpick data build` to use instead of building one.
         version: the model version string (default: derived from data and config).
     """
-    from training import encoders
     from training.export import export_model, parity
+    from training.loso import leave_one_family_out
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -115,8 +314,7 @@ def run_training(
         write_dataset(ds, workdir / "dataset")
     check_trainable(ds)
     timings["dataset"] = time.perf_counter() - t0
-    train, val, test = (split_arrays(ds, s) for s in ("train", "val", "test"))
-    ood = split_arrays(ds, "ood")
+    train, val, test, ood = (split_arrays(ds, s) for s in ("train", "val", "test", "ood"))
     evals = [s for s in (test, ood) if len(s.prompts)]
     cfg_hash = hashlib.sha256(json.dumps(dataclasses.asdict(tcfg), sort_keys=True).encode())
     version = version or f"{ds.fingerprint[:8]}-{cfg_hash.hexdigest()[:8]}"
@@ -129,106 +327,36 @@ def run_training(
         len(ood.prompts),
     )
 
-    # ---- teacher
+    # ---- teacher embeddings of every prompt, once (the folds and the final fit share them)
     t0 = time.perf_counter()
-    scfg = tcfg.student
-    teacher = encoders.train_teacher(
-        train.prompts,
-        train.targets.astype(np.float32),
-        train.mask.astype(np.float32),
-        tcfg.teacher,
-        tcfg.seed,
-        workdir / "teacher",
-        scfg.max_chars,
-    )
-    timings["teacher_train"] = time.perf_counter() - t0
+    ctx = Context(config, workdir)
+    ctx.teacher_embeddings(split_arrays(ds, None).prompts)
+    timings["teacher_embeddings"] = time.perf_counter() - t0
+
+    # ---- the model
     t0 = time.perf_counter()
-    all_splits = [train, val, *evals]
-    # keyed by the teacher fine-tune and the data: a change of student settings reuses them
-    teacher_key = (workdir / "teacher" / "teacher.key").read_text().strip()[:16]
-    outputs_path = workdir / "teacher" / f"outputs-{teacher_key}-{ds.fingerprint[:12]}.npz"
-    texts = {s.name: s.prompts for s in all_splits}
-    raw_z, teacher_e = cached_teacher_outputs(
-        outputs_path, texts, teacher, tcfg.teacher, scfg.max_chars
-    )
-    teacher_z = {n: z.astype(np.float64) for n, z in raw_z.items()}
-    timings["teacher_inference"] = time.perf_counter() - t0
-
-    # ---- unlabeled crops of the training prompts, with the teacher's outputs for them
-    t0 = time.perf_counter()
-    crops = encoders.crop_prompts(train.prompts, scfg.crops, tcfg.seed)
-    crops_path = outputs_path.with_name(f"crops-{scfg.crops}-{tcfg.seed}-{outputs_path.name}")
-    zs, es = cached_teacher_outputs(
-        crops_path, {"crops": crops}, teacher, tcfg.teacher, scfg.max_chars
-    )
-    crop_z, crop_e = zs["crops"], es["crops"]
-    timings["teacher_inference_crops"] = time.perf_counter() - t0
-
-    # ---- student
-    t0 = time.perf_counter()
-    tok = encoders.student_tokenizer(scfg.max_tokens)
-    ids = {s.name: encoders.encode_ids(tok, s.prompts, scfg.max_chars) for s in all_splits}
-    crop_ids = encoders.encode_ids(tok, crops, scfg.max_chars)
-    emb = encoders.distill_static_embeddings(teacher, tok, ids["train"], scfg)
-    timings["static_distill"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    no_label = np.zeros((len(crops), len(ds.tiers)), np.float32)  # crops have no outcome: masked
-    student, student_info = encoders.train_student(
-        emb,
-        teacher.head,
-        ids["train"] + crop_ids,
-        np.concatenate([teacher_e["train"], crop_e]),
-        np.concatenate([teacher_z["train"], crop_z]).astype(np.float32),
-        np.concatenate([train.targets, no_label]).astype(np.float32),
-        np.concatenate([train.mask, no_label]).astype(np.float32),
-        ids["val"],
-        teacher_e["val"],
-        scfg,
-        tcfg.seed,
-    )
-    student_z = {
-        s.name: encoders.student_logits(student, ids[s.name]).astype(np.float64) for s in all_splits
-    }
-    timings["student_train"] = time.perf_counter() - t0
-
-    # ---- calibration on val
-    k = len(ds.tiers)
-    if tcfg.calibration == "platt":
-        a, b = fit_platt(student_z["val"], val.targets, val.mask)
-        ta, tb = fit_platt(teacher_z["val"], val.targets, val.mask)
-    else:
-        a, b, ta, tb = [1.0] * k, [0.0] * k, [1.0] * k, [0.0] * k
-    calibration = {"method": tcfg.calibration, "a": a, "b": b, "fitted_on": "val"}
-
-    def student_p(name: str) -> Array:
-        return apply_platt(student_z[name], a, b)
-
-    # ---- default cost weight from the validation routing curve
     costs = tier_cost_vector(config.tiers)
-    full_val = val.mask.min(axis=1) > 0
-    cost_weight = 0.0
-    if full_val.sum() >= 10:
-        curve = metrics.sweep(student_p("val")[full_val], val.targets[full_val], costs)
-        cost_weight = metrics.pick_cost_weight(curve, val.targets[full_val], tcfg.target_quality)
+    fitted = fit_router(ctx, train, val, costs)
+    timings["fit"] = time.perf_counter() - t0
 
     # ---- evaluation with reference routers
     t0 = time.perf_counter()
     report: dict[str, Any] = {
         "model_version": version,
         "data_fingerprint": ds.fingerprint,
-        "default_cost_weight": round(cost_weight, 6),
+        "default_cost_weight": round(fitted.cost_weight, 6),
         "splits": {},
-        "student_training": student_info,
+        "training": fitted.info,
         "tiers": list(ds.tiers),
+        "families": report_families(ds),
     }
     for s in evals:
-        routers = {
-            "student": student_p(s.name),
-            "student_uncalibrated": 1 / (1 + np.exp(-student_z[s.name])),
-            "teacher": apply_platt(teacher_z[s.name], ta, tb),
-            **reference_routers(train, s, tcfg.seed),
-        }
-        report["splits"][s.name] = evaluate_split(s, routers, costs, ds.tiers)
+        routers = routers_for(fitted, ctx, s)
+        report["splits"][s.name] = evaluate_split(s, routers, costs, ds.tiers, fitted.cost_weight)
+        if s.name == "test":
+            report["test_by_family"] = evaluate_by_family(
+                s, routers, costs, ds.tiers, fitted.cost_weight
+            )
     per = report["splits"]["test"]["per_tier"] if "test" in report["splits"] else {}
     if per:
         report["calibration_ece"] = {
@@ -237,38 +365,45 @@ def run_training(
         }
     timings["evaluate"] = time.perf_counter() - t0
 
+    # ---- leave one family out: one fit per family, trained without it, evaluated on it
+    if tcfg.loso:
+        t0 = time.perf_counter()
+        report["loso"] = leave_one_family_out(ds, ctx, costs)
+        timings["loso"] = time.perf_counter() - t0
+
     # ---- export + parity
     t0 = time.perf_counter()
     summary = flat_metrics(report, ds.tiers)
     manifest = export_model(
-        student,
+        fitted.student,
         config,
         out_dir,
         version=version,
-        calibration=calibration,
-        default_cost_weight=cost_weight,
+        calibration=fitted.calibration,
+        default_cost_weight=fitted.cost_weight,
         data_fingerprint=ds.fingerprint,
         evaluation={k2: round(v, 4) for k2, v in summary.items()},
     )
     sample = (test.prompts or val.prompts)[:200]
-    report["onnx_parity_max_abs_diff"] = parity(student, out_dir, sample)
+    report["onnx_parity_max_abs_diff"] = parity(fitted.student, out_dir, sample)
     if tcfg.export_teacher:
         # the teacher in the same artifact contract, for GPU or offline scoring (too large to ship)
         teacher_dir = workdir / "teacher-model"
+        ta, tb = fitted.teacher_calibration
         export_model(
-            teacher,
+            fitted.teacher,
             config,
             teacher_dir,
             version=f"{version}-teacher",
             calibration={"method": tcfg.calibration, "a": ta, "b": tb, "fitted_on": "val"},
-            default_cost_weight=cost_weight,
+            default_cost_weight=fitted.cost_weight,
             data_fingerprint=ds.fingerprint,
             evaluation={},
             graph="teacher.onnx",
             max_tokens=tcfg.teacher.max_tokens,
         )
         report["teacher_model_dir"] = str(teacher_dir)
-        report["teacher_onnx_parity_max_abs_diff"] = parity(teacher, teacher_dir, sample)
+        report["teacher_onnx_parity_max_abs_diff"] = parity(fitted.teacher, teacher_dir, sample)
     timings["export"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     report["timings_seconds"] = {k2: round(v, 1) for k2, v in timings.items()}
@@ -279,45 +414,62 @@ def run_training(
     log.info(
         "exported %s (version %s) in %.0f s", out_dir, manifest.model_version, timings["total"]
     )
-    return TrainResult(out_dir, report_dir, report, summary, student)
+    return TrainResult(out_dir, report_dir, report, summary, fitted.student)
 
 
-def cached_teacher_outputs(
-    path: Path,
-    texts: dict[str, list[str]],
-    teacher: Any,
-    cfg: TeacherConfig,
-    max_chars: int,
-) -> tuple[dict[str, npt.NDArray[np.float32]], dict[str, npt.NDArray[np.float32]]]:
-    """The teacher's logits and sentence embeddings for each named list of texts, read from
-    ``path`` when a run with the same teacher and data wrote it, else computed and written."""
-    from training import encoders
-
-    if path.exists():
-        cached = np.load(path)
-        if all(f"{n}_{k}" in cached.files for n in texts for k in "ze"):  # else: another layout
-            return {n: cached[f"{n}_z"] for n in texts}, {n: cached[f"{n}_e"] for n in texts}
-    z, e = {}, {}
-    for name, batch in texts.items():
-        z[name], e[name] = encoders.teacher_outputs(teacher, batch, cfg, max_chars)
-    arrays: dict[str, Any] = {f"{n}_z": v for n, v in z.items()}
-    arrays.update((f"{n}_e", v) for n, v in e.items())
-    np.savez(path, **arrays)
-    return z, e
+def report_families(ds: BuiltDataset) -> dict[str, dict[str, int]]:
+    """Prompts per family and split."""
+    out: dict[str, dict[str, int]] = {}
+    for fam, split in zip(
+        ds.table["family"].to_pylist(), ds.table["split"].to_pylist(), strict=True
+    ):
+        out.setdefault(fam, {}).setdefault(split, 0)
+        out[fam][split] += 1
+    return dict(sorted(out.items()))
 
 
-def reference_routers(train: SplitData, split: SplitData, seed: int) -> dict[str, Array]:
-    """The reference rows of every report, fitted on ``train`` and scored on ``split``."""
-    k = train.targets.shape[1]
+def evaluate_by_family(
+    split: SplitData,
+    routers: dict[str, Array],
+    costs: Array,
+    tiers: tuple[str, ...],
+    cost_weight: float,
+) -> dict[str, Any]:
+    """:func:`evaluate_split` on each family's prompts of a split (in distribution)."""
+    out = {}
+    fams = np.array(split.families)
+    for fam in sorted(set(split.families)):
+        keep = fams == fam
+        sub = split.subset(keep, f"{split.name}:{fam}")
+        res = evaluate_split(
+            sub, {n: r[keep] for n, r in routers.items()}, costs, tiers, cost_weight
+        )
+        out[fam] = compact(res)
+    return out
+
+
+def compact(res: dict[str, Any]) -> dict[str, Any]:
+    """A split's figures without curves and reliability bins (for per-family tables)."""
     return {
-        "tfidf_lr": baselines.tfidf_lr(
-            train.prompts, train.targets, train.mask, split.prompts, seed
-        ),
-        "category_prior": baselines.category_prior(
-            train.tasks, train.targets, train.mask, split.tasks
-        ),
-        "random": baselines.random_scores(len(split.prompts), k, seed),
-        "oracle": split.targets,
+        "n": res["n"],
+        "per_tier": {
+            name: {
+                t: {k: v for k, v in row.items() if k != "reliability"} for t, row in per.items()
+            }
+            for name, per in res["per_tier"].items()
+        },
+        "routing": {name: {"apgr": r["apgr"]} for name, r in res["routing"].items()},
+        "groups": [
+            {
+                "tiers": g["tiers"],
+                "n": g["n"],
+                "apgr": {name: r["apgr"] for name, r in g["routing"].items()},
+                **({"default_policy": g["default_policy"]} if "default_policy" in g else {}),
+            }
+            for g in res["groups"]
+        ],
+        "pairs": res["pairs"],
+        **({"default_policy": res["default_policy"]} if "default_policy" in res else {}),
     }
 
 
@@ -330,7 +482,7 @@ def tier_cost_vector(tiers: Any) -> Array:
 
 def evaluate_model(model_dir: Path, ds: BuiltDataset, seed: int = 0) -> dict[str, Any]:
     """Evaluate an exported model (through the ONNX runtime) on a dataset's test and ood splits,
-    with the same reference rows as training reports (the teacher is not part of an artifact)."""
+    with the text-only reference rows (the teacher and kNN are not part of an artifact)."""
     import classifier
 
     clf = classifier.load(model_dir)
@@ -357,10 +509,12 @@ def evaluate_model(model_dir: Path, ds: BuiltDataset, seed: int = 0) -> dict[str
         z = clf.predict_logits(s.prompts).astype(np.float64)
         routers = {
             "student": clf.calibrate(z).astype(np.float64),
-            "student_uncalibrated": 1 / (1 + np.exp(-z)),
+            "student_uncalibrated": sigmoid(z),
             **reference_routers(train, s, seed),
         }
-        report["splits"][name] = evaluate_split(s, routers, costs, ds.tiers)
+        report["splits"][name] = evaluate_split(
+            s, routers, costs, ds.tiers, clf.manifest.default_cost_weight
+        )
     return report
 
 
@@ -380,4 +534,10 @@ def flat_metrics(report: dict[str, Any], tiers: tuple[str, ...]) -> dict[str, fl
             for key in ("apgr", "cpt50", "cpt80", "cost_at_95pct_top"):
                 if s.get(key) is not None:
                     out[f"{split}_{router}_{key}"] = float(s[key])
+    for router, value in report.get("loso", {}).get("mean_apgr", {}).items():
+        out[f"loso_{router}_mean_apgr"] = float(value)
+    for fam, res in report.get("loso", {}).get("families", {}).items():
+        for router in ("student", "best_fixed_mix", "knn"):
+            if router in res["routing"]:
+                out[f"loso_{fam}_{router}_apgr"] = float(res["routing"][router]["apgr"])
     return out

@@ -30,16 +30,53 @@ def tier_means_by_source(table: pa.Table, tiers: tuple[str, ...]) -> dict[str, d
     return {src: {t: sum(v) / len(v) for t, v in by_tier.items()} for src, by_tier in sums.items()}
 
 
+def tier_means_by_task(
+    table: pa.Table, tiers: tuple[str, ...]
+) -> dict[str, tuple[int, dict[str, float]]]:
+    """Per ``source/task``: its prompt count and each tier's mean target where it has one."""
+    sums: dict[str, dict[str, list[float]]] = collections.defaultdict(
+        lambda: collections.defaultdict(list)
+    )
+    counts: collections.Counter[str] = collections.Counter()
+    groups = [
+        f"{s}/{t}"
+        for s, t in zip(table["source"].to_pylist(), table["task"].to_pylist(), strict=True)
+    ]
+    counts.update(groups)
+    for tier in tiers:
+        for g, y, m in zip(
+            groups,
+            table[f"target_{tier}"].to_pylist(),
+            table[f"mask_{tier}"].to_pylist(),
+            strict=True,
+        ):
+            if m:
+                sums[g][tier].append(y)
+    return {
+        g: (counts[g], {t: sum(v) / len(v) for t, v in by_tier.items()})
+        for g, by_tier in sums.items()
+    }
+
+
+ORDER_TOLERANCE = 0.005  # a smaller lead of a cheaper tier is a tie, not a broken order
+
+
 def tier_order_warnings(table: pa.Table, tiers: tuple[str, ...]) -> list[str]:
-    """Warn where a cheaper tier's mean success beats a dearer one's on the same source."""
+    """Warn where a cheaper tier's mean success beats a dearer one's on the same source, or on
+    one task of a source."""
     warnings = []
-    for src, means in sorted(tier_means_by_source(table, tiers).items()):
+    tasks = tier_means_by_task(table, tiers)
+    counts = {g: n for g, (n, _) in tasks.items()}
+    by_task = sorted((g, means) for g, (_, means) in tasks.items())
+    groups = sorted(tier_means_by_source(table, tiers).items()) + by_task
+    for src, means in groups:
+        size = f" ({counts[src]} prompts)" if src in counts else ""
         present = [t for t in tiers if t in means]
         for i, cheap in enumerate(present):
             for dear in present[i + 1 :]:
-                if means[cheap] > means[dear]:
+                if means[cheap] > means[dear] + ORDER_TOLERANCE:
                     warnings.append(
-                        f"tier order: on {src}, cheaper tier {cheap!r} ({means[cheap]:.3f}) "
+                        f"tier order: on {src}{size}, cheaper tier {cheap!r} ({means[cheap]:.3f}) "
                         f"outscores dearer tier {dear!r} ({means[dear]:.3f}); cheapest-tier "
                         "routing will rarely pick the dearer one"
                     )
