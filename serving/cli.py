@@ -146,35 +146,59 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def register_serve(sub: Any) -> None:
+    from serving.server import ServerConfig
+
+    d = ServerConfig()  # the defaults live in one place
     p = sub.add_parser("serve", help="serve a model over gRPC (TierRouter, health, reflection)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--model", help="model directory or models:/ URI (default: shipped model)")
-    p.add_argument("--max-batch", type=int, default=256, help="ClassifyBatch maximum")
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help="ClassifyBatch maximum")
     p.add_argument(
-        "--max-concurrency", type=int, default=64, help="in-flight RPCs before RESOURCE_EXHAUSTED"
+        "--max-concurrency",
+        type=int,
+        default=d.max_concurrency,
+        help="calls handled at once before RESOURCE_EXHAUSTED",
     )
-    p.add_argument("--workers", type=int, default=8, help="handler threads")
+    p.add_argument(
+        "--workers", type=int, default=d.workers, help="threads that run ClassifyBatch calls"
+    )
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     p.add_argument(
         "--watch",
         type=float,
-        default=2.0,
+        default=d.watch_seconds,
         help="seconds between checks of the model's manifest for hot reload (0: off)",
     )
     p.add_argument(
         "--drain",
         type=float,
-        default=0.0,
-        help="on SIGTERM, seconds of NOT_SERVING before new calls are refused",
+        default=d.drain_seconds,
+        help="on SIGTERM, seconds of NOT_SERVING health before new calls are refused",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=d.drain_timeout,
+        help="on SIGTERM, seconds in-flight calls get to finish before they are cancelled",
+    )
+    p.add_argument(
+        "--max-streams",
+        type=int,
+        default=d.max_streams_per_connection,
+        help="concurrent HTTP/2 streams one client connection may open",
     )
     p.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key: serve TLS)")
     p.add_argument("--tls-key", help="PEM private key")
+    p.add_argument(
+        "--tls-client-ca",
+        help="PEM CA: require client certificates signed by it (mutual TLS)",
+    )
     p.set_defaults(func=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from serving.server import ServerConfig, serve
+    from serving.server import TLS, ServerConfig, serve
 
     config = ServerConfig(
         max_batch=args.max_batch,
@@ -182,10 +206,11 @@ def _serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         watch_seconds=args.watch,
         drain_seconds=args.drain,
+        drain_timeout=args.drain_timeout,
+        max_streams_per_connection=args.max_streams,
     )
-    return serve(
-        args.host, args.port, args.model, config, args.metrics_port, args.tls_cert, args.tls_key
-    )
+    tls = TLS.from_files(args.tls_cert, args.tls_key, args.tls_client_ca)
+    return serve(args.host, args.port, args.model, config, args.metrics_port, tls)
 
 
 def register_bench(sub: Any) -> None:

@@ -328,3 +328,272 @@ def test_health_goes_not_serving_before_the_server_stops(model_copy: Path) -> No
         stopper.join()
         with pytest.raises(grpc.RpcError):
             c.health_status()
+
+
+# --------------------------------------------------------------------------- hostile clients
+
+
+def test_stalled_streams_hold_no_handler_and_health_stays_answerable(model_copy: Path) -> None:
+    """HEADERS without DATA on many streams (the requests never arrive): every other client's
+    Classify and health check is still answered at once."""
+    from tests.h2raw import StalledStreams
+
+    config = ServerConfig(workers=2, max_concurrency=8, max_streams_per_connection=32)
+    app = create_server("127.0.0.1:0", str(model_copy), config)
+    held = []
+    try:
+        for _ in range(8):  # 8 connections x 32 streams: far over workers and concurrency
+            held.append(
+                StalledStreams("127.0.0.1", app.port, f"/{SERVICE_NAME}/Classify", streams=32)
+            )
+        deadline = time.monotonic() + 5
+        while app.metrics.in_flight._value.get() != 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with TierpickClient(f"127.0.0.1:{app.port}", timeout=5) as c:
+            for _ in range(20):
+                t0 = time.monotonic()
+                assert c.classify("still answered?").tier
+                assert c.health_status() == SERVING
+                assert time.monotonic() - t0 < 2.0
+            batch = c.classify_batch(["a", "b"])
+            assert len(batch.responses) == 2
+        # one connection cannot open more than its stream limit: the extra streams are refused
+        extra = StalledStreams("127.0.0.1", app.port, f"/{SERVICE_NAME}/Classify", streams=40)
+        held.append(extra)
+        assert app.metrics.in_flight._value.get() == 0  # stalled calls hold no handler
+    finally:
+        for h in held:
+            h.close()
+        app.shutdown(grace=1)
+
+
+def test_corrupt_messages_are_invalid_argument_and_counted(app, client: TierpickClient) -> None:  # type: ignore[no-untyped-def]
+    raw = client.channel.unary_unary(f"/{SERVICE_NAME}/Classify")
+    for body in (
+        b"\x0a\x02\xff\xfe",  # prompt = invalid UTF-8
+        b"\x0a\x7fshort",  # a length longer than the message
+        b"\xff\xff\xff\xff\xff",  # not protobuf at all
+    ):
+        with pytest.raises(grpc.RpcError) as info:
+            raw(body, timeout=5)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, body
+        assert "not a valid Classify message" in info.value.details()
+    text = _metrics_text(app)
+    line = next(
+        ln
+        for ln in text.splitlines()
+        if ln.startswith('tierpick_requests_total{code="INVALID_ARGUMENT",method="Classify"}')
+    )
+    assert float(line.split()[-1]) >= 3
+    assert client.classify("the server is fine").tier
+
+
+def test_refused_calls_are_counted(model_copy: Path) -> None:
+    app = create_server("127.0.0.1:0", str(model_copy), ServerConfig(max_concurrency=1, workers=4))
+    try:
+        with TierpickClient(f"127.0.0.1:{app.port}", timeout=30) as c:
+            c.wait_ready()
+            big = pb.ClassifyBatchRequest(requests=[request("word " * 5000)] * 256)
+            calls = [c.stub.ClassifyBatch.future(big, timeout=30) for _ in range(4)]
+            refused = 0
+            for f in calls:
+                try:
+                    f.result()
+                except grpc.RpcError as exc:
+                    assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                    refused += 1
+        text = _metrics_text(app)
+        assert (
+            f'tierpick_requests_total{{code="RESOURCE_EXHAUSTED",method="ClassifyBatch"}} '
+            f"{float(refused)}"
+        ) in text
+        assert refused >= 1
+    finally:
+        app.shutdown(grace=1)
+
+
+def test_watch_retries_a_deploy_copied_manifest_first(model_copy: Path, tmp_path: Path) -> None:
+    """A deploy that copies manifest.json before student.onnx is refused while inconsistent and
+    picked up when the graph arrives, with no SIGHUP."""
+    model = tmp_path / "m"
+    shutil.copytree(model_copy, model)
+    app = create_server("127.0.0.1:0", str(model), ServerConfig(watch_seconds=0.05))
+    try:
+        with TierpickClient(f"127.0.0.1:{app.port}", timeout=5) as c:
+            before = c.model_info().model_version
+            graph = (model / "student.onnx").read_bytes()
+            new_graph = graph + b""  # the same graph under a new checksum entry below
+            manifest = json.loads((model / "manifest.json").read_text())
+            import hashlib
+
+            # step 1: the new manifest lands first; it names a graph that is not there yet
+            (model / "student.onnx").rename(model / "old.onnx")
+            (model / "manifest.json").write_text(
+                json.dumps({**manifest, "model_version": "deployed"})
+            )
+            deadline = time.monotonic() + 5
+            while app.holder._pending is None:
+                assert time.monotonic() < deadline, "the inconsistent directory was not noticed"
+                time.sleep(0.02)
+            assert c.model_info().model_version == before  # the old model keeps serving
+            time.sleep(0.3)  # several watch checks: still refused, still serving
+            assert c.model_info().model_version == before
+            # step 2: the graph arrives; the next checks pick the deploy up
+            (model / "student.onnx").write_bytes(new_graph)
+            assert hashlib.sha256(new_graph).hexdigest() == manifest["files"]["student.onnx"]
+            deadline = time.monotonic() + 10
+            while c.model_info().model_version != "deployed":
+                assert time.monotonic() < deadline, "the consistent deploy was never picked up"
+                time.sleep(0.02)
+        text = _metrics_text(app)
+        refused = next(
+            ln
+            for ln in text.splitlines()
+            if ln.startswith('tierpick_reloads_total{outcome="refused"}')
+        )
+        assert float(refused.split()[-1]) == 1.0  # retries of the same refusal are not recounted
+    finally:
+        app.shutdown(grace=1)
+
+
+def _ca_signed(tmp_path: Path) -> dict[str, bytes]:
+    """A CA, a server certificate for localhost and a client certificate, both signed by it."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def pem_key(k: ec.EllipticCurvePrivateKey) -> bytes:
+        return k.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("tierpick test CA"))
+        .issuer_name(name("tierpick test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    out = {"ca": ca.public_bytes(serialization.Encoding.PEM)}
+    for who, san in (("server", "localhost"), ("client", "a-gateway")):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name(san))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=1))
+            .not_valid_after(now + dt.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(san)]), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        out[f"{who}_cert"] = cert.public_bytes(serialization.Encoding.PEM)
+        out[f"{who}_key"] = pem_key(key)
+    return out
+
+
+def test_mutual_tls_requires_a_client_certificate(model_copy: Path, tmp_path: Path) -> None:
+    from serving.server import TLS
+
+    pki = _ca_signed(tmp_path)
+    tls = TLS(pki["server_cert"], pki["server_key"], client_ca=pki["ca"])
+    app = create_server("127.0.0.1:0", str(model_copy), ServerConfig(), tls=tls)
+    try:
+        good = grpc.ssl_channel_credentials(pki["ca"], pki["client_key"], pki["client_cert"])
+        with TierpickClient(f"localhost:{app.port}", timeout=5, credentials=good) as c:
+            assert c.classify("with a client certificate").tier
+        anonymous = grpc.ssl_channel_credentials(root_certificates=pki["ca"])
+        with (
+            TierpickClient(f"localhost:{app.port}", timeout=3, credentials=anonymous) as c,
+            pytest.raises(grpc.RpcError) as info,
+        ):
+            c.classify("without one")
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        app.shutdown(grace=1)
+
+
+def test_serve_command_refuses_bad_tls_and_busy_ports_in_one_line(
+    model_copy: Path, tmp_path: Path
+) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    a, b = _self_signed(tmp_path), _self_signed(tmp_path)
+    (tmp_path / "cert.pem").write_bytes(a[0])
+    (tmp_path / "other-key.pem").write_bytes(b[1])
+    base = [sys.executable, "-m", "classifier.cli", "serve", "--model", str(model_copy)]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        runs = {
+            "mismatched key": [
+                *base,
+                "--port",
+                "0",
+                "--tls-cert",
+                str(tmp_path / "cert.pem"),
+                "--tls-key",
+                str(tmp_path / "other-key.pem"),
+            ],
+            "port in use": [*base, "--port", str(port)],
+        }
+        for what, cmd in runs.items():
+            done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+            assert done.returncode == 2, what
+            last = done.stderr.strip().splitlines()[-1]
+            assert last.startswith("tierpick: error: "), (what, done.stderr)
+            assert "Traceback" not in done.stderr, what
+            assert ("does not match" in last) if what == "mismatched key" else ("in use" in last)
+
+
+def test_drain_timeout_is_the_grace_in_flight_calls_get(model_copy: Path) -> None:
+    """A call still running when the server stops finishes within the drain timeout, and is
+    cancelled past it."""
+    results = {}
+    for drain in (0.05, 60.0):
+        app = create_server(
+            "127.0.0.1:0", str(model_copy), ServerConfig(max_batch=4000, drain_timeout=drain)
+        )
+        c = TierpickClient(
+            f"127.0.0.1:{app.port}",
+            timeout=60,
+            options=[("grpc.max_send_message_length", 64 << 20)],
+        )
+        c.wait_ready()
+        big = pb.ClassifyBatchRequest(
+            requests=[request(f"{i} " + "word " * 2000) for i in range(4000)]
+        )
+        call = c.stub.ClassifyBatch.future(big, timeout=60)
+        deadline = time.monotonic() + 30
+        while app.metrics.in_flight._value.get() < 1:
+            assert time.monotonic() < deadline and not call.done(), "the batch never arrived"
+            time.sleep(0.001)
+        app.shutdown()  # the configured drain timeout
+        try:
+            results[drain] = len(call.result().responses)
+        except grpc.RpcError as exc:
+            results[drain] = exc.code()
+        c.close()
+    assert results[60.0] == 4000
+    assert results[0.05] in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
