@@ -49,7 +49,7 @@ class Upstream:
                 raw = self.rfile.read(length)
                 try:
                     model = json.loads(raw).get("model")
-                except (ValueError, AttributeError):
+                except (ValueError, AttributeError, RecursionError):
                     model = None
                 outer.requests += 1
                 self._answer(

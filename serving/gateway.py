@@ -44,7 +44,7 @@ import grpc
 import yaml
 
 from classifier import RoutingPolicy, TierClassifier, messages_to_prompt
-from classifier.errors import ConfigError, MissingDependencyError, TierpickError
+from classifier.errors import ConfigError, MissingDependencyError, PromptError, TierpickError
 from serving.server import Metrics, ModelHolder, run_until_signalled
 
 log = logging.getLogger("tierpick.gateway")
@@ -80,6 +80,10 @@ class GatewayConfig:
     tiers: dict[str, Upstream]
     processor_host: str = "127.0.0.1"
     processor_port: int = 50052
+    # a larger body is passed through unclassified (to the fallback tier): the work one request
+    # costs the processor is bounded (parsing, and re-encoding it for the model rewrite, grow
+    # with the body: ~25 ms at 900 KB here), so a few large bodies cannot starve small ones
+    max_body_bytes: int = 256 * 1024
     model: str | None = None
     policy: RoutingPolicy = field(default_factory=RoutingPolicy)
     rewrite_model: bool = True
@@ -97,7 +101,7 @@ class GatewayConfig:
 
 
 _KEYS = {
-    "processor": {"host", "port"},
+    "processor": {"host", "port", "max_body_bytes"},
     "model": None,
     "policy": {"min_success", "allowed_tiers", "cost_weight", "max_price"},
     "rewrite_model": None,
@@ -190,6 +194,9 @@ def parse_gateway_config(raw: object) -> GatewayConfig:
         tiers=tiers,
         processor_host=str(proc.get("host", "127.0.0.1")),
         processor_port=_port(proc.get("port", 50052), "processor.port"),
+        max_body_bytes=int(
+            _number(proc.get("max_body_bytes", 256 * 1024), "processor.max_body_bytes", 1, 64 << 20)
+        ),
         model=model_path,
         policy=policy,
         rewrite_model=rewrite,
@@ -240,6 +247,8 @@ def prompt_of(body: bytes) -> tuple[str, dict[str, Any]]:
         obj = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise NotClassifiable(f"body is not JSON ({type(exc).__name__})") from exc
+    except RecursionError as exc:
+        raise NotClassifiable("body is not JSON we read (nested too deeply)") from exc
     if not isinstance(obj, dict):
         raise NotClassifiable("body is not a JSON object")
     if "messages" in obj:
@@ -361,25 +370,20 @@ class TierpickProcessor:
             self.metrics.decisions.labels("bad-request").inc()
             return self._reject(400, "invalid_request_error", str(exc))
         try:
+            if len(body) > cfg.max_body_bytes:
+                raise NotClassifiable(
+                    f"body of {len(body)} bytes is over processor.max_body_bytes "
+                    f"({cfg.max_body_bytes})"
+                )
             prompt, obj = prompt_of(body)
-        except NotClassifiable as exc:
+            decision = clf.route_proba(clf.predict_proba([prompt]), policy, allowed)[0]
+        except (NotClassifiable, PromptError) as exc:
             self.metrics.decisions.labels("not-classified").inc()
             return self._body_response(
                 self._common({"status": "not-classified", "reason": str(exc)})
             )
-        try:
-            decision = clf.route_proba(clf.predict_proba([prompt]), policy, allowed)[0]
         except Exception as exc:  # the classifier failed: the failure policy decides
-            log.exception("classifier error")
-            if cfg.failure_mode == "closed":
-                self.metrics.decisions.labels("rejected").inc()
-                return self._reject(503, "tierpick_unavailable", f"classifier error: {exc}")
-            self.metrics.decisions.labels("fallback").inc()
-            return self._body_response(
-                self._common(
-                    {"tier": cfg.fallback_tier, "status": "fallback", "reason": "classifier error"}
-                )
-            )
+            return self._classifier_failed(exc)
         self.metrics.decisions.labels("classified").inc()
         self.metrics.tiers.labels(decision.tier).inc()
         set_headers = {
@@ -397,6 +401,19 @@ class TierpickProcessor:
         if new_body is not None and "content-length" in headers:
             raw_headers["content-length"] = str(len(new_body))
         return self._body_response(self._common(set_headers, new_body, raw_headers))
+
+    def _classifier_failed(self, exc: Exception) -> Any:
+        cfg = self.cfg
+        log.exception("classifier error")
+        if cfg.failure_mode == "closed":
+            self.metrics.decisions.labels("rejected").inc()
+            return self._reject(503, "tierpick_unavailable", f"classifier error: {exc}")
+        self.metrics.decisions.labels("fallback").inc()
+        return self._body_response(
+            self._common(
+                {"tier": cfg.fallback_tier, "status": "fallback", "reason": "classifier error"}
+            )
+        )
 
     def _common(
         self,

@@ -197,6 +197,46 @@ def test_bad_bodies_pass_through_untouched_and_clients_cannot_pick_a_tier(stack:
     assert body["tierpick_headers"]["x-tierpick-status"] == "classified"  # type: ignore[index]
 
 
+def test_hostile_bodies_are_bounded_and_never_starve_small_requests(stack: Stack) -> None:
+    """A deeply nested body is not-classified (it once raised RecursionError in the processor);
+    a body over processor.max_body_bytes passes through unclassified; four ~900 KB bodies sent
+    at once do not push small requests past the time budget into fallback."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    gw = stack.gateway
+    assert gw is not None
+    deep = b'{"messages": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    status, _, body, _ = stack.post(deep)
+    assert status == 200 and isinstance(body, dict)
+    assert body["tierpick_headers"]["x-tierpick-status"] == "not-classified"
+    assert "nested too deeply" in body["tierpick_headers"]["x-tierpick-reason"]
+    junk = _chat("\u200b\u200c\x00 \ufeff")  # nothing left once normalized
+    _, _, body, _ = stack.post(junk)
+    assert body["tierpick_headers"]["x-tierpick-status"] == "not-classified"  # type: ignore[index]
+
+    history = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": "lorem ipsum dolor " * 60}
+        for i in range(820)
+    ]
+    big = json.dumps({"model": "auto", "messages": [*history, {"role": "user", "content": "hi"}]})
+    assert 850_000 < len(big) < 1_000_000  # under Envoy's 1 MiB buffer, over the processor's cap
+    small = [_chat(f"What is {i} + {i}?") for i in range(98)]
+    with ThreadPoolExecutor(8) as pool:
+        bigs = [pool.submit(stack.post, big) for _ in range(4)]
+        smalls = list(pool.map(stack.post, small))
+        big_results = [f.result() for f in bigs]
+    assert [r[1]["x-tierpick-status"] for r in smalls] == ["classified"] * 98
+    for status, headers, body, _ in big_results:
+        assert status == 200 and headers["x-tierpick-status"] == "not-classified"
+        seen = body["tierpick_headers"]  # type: ignore[index]
+        assert "over processor.max_body_bytes" in seen["x-tierpick-reason"]
+        assert body["upstream"] == stack.cfg.fallback_tier  # type: ignore[index]
+    from prometheus_client import generate_latest
+
+    text = generate_latest(gw.metrics.registry).decode()
+    assert 'tierpick_gateway_requests_total{outcome="not-classified"}' in text
+
+
 def test_fallback_while_the_processor_is_stopped(stack: Stack) -> None:
     """Fail-open: with the processor gone, requests still flow, to the fallback tier, marked
     and counted by Envoy; once it is back, requests are classified again."""
