@@ -6,7 +6,7 @@ This package imports no torch and never imports ``training``.
 from __future__ import annotations
 
 from classifier._artifact import Manifest, TierSpec, read_manifest
-from classifier._runtime import Decision, RoutingPolicy, TierClassifier, load, prepare_prompt
+from classifier._runtime import Decision, TierClassifier, load, prepare_prompt
 from classifier._text import messages_to_prompt, normalize_prompt, prompt_key
 from classifier.errors import (
     ArtifactError,
@@ -18,6 +18,7 @@ from classifier.errors import (
     PromptError,
     TierpickError,
 )
+from classifier.routing import Router, RoutingPolicy
 
 __all__ = [
     "ArtifactError",
@@ -29,6 +30,7 @@ __all__ = [
     "MissingDependencyError",
     "PolicyError",
     "PromptError",
+    "Router",
     "RoutingPolicy",
     "TierClassifier",
     "TierSpec",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,7 +14,8 @@ import numpy.typing as npt
 from classifier._artifact import Manifest, read_manifest
 from classifier._text import normalize_prompt
 from classifier._wordpiece import FastWordPiece
-from classifier.errors import ArtifactError, MissingDependencyError, PolicyError, PromptError
+from classifier.errors import ArtifactError, MissingDependencyError, PromptError
+from classifier.routing import Router, RoutingPolicy, platt
 
 DEFAULT_MODEL_ENV = "TIERPICK_MODEL"
 _REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -37,44 +37,6 @@ def prepare_prompt(text: str, max_chars: int) -> str:
     tokenizer's cost; the tokenizer then keeps at most the manifest's ``max_tokens``.
     """
     return normalize_prompt(text[: RAW_CHARS_FACTOR * max_chars])[:max_chars]
-
-
-def normalized_costs(
-    price_input: Sequence[float], price_output: Sequence[float]
-) -> npt.NDArray[np.float64]:
-    """Cost per call of each tier on a 0-1 scale: (input + output price per 1M tokens), mapped
-    so the cheapest tier is 0 and the dearest 1. Routing and evaluation share this scale."""
-    c = np.asarray(price_input, dtype=np.float64) + np.asarray(price_output, dtype=np.float64)
-    lo, hi = c.min(), c.max()
-    out: npt.NDArray[np.float64] = (c - lo) / (hi - lo) if hi > lo else np.zeros_like(c)
-    return out
-
-
-@dataclass(frozen=True)
-class RoutingPolicy:
-    """How probabilities become a tier; set per request, separate from the model.
-
-    Two rules:
-
-    - ``min_success > 0``: the cheapest allowed tier whose probability reaches it; when none
-      does, the dearest allowed tier (the most capable one).
-    - ``min_success == 0`` (the default): the allowed tier with the best expected value,
-      probability - cost_weight x normalized cost (see :func:`normalized_costs`), with the
-      model's default cost weight unless ``cost_weight`` is given. With calibrated
-      probabilities this buys the most success per unit of cost.
-
-    Attributes:
-        min_success: the probability a tier must reach, in [0, 1]; 0 = the utility rule.
-        allowed_tiers: tiers that may be chosen (empty: all).
-        max_price: the highest price per 1M output tokens (USD) a chosen tier may have
-            (None: no cap).
-        cost_weight: the utility rule's price of cost, >= 0 (None: the model's default).
-    """
-
-    min_success: float = 0.0
-    allowed_tiers: tuple[str, ...] = ()
-    max_price: float | None = None
-    cost_weight: float | None = None
 
 
 @dataclass(frozen=True)
@@ -104,10 +66,6 @@ class TierClassifier:
         self.manifest = manifest
         self.tiers: tuple[str, ...] = manifest.tier_names
         self.version = manifest.model_version
-        self._prices = np.array([t.price_output for t in manifest.tiers])
-        self._costs = normalized_costs(
-            [t.price_input for t in manifest.tiers], [t.price_output for t in manifest.tiers]
-        )
         cal = manifest.calibration
         k = len(self.tiers)
         self._cal_a = np.array(cal.get("a", [1.0] * k), dtype=np.float32)
@@ -228,8 +186,7 @@ class TierClassifier:
 
     def calibrate(self, logits: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float32]:
         """Apply the manifest's per-tier calibration to logits."""
-        z = logits * self._cal_a + self._cal_b
-        p: npt.NDArray[np.float32] = (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+        p: npt.NDArray[np.float32] = platt(logits, self._cal_a, self._cal_b).astype(np.float32)
         return p
 
     def predict_proba(
@@ -241,63 +198,23 @@ class TierClassifier:
 
     # ------------------------------------------------------------------ routing
 
-    def check_policy(self, policy: RoutingPolicy) -> npt.NDArray[np.bool_]:
-        """Validate a policy against this model; returns the allowed-tier mask."""
-        if not 0.0 <= policy.min_success <= 1.0:
-            raise PolicyError(f"min_success must be in [0, 1], got {policy.min_success}")
-        if policy.cost_weight is not None and not 0 <= policy.cost_weight < math.inf:
-            # inf x a zero cost is NaN, which would pick a tier outside allowed_tiers
-            raise PolicyError(f"cost_weight must be >= 0 and finite, got {policy.cost_weight}")
-        unknown = [t for t in policy.allowed_tiers if t not in self.tiers]
-        if unknown:
-            raise PolicyError(
-                f"unknown tier(s) {unknown}; this model's tiers are {list(self.tiers)}"
-            )
-        allowed = np.array(
-            [not policy.allowed_tiers or t in policy.allowed_tiers for t in self.tiers]
-        )
-        if policy.max_price is not None:
-            if not policy.max_price >= 0:  # NaN too
-                raise PolicyError(f"max_price must be >= 0, got {policy.max_price}")
-            allowed &= self._prices <= policy.max_price
-        if not allowed.any():
-            raise PolicyError("no tier is allowed by allowed_tiers and max_price together")
-        return allowed
+    def router(self, policy: RoutingPolicy | None = None) -> Router:
+        """``policy`` (default: the model's default policy) validated against this model's
+        tiers, prices and default cost weight.
 
-    def choose(
-        self,
-        proba: npt.NDArray[np.float32],
-        policy: RoutingPolicy | None = None,
-        allowed: npt.NDArray[np.bool_] | None = None,
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
-        """Tier index per row under ``policy`` (see :class:`RoutingPolicy`), and whether the
-        threshold was met (always True under the utility rule). ``allowed`` is what
-        :meth:`check_policy` returned for ``policy``, when the caller validated it already."""
-        policy = policy or RoutingPolicy()
-        if allowed is None:
-            allowed = self.check_policy(policy)
-        n = proba.shape[0]
-        if policy.min_success > 0:
-            ok = (proba >= policy.min_success) & allowed
-            met = np.asarray(ok.any(axis=1), dtype=bool)
-            fallback = int(np.flatnonzero(allowed)[-1])
-            chosen = np.where(met, np.argmax(ok, axis=1), fallback).astype(np.int64)
-            return chosen, met
-        weight = (
-            self.manifest.default_cost_weight if policy.cost_weight is None else policy.cost_weight
+        Raises:
+            PolicyError: an unknown tier, a value out of range, or no tier left allowed.
+        """
+        return Router.for_tiers(
+            policy or RoutingPolicy(), self.manifest.tiers, self.manifest.default_cost_weight
         )
-        value = np.where(allowed, proba - weight * self._costs, -np.inf)
-        return np.argmax(value, axis=1).astype(np.int64), np.ones(n, dtype=bool)
 
     def route_proba(
-        self,
-        proba: npt.NDArray[np.float32],
-        policy: RoutingPolicy | None = None,
-        allowed: npt.NDArray[np.bool_] | None = None,
+        self, proba: npt.NDArray[np.float32], policy: RoutingPolicy | Router | None = None
     ) -> list[Decision]:
-        """Route already-computed probabilities (see :class:`RoutingPolicy`; ``allowed`` as in
-        :meth:`choose`)."""
-        chosen, met = self.choose(proba, policy, allowed)
+        """Route already-computed probabilities (see :mod:`classifier.routing`)."""
+        router = policy if isinstance(policy, Router) else self.router(policy)
+        chosen, met = router.choose(proba)
         return [
             Decision(
                 tier=self.tiers[int(c)],
@@ -308,10 +225,9 @@ class TierClassifier:
         ]
 
     def route(self, prompts: Sequence[str], policy: RoutingPolicy | None = None) -> list[Decision]:
-        """Predict and route each prompt (see :meth:`route_proba`)."""
-        policy = policy or RoutingPolicy()
-        allowed = self.check_policy(policy)  # fail before inference, validate once
-        return self.route_proba(self.predict_proba(prompts), policy, allowed)
+        """Predict and route each prompt; the policy is checked before any inference."""
+        router = self.router(policy)
+        return self.route_proba(self.predict_proba(prompts), router)
 
 
 def default_model_dir() -> Path:

@@ -53,12 +53,12 @@ def classify(
     for i, p in enumerate(policies):
         groups.setdefault(p, []).append(i)
     # validated once per distinct policy (a batch usually shares one), before any inference
-    allowed = {p: clf.check_policy(p) for p in groups}
+    routers = {p: clf.router(p) for p in groups}
     proba = clf.predict_proba(prompts)
     chosen = np.zeros(len(requests), dtype=np.int64)
     met = np.ones(len(requests), dtype=bool)
     for p, rows in groups.items():
-        chosen[rows], met[rows] = clf.choose(proba[rows], p, allowed[p])
+        chosen[rows], met[rows] = routers[p].choose(proba[rows])
     tiers = clf.manifest.tiers
     out = []
     for i, r in enumerate(requests):

@@ -365,7 +365,7 @@ class TierpickProcessor:
         try:
             policy = request_policy(cfg.policy, headers)
             clf = self.holder.current
-            allowed = clf.check_policy(policy)
+            router = clf.router(policy)
         except TierpickError as exc:  # BadRequest, PolicyError
             self.metrics.decisions.labels("bad-request").inc()
             return self._reject(400, "invalid_request_error", str(exc))
@@ -376,7 +376,7 @@ class TierpickProcessor:
                     f"({cfg.max_body_bytes})"
                 )
             prompt, obj = prompt_of(body)
-            decision = clf.route_proba(clf.predict_proba([prompt]), policy, allowed)[0]
+            decision = clf.route_proba(clf.predict_proba([prompt]), router)[0]
         except (NotClassifiable, PromptError) as exc:
             self.metrics.decisions.labels("not-classified").inc()
             return self._body_response(

@@ -28,6 +28,7 @@ import numpy.typing as npt
 from classifier import TierClassifier
 from classifier._io import open_text
 from classifier.errors import ConfigError, MissingDependencyError, TierpickError
+from classifier.routing import threshold_choice
 from serving.score import expand_inputs, kind_of
 
 THRESHOLDS = np.round(np.linspace(0.0, 1.0, 51), 2)
@@ -133,15 +134,6 @@ def _rows(path: Path, prompt_field: str, cols: list[str], tier_col: str) -> Iter
             )
 
 
-def threshold_route(proba: npt.NDArray[np.float32], t: float) -> npt.NDArray[np.int64]:
-    """The cheapest tier whose probability reaches ``t``, else the dearest."""
-    reach = proba >= t
-    choice: npt.NDArray[np.int64] = np.where(
-        reach.any(axis=1), reach.argmax(axis=1), proba.shape[1] - 1
-    )
-    return choice
-
-
 def build_report(
     log: ScoredLog, clf: TierClassifier, output_tokens: int = 300, chars_per_token: float = 4.0
 ) -> dict[str, Any]:
@@ -181,7 +173,7 @@ def build_report(
         }
     curve = []
     for t in THRESHOLDS:
-        s = summarize(threshold_route(proba.astype(np.float32), float(t)))
+        s = summarize(threshold_choice(proba.astype(np.float32), float(t))[0])
         curve.append({"threshold": float(t), **s})
     return {
         "model": {"name": clf.manifest.model_name, "version": clf.version},

@@ -264,7 +264,7 @@ def score_prompts(
     if good:
         p = (cache or PredictionCache(0)).predict(clf, prompts)
         proba[good] = p
-        chosen, _ = clf.choose(p)
+        chosen, _ = clf.router().choose(p)
         for i, c in zip(good, chosen, strict=True):
             tiers[i] = clf.tiers[int(c)]
     return proba, tiers, errors

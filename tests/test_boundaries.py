@@ -46,6 +46,7 @@ def test_public_surface_of_classifier() -> None:
         "MissingDependencyError",
         "PolicyError",
         "PromptError",
+        "Router",
         "RoutingPolicy",
         "TierClassifier",
         "TierSpec",

@@ -3,8 +3,10 @@
 import numpy as np
 import pytest
 
+from classifier.routing import platt as apply_platt
+from classifier.routing import threshold_choice
 from training import metrics
-from training.calibrate import apply_platt, fit_platt
+from training.calibrate import fit_platt
 
 
 def test_ece_and_reliability() -> None:
@@ -20,9 +22,9 @@ def test_ece_and_reliability() -> None:
 
 def test_route_picks_cheapest_tier_reaching_threshold() -> None:
     scores = np.array([[0.9, 0.9, 0.9], [0.2, 0.7, 0.9], [0.1, 0.2, 0.3]])
-    assert metrics.route(scores, 0.5).tolist() == [0, 1, 2]
-    assert metrics.route(scores, 0.95).tolist() == [2, 2, 2]  # none reaches: dearest
-    assert metrics.route(scores, 0.0).tolist() == [0, 0, 0]
+    assert threshold_choice(scores, 0.5)[0].tolist() == [0, 1, 2]
+    assert threshold_choice(scores, 0.95)[0].tolist() == [2, 2, 2]  # none reaches: dearest
+    assert threshold_choice(scores, 0.0)[0].tolist() == [0, 0, 0]
 
 
 def _toy() -> tuple[np.ndarray, np.ndarray]:

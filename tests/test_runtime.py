@@ -35,7 +35,7 @@ def test_predict_proba_shape_and_range(model_dir: Path) -> None:
 
 
 def test_routing_policies(model_dir: Path) -> None:
-    from classifier._runtime import normalized_costs
+    from classifier.routing import normalized_costs
 
     clf = classifier.load(model_dir)
     prompts = ["What is 2 + 2?", "Compute the Lebesgue integral of x^2 over the Cantor set."]

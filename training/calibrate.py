@@ -7,14 +7,9 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
+from classifier.routing import sigmoid
+
 Array = npt.NDArray[np.float64]
-
-
-def sigmoid(z: Array) -> Array:
-    from scipy.special import expit
-
-    out: Array = expit(z)
-    return out
 
 
 def _bce(s: Array, y: Array) -> float:
@@ -57,7 +52,3 @@ def fit_platt(logits: Array, targets: Array, mask: Array) -> tuple[list[float], 
         a_out.append(float(a))
         b_out.append(float(b))
     return a_out, b_out
-
-
-def apply_platt(logits: Array, a: list[float], b: list[float]) -> Array:
-    return sigmoid(logits * np.asarray(a) + np.asarray(b))

@@ -13,6 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from classifier._table import format_table
+from classifier.routing import rescale, utility_choice
 from training import metrics
 
 Array = npt.NDArray[np.float64]
@@ -106,7 +107,7 @@ def evaluate_split(
         q = data.targets[idx[:, None], cols]
         if q.mean(axis=0)[-1] - q.mean(axis=0)[0] < metrics.MIN_GAP:
             continue  # the dearest tier is no better here: nothing to recover
-        c = metrics.rescale(costs[cols])
+        c = rescale(costs[cols])
         curves = {name: metrics.sweep(s[idx[:, None], cols], q, c) for name, s in routers.items()}
         if "student" in routers:
             curves["student_threshold_rule"] = metrics.sweep(
@@ -126,7 +127,7 @@ def evaluate_split(
             },
         }
         if default_cost_weight is not None and "student" in routers:
-            chosen = metrics.route_utility(
+            chosen = utility_choice(
                 routers["student"][idx[:, None], cols], costs[cols], default_cost_weight
             )
             share = np.bincount(chosen, minlength=len(cols)) / len(idx)

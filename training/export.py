@@ -172,7 +172,9 @@ def quantize_artifact(src: Path, out_dir: Path, prompts: list[str]) -> dict[str,
     drift = {
         "int8_max_abs_prob_diff": float(np.abs(p32 - p8).max()),
         "int8_mean_abs_prob_diff": float(np.abs(p32 - p8).mean()),
-        "int8_same_tier_share": float(np.mean(fp32.choose(p32)[0] == int8.choose(p8)[0])),
+        "int8_same_tier_share": float(
+            np.mean(fp32.router().choose(p32)[0] == int8.router().choose(p8)[0])
+        ),
         "int8_prompts_measured": float(len(prompts)),
     }
     evaluation = {**manifest.evaluation, **{k: round(v, 6) for k, v in drift.items()}}

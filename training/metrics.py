@@ -1,10 +1,11 @@
 """Evaluation metrics: per-tier discrimination and calibration, and routing quality against cost.
 
-Routing model: tiers are ordered cheapest first; a router gives each prompt a score per tier.
-The utility rule (the headline) sends a prompt to the tier maximizing score - w x cost; the
-threshold rule sends it to the cheapest tier whose score reaches ``t``. Sweeping ``w`` (or ``t``)
+Routing model: tiers are ordered cheapest first; a router gives each prompt a score per tier,
+and the rules that serve (:mod:`classifier.routing`) turn scores into tiers: the utility rule
+(the headline) sends a prompt to the tier maximizing score - w x cost; the threshold rule sends
+it to the cheapest tier whose score reaches ``t``. Sweeping ``w`` (or ``t``)
 traces quality (the chosen tier's observed success on that prompt) against cost. Cost per call is
-:func:`classifier._runtime.normalized_costs`: input + output price per 1M tokens (equal input and
+:func:`classifier.routing.normalized_costs`: input + output price per 1M tokens (equal input and
 output token counts assumed), cheapest tier 0, dearest 1.
 """
 
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+
+from classifier.routing import threshold_choice, utility_choice
 
 Array = npt.NDArray[np.float64]
 # Below this quality gap between two tiers, PGR divides by noise and APGR is not reported.
@@ -67,25 +70,6 @@ def ece(y_soft: Array, p: Array, bins: int = 10) -> float:
 # --------------------------------------------------------------------------- routing
 
 
-def route(scores: Array, threshold: float) -> npt.NDArray[np.int64]:
-    """Threshold rule: the cheapest tier whose score reaches ``threshold``, else the dearest."""
-    ok = scores >= threshold
-    first = np.argmax(ok, axis=1)
-    chosen: npt.NDArray[np.int64] = np.where(ok.any(axis=1), first, scores.shape[1] - 1)
-    return chosen.astype(np.int64)
-
-
-def route_utility(scores: Array, norm_costs: Array, cost_weight: float) -> npt.NDArray[np.int64]:
-    """Utility rule: the tier maximizing score - cost_weight x normalized cost (ties: cheaper).
-
-    With calibrated success probabilities this maximizes expected quality for its cost: sweeping
-    ``cost_weight`` traces the best cost-quality trade-off the scores allow, and a router whose
-    scores ignore the prompt traces exactly the best prompt-agnostic tier mix.
-    """
-    chosen: npt.NDArray[np.int64] = np.argmax(scores - cost_weight * norm_costs, axis=1)
-    return chosen.astype(np.int64)
-
-
 @dataclass(frozen=True)
 class Curve:
     """A router's operating points, sorted by cost: normalized cost, quality, tier shares."""
@@ -111,7 +95,11 @@ def sweep(scores: Array, quality: Array, costs: Array, rule: str = "utility") ->
     params = COST_WEIGHTS if rule == "utility" else THRESHOLDS
     pts = []
     for value in params:
-        choice = route_utility(scores, norm, value) if rule == "utility" else route(scores, value)
+        choice = (
+            utility_choice(scores, norm, value)
+            if rule == "utility"
+            else threshold_choice(scores, value)[0]
+        )
         pts.append(
             (
                 value,
@@ -152,13 +140,6 @@ def mix_curve(quality: Array, costs: Array) -> Curve:
     qs = np.array([q[i] if j <= best else q[hull[best]] for j, i in enumerate(hull)])
     shares = np.eye(len(costs))[hull]
     return Curve(np.full(len(hull), np.nan), xs, qs, shares)
-
-
-def rescale(costs: Array) -> Array:
-    """Costs mapped to [0, 1] over the tiers given (cheapest 0, dearest 1)."""
-    lo, hi = float(costs.min()), float(costs.max())
-    out: Array = (costs - lo) / (hi - lo) if hi > lo else np.zeros_like(costs)
-    return out
 
 
 def _interp_at(curve_x: Array, curve_y: Array, x: Array) -> Array:

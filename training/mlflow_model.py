@@ -26,7 +26,7 @@ class TierpickModel(PythonModel):
         prompts = [str(p) for p in model_input]
         proba = self.clf.predict_proba(prompts)
         frame = pd.DataFrame(proba, columns=[f"p_{t}" for t in self.clf.tiers])
-        frame["tier"] = [self.clf.tiers[int(c)] for c in self.clf.choose(proba)[0]]
+        frame["tier"] = [self.clf.tiers[int(c)] for c in self.clf.router().choose(proba)[0]]
         return frame
 
 

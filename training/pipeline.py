@@ -23,8 +23,9 @@ import numpy as np
 import numpy.typing as npt
 
 from classifier.errors import DatasetError
+from classifier.routing import platt, sigmoid
 from training import baselines, metrics
-from training.calibrate import apply_platt, fit_platt, sigmoid
+from training.calibrate import fit_platt
 from training.config import TierConfig
 from training.dataset import BuiltDataset, build_dataset, load_dataset, write_dataset
 from training.evaluate import SplitData, evaluate_split, write_report
@@ -201,7 +202,7 @@ def fit_router(ctx: Context, train: SplitData, val: SplitData, costs: Array) -> 
     full_val = val.mask.min(axis=1) > 0
     cost_weight = 0.0
     if full_val.sum() >= 10:
-        p_val = apply_platt(z_val, a, b)[full_val]
+        p_val = platt(z_val, a, b)[full_val]
         curve = metrics.sweep(p_val, val.targets[full_val], costs)
         cost_weight = metrics.pick_cost_weight(curve, val.targets[full_val], cfg.target_quality)
     knn_k = baselines.tuned_knn(
@@ -247,9 +248,9 @@ def routers_for(fitted: Fitted, ctx: Context, split: SplitData) -> dict[str, Arr
     tz = encoders.head_logits(fitted.teacher.head, te).astype(np.float64)
     train = fitted.train
     return {
-        "student": apply_platt(z, cal["a"], cal["b"]),
+        "student": platt(z, cal["a"], cal["b"]),
         "student_uncalibrated": sigmoid(z),
-        "teacher": apply_platt(tz, *fitted.teacher_calibration),
+        "teacher": platt(tz, *fitted.teacher_calibration),
         "knn": baselines.knn(
             fitted.train_teacher_emb.astype(np.float64),
             train.targets,
@@ -475,7 +476,7 @@ def compact(res: dict[str, Any]) -> dict[str, Any]:
 
 def tier_cost_vector(tiers: Any) -> Array:
     """Normalized cost per call of each tier, the scale the runtime routes on."""
-    from classifier._runtime import normalized_costs
+    from classifier.routing import normalized_costs
 
     return normalized_costs([t.price_input for t in tiers], [t.price_output for t in tiers])
 
