@@ -28,12 +28,10 @@ list), ``x-tierpick-cost-weight``, ``x-tierpick-max-price``; they override the c
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import json
 import logging
 import math
-import threading
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -45,7 +43,15 @@ import yaml
 
 from classifier import RoutingPolicy, TierClassifier, messages_to_prompt
 from classifier.errors import ConfigError, MissingDependencyError, PromptError, TierpickError
-from serving.server import Metrics, ModelHolder, run_until_signalled
+from serving.server import (
+    LoopThread,
+    Metrics,
+    ModelHolder,
+    ServerConfig,
+    bind,
+    run_until_signalled,
+    server_options,
+)
 
 log = logging.getLogger("tierpick.gateway")
 
@@ -467,46 +473,47 @@ _EMPTY = {
 
 
 class Gateway:
-    """A running processor: a ``grpc.aio`` server on its own event-loop thread."""
+    """A running processor: a ``grpc.aio`` server on its own event-loop thread, with the same
+    lifecycle as the RPC service (:mod:`serving.server`): health SERVING once the model is
+    loaded, NOT_SERVING then a drain on stop."""
 
-    def __init__(self, cfg: GatewayConfig, address: str | None = None) -> None:
+    def __init__(
+        self, cfg: GatewayConfig, address: str | None = None, config: ServerConfig | None = None
+    ) -> None:
         try:
             from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
         except ImportError as exc:
             raise MissingDependencyError(
                 f"the gateway needs Envoy's ext_proc stubs (pip install 'tierpick[gateway]'): {exc}"
             ) from exc
-        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        from grpc_health.v1.health import aio as health_aio
 
+        self.config = config or ServerConfig()
         self.metrics = GatewayMetrics()
         self.holder = ModelHolder(
             cfg.model, self.metrics, check=lambda c: check_model_tiers(cfg, c)
         )
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, daemon=True, name="tierpick-gateway"
-        )
-        self._thread.start()
+        self._loop = LoopThread("tierpick-gateway")
         address = address or cfg.processor_address
+        self._health_pb2 = health_pb2
 
-        async def start() -> tuple[Any, int]:
-            server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        async def start() -> tuple[Any, Any, int]:
+            server = grpc.aio.server(options=server_options(self.config))
             ep_grpc.add_ExternalProcessorServicer_to_server(
                 TierpickProcessor(cfg, self.holder, self.metrics), server
             )
-            health_servicer = health.aio.HealthServicer()
+            health_servicer = health_aio.HealthServicer()
             await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-            port = server.add_insecure_port(address)
-            if port == 0:
-                raise TierpickError(f"cannot bind {address}")
+            port = bind(server, address, None)
             await server.start()
-            return server, port
+            return server, health_servicer, port
 
         try:
-            self._server, self.port = asyncio.run_coroutine_threadsafe(start(), self._loop).result()
+            self._server, self._health, self.port = self._loop.run(start())
         except BaseException:
-            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._loop.close()
             raise
         atexit.register(self.stop, 0)  # a running aio server would hold the interpreter at exit
         log.info(
@@ -515,13 +522,17 @@ class Gateway:
             self.holder.current.version,
         )
 
-    def stop(self, grace: float = 5.0) -> None:
-        """Finish in-flight requests (up to ``grace`` seconds), then stop; idempotent."""
-        if not self._loop.is_running():
+    def stop(self, grace: float | None = None) -> None:
+        """Health goes NOT_SERVING, in-flight requests get ``grace`` seconds (default the
+        config's ``drain_timeout``) to finish, then the processor stops; idempotent."""
+        if not self._loop.loop.is_running():
             return
-        asyncio.run_coroutine_threadsafe(self._server.stop(grace), self._loop).result()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
+        not_serving = self._health_pb2.HealthCheckResponse.NOT_SERVING
+        self._loop.run(self._health.set("", not_serving))
+        timeout = self.config.drain_timeout if grace is None else grace
+        self._loop.run(self._server.stop(timeout))
+        self._loop.close()
+        log.info("tierpick ext_proc processor stopped")
 
 
 def create_gateway(cfg: GatewayConfig, address: str | None = None) -> Gateway:
@@ -533,9 +544,11 @@ def run_gateway(cfg: GatewayConfig, metrics_port: int | None = None) -> int:
     """Run the processor until SIGTERM/SIGINT; SIGHUP reloads the model."""
     gw = create_gateway(cfg)
     if metrics_port is not None:
-        gw.metrics.serve_http(metrics_port, cfg.processor_host)
+        bound = gw.metrics.serve_http(metrics_port, cfg.processor_host)
+        log.info("metrics on http://%s:%d/metrics (plain HTTP)", cfg.processor_host, bound)
     print(f"tierpick gateway processor on {cfg.processor_host}:{gw.port}", flush=True)
-    run_until_signalled(gw.holder.reload)
+    run_until_signalled(gw.holder.reload, log)
+    log.info("draining: up to %.0f s for in-flight requests", gw.config.drain_timeout)
     gw.stop()
     return 0
 

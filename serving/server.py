@@ -544,12 +544,12 @@ def serve(
     return 0
 
 
-def run_until_signalled(reload: Callable[[], object]) -> None:
+def run_until_signalled(reload: Callable[[], object], logger: logging.Logger | None = None) -> None:
     """Block until SIGTERM or SIGINT; SIGHUP calls ``reload`` (in a thread) meanwhile."""
     done = threading.Event()
 
     def on_term(signum: int, _frame: Any) -> None:
-        log.info("signal %d: draining", signum)
+        (logger or log).info("signal %d: stopping", signum)
         done.set()
 
     signal.signal(signal.SIGTERM, on_term)
