@@ -41,6 +41,7 @@ def test_deep_json_and_huge_csv_fields_are_error_rows(model: Path, tmp_path: Pat
     rows = _arena(6)
     lines = [json.dumps(r) for r in rows]
     lines[2] = '{"prompt": "x", "deep": ' + "[" * 1200 + "]" * 1200 + "}"
+    lines[4] = json.dumps({"uid": "zw", "prompt": "\u200b\u200d\x00\u2060"})
     src = tmp_path / "deep.jsonl"
     src.write_text("\n".join(lines) + "\n")
     out = tmp_path / "deep-out.jsonl"
@@ -48,7 +49,8 @@ def test_deep_json_and_huge_csv_fields_are_error_rows(model: Path, tmp_path: Pat
     scored = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(scored) == 6
     assert scored[2]["error"] == "invalid JSON (nested too deeply)" and scored[2]["line"] == 3
-    assert all(r["error"] is None for i, r in enumerate(scored) if i != 2)
+    assert scored[4]["error"].startswith("empty prompt once normalized") and not scored[4]["tier"]
+    assert all(r["error"] is None for i, r in enumerate(scored) if i not in (2, 4))
 
     big = tmp_path / "big.csv"
     with big.open("w", newline="") as fh:

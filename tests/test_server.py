@@ -83,6 +83,8 @@ def test_contract(client: TierpickClient) -> None:
     [
         (request(""), "prompt is empty"),
         (request("   \n "), "prompt is empty"),
+        (request("\u200b\u200c\x00\ufeff"), "no text once normalized"),
+        (request("x", routing=policy(cost_weight=float("inf"))), "cost_weight must be >= 0"),
         (request("x", routing=policy(min_success=1.5)), "min_success must be in [0, 1]"),
         (request("x", routing=policy(min_success=-0.1)), "min_success must be in [0, 1]"),
         (request("x", routing=policy(allowed_tiers=["gold"])), "unknown tier(s) ['gold']"),

@@ -292,6 +292,23 @@ def test_token_dropout_hides_a_share_of_real_tokens_and_keeps_cls() -> None:
     assert torch.equal(drop_tokens(mask, 0.0, torch.Generator()), mask)
 
 
+def test_student_training_never_writes_into_the_shared_static_table() -> None:
+    """Every fit of a run (the model, each leave-one-family-out fold) starts from one static
+    table: training a student must not change it (torch.from_numpy once shared its memory, and
+    the folds trained after the model wrote into the exported model's embeddings)."""
+    from training import encoders
+    from training.config import StudentConfig
+
+    table = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
+    before = table.copy()
+    ids = [[1, 2, 3, 4], [5, 6, 7], [8, 9, 10, 11, 12]] * 4
+    target = np.random.default_rng(1).normal(size=(len(ids), 6)).astype(np.float32)
+    cfg = StudentConfig(dim=8, epochs=2, hidden=0, batch_size=4, pooling="mean")
+    student, _ = encoders.distill_student(table, ids, target, ids[:3], target[:3], cfg, 0)
+    assert not np.array_equal(student.embedding.weight.detach().numpy(), before)  # it trained
+    np.testing.assert_array_equal(table, before)  # the caller's table is untouched
+
+
 def test_crops_are_seeded_runs_of_the_prompts_words() -> None:
     from training.encoders import crop_prompts
 
