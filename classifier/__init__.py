@@ -5,10 +5,10 @@ This package imports no torch and never imports ``training``.
 
 from __future__ import annotations
 
-from classifier._artifact import Manifest, TierSpec, read_manifest
-from classifier._runtime import Decision, TierClassifier, load, prepare_prompt
-from classifier._text import messages_to_prompt, normalize_prompt, prompt_key
-from classifier.errors import (
+from tierpick.classifier._artifact import Manifest, TierSpec, read_manifest
+from tierpick.classifier._runtime import Decision, TierClassifier, load, prepare_prompt
+from tierpick.classifier._text import messages_to_prompt, normalize_prompt, prompt_key
+from tierpick.classifier.errors import (
     ArtifactError,
     ConfigError,
     DatasetError,
@@ -18,7 +18,7 @@ from classifier.errors import (
     PromptError,
     TierpickError,
 )
-from classifier.routing import Router, RoutingPolicy
+from tierpick.classifier.routing import Router, RoutingPolicy
 
 __all__ = [
     "ArtifactError",

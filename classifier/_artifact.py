@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from classifier.errors import ArtifactError
+from tierpick.classifier.errors import ArtifactError
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"

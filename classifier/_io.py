@@ -35,7 +35,7 @@ def first_bad_utf8_line(path: Path) -> int | None:
 
 def read_prompts(path: Path, field: str = "prompt") -> list[str]:
     """The non-empty string values of ``field`` in a JSONL file (benchmarks, drift checks)."""
-    from classifier.errors import ConfigError
+    from tierpick.classifier.errors import ConfigError
 
     prompts = []
     with open_text(path, "r") as fh:

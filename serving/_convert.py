@@ -6,9 +6,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from classifier import RoutingPolicy, TierClassifier, messages_to_prompt
-from classifier.errors import TierpickError
-from serving._proto.tierpick.v1 import tierpick_pb2 as pb
+from tierpick.classifier import RoutingPolicy, TierClassifier, messages_to_prompt
+from tierpick.classifier.errors import TierpickError
+from tierpick.serving._proto.tierpick.v1 import tierpick_pb2 as pb
 
 
 class RequestError(TierpickError):

@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from classifier.errors import MissingDependencyError, TierpickError
+from tierpick.classifier.errors import MissingDependencyError, TierpickError
 
 
 def free_port() -> int:

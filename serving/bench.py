@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from classifier._io import read_prompts
-from classifier._table import format_table
+from tierpick.classifier._io import read_prompts
+from tierpick.classifier._table import format_table
 
 
 def _percentiles(samples: list[float]) -> tuple[float, float, float]:
@@ -29,7 +29,7 @@ def _percentiles(samples: list[float]) -> tuple[float, float, float]:
 def run_inprocess_bench(
     model: str | None, prompts_path: Path, repeat: int = 3, teacher: str | None = None
 ) -> str:
-    import classifier
+    from tierpick import classifier
 
     clf = classifier.load(model)
     prompts = read_prompts(prompts_path)
@@ -108,12 +108,12 @@ def run_grpc_bench(
     """Classify vs GetModelInfo latency against a real server in its own process (or ``target``),
     interleaved call by call so both see the same machine state, then a concurrency sweep."""
 
-    from serving.client import TierpickClient
+    from tierpick.serving.client import TierpickClient
 
     prompts = read_prompts(prompts_path)
     proc = None
     if target is None:
-        cmd = [sys.executable, "-m", "classifier.cli", "serve", "--port", "0", "--watch", "0"]
+        cmd = [sys.executable, "-m", "tierpick.cli", "serve", "--port", "0", "--watch", "0"]
         if model:
             cmd += ["--model", model]
         proc = subprocess.Popen(
@@ -197,7 +197,7 @@ def _classify_worker(
 ) -> None:
     import grpc
 
-    from serving.client import TierpickClient
+    from tierpick.serving.client import TierpickClient
 
     lat: list[float] = []
     errors = 0
@@ -298,7 +298,7 @@ def run_score_bench(
         log = tmp / "log.jsonl"
         lines = make_bench_log(prompts_path, rows, log, junk_every=max(100, rows // 20))
         n_cpu = workers or len(os.sched_getaffinity(0))
-        base = [sys.executable, "-m", "classifier.cli", "score", str(log)]
+        base = [sys.executable, "-m", "tierpick.cli", "score", str(log)]
         if model:
             base += ["--model", model]
         configs = [
@@ -364,8 +364,8 @@ def run_gateway_bench(model: str | None, prompts_path: Path, calls: int = 2000) 
 
     import yaml
 
-    from serving._envoy import Envoy, Upstream, free_port
-    from serving.gateway import parse_gateway_config, render_envoy_config
+    from tierpick.serving._envoy import Envoy, Upstream, free_port
+    from tierpick.serving.gateway import parse_gateway_config, render_envoy_config
 
     prompts = read_prompts(prompts_path)
     upstreams = {t: Upstream(t) for t in ("local", "mid", "frontier")}
@@ -392,7 +392,7 @@ def run_gateway_bench(model: str | None, prompts_path: Path, calls: int = 2000) 
         [
             sys.executable,
             "-m",
-            "classifier.cli",
+            "tierpick.cli",
             "gateway",
             "run",
             "--config",

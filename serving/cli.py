@@ -65,9 +65,9 @@ def register_score(sub: Any) -> None:
 
 
 def _score(args: argparse.Namespace) -> int:
-    import classifier
-    from classifier.errors import ConfigError
-    from serving.score import ScoreOptions, score
+    from tierpick import classifier
+    from tierpick.classifier.errors import ConfigError
+    from tierpick.serving.score import ScoreOptions, score
 
     if len(args.paths) < 2:
         raise ConfigError("give at least one INPUT and an OUTPUT")
@@ -123,8 +123,8 @@ def register_report(sub: Any) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    import classifier
-    from serving.report import write_report
+    from tierpick import classifier
+    from tierpick.serving.report import write_report
 
     clf = classifier.load(args.model)
     scored = Path(args.scored)
@@ -146,7 +146,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def register_serve(sub: Any) -> None:
-    from serving.server import ServerConfig
+    from tierpick.serving.server import ServerConfig
 
     d = ServerConfig()  # the defaults live in one place
     p = sub.add_parser("serve", help="serve a model over gRPC (TierRouter, health, reflection)")
@@ -198,7 +198,7 @@ def register_serve(sub: Any) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from serving.server import TLS, ServerConfig, serve
+    from tierpick.serving.server import TLS, ServerConfig, serve
 
     config = ServerConfig(
         max_batch=args.max_batch,
@@ -248,14 +248,14 @@ def register_bench(sub: Any) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from serving.bench import run_grpc_bench, run_inprocess_bench
+    from tierpick.serving.bench import run_grpc_bench, run_inprocess_bench
 
     if args.gateway:
-        from serving.bench import run_gateway_bench
+        from tierpick.serving.bench import run_gateway_bench
 
         sys.stdout.write(run_gateway_bench(args.model, Path(args.prompts), args.calls))
     elif args.score:
-        from serving.bench import run_score_bench
+        from tierpick.serving.bench import run_score_bench
 
         sys.stdout.write(
             run_score_bench(args.model, Path(args.prompts), args.rows, ray=not args.no_ray)
@@ -296,7 +296,7 @@ def register_gateway(sub: Any) -> None:
 def _gateway_config(args: argparse.Namespace) -> Any:
     from dataclasses import replace
 
-    from serving.gateway import load_gateway_config
+    from tierpick.serving.gateway import load_gateway_config
 
     cfg = load_gateway_config(args.config)
     if getattr(args, "model", None):
@@ -307,13 +307,13 @@ def _gateway_config(args: argparse.Namespace) -> Any:
 
 
 def _gateway_run(args: argparse.Namespace) -> int:
-    from serving.gateway import run_gateway
+    from tierpick.serving.gateway import run_gateway
 
     return run_gateway(_gateway_config(args), args.metrics_port)
 
 
 def _gateway_envoy_config(args: argparse.Namespace) -> int:
-    from serving.gateway import render_envoy_config
+    from tierpick.serving.gateway import render_envoy_config
 
     sys.stdout.write(
         render_envoy_config(_gateway_config(args), with_processor=not args.without_processor)

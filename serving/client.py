@@ -8,8 +8,8 @@ from collections.abc import Iterable, Mapping, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from serving._proto.tierpick.v1 import tierpick_pb2 as pb
-from serving._proto.tierpick.v1 import tierpick_pb2_grpc as pb_grpc
+from tierpick.serving._proto.tierpick.v1 import tierpick_pb2 as pb
+from tierpick.serving._proto.tierpick.v1 import tierpick_pb2_grpc as pb_grpc
 
 
 def policy(

@@ -41,9 +41,14 @@ from typing import Any
 import grpc
 import yaml
 
-from classifier import RoutingPolicy, TierClassifier, messages_to_prompt
-from classifier.errors import ConfigError, MissingDependencyError, PromptError, TierpickError
-from serving.server import (
+from tierpick.classifier import RoutingPolicy, TierClassifier, messages_to_prompt
+from tierpick.classifier.errors import (
+    ConfigError,
+    MissingDependencyError,
+    PromptError,
+    TierpickError,
+)
+from tierpick.serving.server import (
     LoopThread,
     Metrics,
     ModelHolder,

@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from classifier import TierClassifier
-from classifier._io import open_text
-from classifier.errors import ConfigError, MissingDependencyError, TierpickError
-from classifier.routing import threshold_choice
-from serving.score import expand_inputs, kind_of
+from tierpick.classifier import TierClassifier
+from tierpick.classifier._io import open_text
+from tierpick.classifier.errors import ConfigError, MissingDependencyError, TierpickError
+from tierpick.classifier.routing import threshold_choice
+from tierpick.serving.score import expand_inputs, kind_of
 
 THRESHOLDS = np.round(np.linspace(0.0, 1.0, 51), 2)
 

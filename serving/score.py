@@ -52,9 +52,9 @@ from typing import IO, Any
 
 import numpy as np
 
-from classifier import TierClassifier
-from classifier._io import first_bad_utf8_line, open_text
-from classifier.errors import ConfigError, TierpickError
+from tierpick.classifier import TierClassifier
+from tierpick.classifier._io import first_bad_utf8_line, open_text
+from tierpick.classifier.errors import ConfigError, TierpickError
 
 KINDS = (".jsonl", ".jsonl.gz", ".csv", ".parquet")
 BOOKKEEPING = "_tierpick"  # under a work directory: plan, records of finished parts, temp files
@@ -797,7 +797,7 @@ def _score_parts(
     show = sys.stderr.isatty() if progress is None else progress
     meter = _Progress(sum(s.rows for s in done.values()), start, show)
     if engine == "ray":
-        from serving.score_ray import score_parts_on_ray
+        from tierpick.serving.score_ray import score_parts_on_ray
 
         fresh = score_parts_on_ray(todo, work, clf, opts, workers, ray_address, meter)
     elif n == 1:
@@ -878,7 +878,7 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(model_dir: str, opts: ScoreOptions) -> None:
-    import classifier
+    from tierpick import classifier
 
     _die_with_parent()
     _WORKER["clf"] = classifier.load(model_dir, threads=opts.threads)

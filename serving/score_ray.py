@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from classifier import TierClassifier
-from classifier.errors import MissingDependencyError
-from serving.score import Part, PredictionCache, ScoreOptions, ScoreSummary, score_part
+from tierpick.classifier import TierClassifier
+from tierpick.classifier.errors import MissingDependencyError
+from tierpick.serving.score import Part, PredictionCache, ScoreOptions, ScoreSummary, score_part
 
 CPUS_PER_ACTOR = 0.5
 
@@ -40,7 +40,7 @@ class _PartScorer:
     def __init__(self, model_files: Any, work: str, opts: dict[str, Any]) -> None:
         import ray
 
-        import classifier
+        from tierpick import classifier
 
         files: dict[str, bytes] = ray.get(model_files)
         folder = Path(tempfile.mkdtemp(prefix="tierpick-model-"))

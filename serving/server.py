@@ -22,13 +22,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-import classifier
-from classifier import TierClassifier
-from classifier._artifact import MANIFEST_FILE
-from classifier.errors import TierpickError
-from serving import _convert
-from serving._proto.tierpick.v1 import tierpick_pb2 as pb
-from serving._proto.tierpick.v1 import tierpick_pb2_grpc as pb_grpc
+from tierpick import classifier
+from tierpick.classifier import TierClassifier
+from tierpick.classifier._artifact import MANIFEST_FILE
+from tierpick.classifier.errors import TierpickError
+from tierpick.serving import _convert
+from tierpick.serving._proto.tierpick.v1 import tierpick_pb2 as pb
+from tierpick.serving._proto.tierpick.v1 import tierpick_pb2_grpc as pb_grpc
 
 log = logging.getLogger("tierpick.serve")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TierRouter"].full_name

@@ -22,8 +22,8 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def default_built(data_dir: Path):  # type: ignore[no-untyped-def]
     """The default config's dataset, built once per session (about 10 s)."""
-    from training.config import load_config
-    from training.dataset import build_dataset
+    from tierpick.training.config import load_config
+    from tierpick.training.dataset import build_dataset
 
     return build_dataset(load_config(DEFAULT_CONFIG, data_root=str(data_dir)))
 
@@ -109,8 +109,8 @@ def tiny_config(tiny_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_trained(tiny_config: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     """One real (tiny) training run, without MLflow: the model directory and the result."""
-    from training.config import load_config
-    from training.pipeline import run_training
+    from tierpick.training.config import load_config
+    from tierpick.training.pipeline import run_training
 
     root = tmp_path_factory.mktemp("tiny-train")
     return run_training(load_config(tiny_config), root / "model", root / "work")

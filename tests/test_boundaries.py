@@ -8,15 +8,48 @@ import pytest
 from tests.conftest import REPO
 
 
+def _top(module: str) -> str:
+    """The package an import names: ``tierpick.training.x`` -> ``training``, ``torch.nn`` ->
+    ``torch``; a bare ``classifier``/``training``/``serving`` stays as it is (and is refused)."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "tierpick" and len(parts) > 1 else parts[0]
+
+
 def _imports(package: str) -> set[tuple[str, str]]:
     found = set()
     for path in (REPO / package).rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
-                found |= {(str(path.relative_to(REPO)), a.name.split(".")[0]) for a in node.names}
+                found |= {(str(path.relative_to(REPO)), _top(a.name)) for a in node.names}
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                found.add((str(path.relative_to(REPO)), node.module.split(".")[0]))
+                if node.module == "tierpick":  # from tierpick import classifier
+                    found |= {(str(path.relative_to(REPO)), a.name) for a in node.names}
+                else:
+                    found.add((str(path.relative_to(REPO)), _top(node.module)))
     return found
+
+
+def _raw_modules(package: str) -> set[tuple[str, str]]:
+    found = set()
+    for path in (REPO / package).rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module]
+            found |= {(str(path.relative_to(REPO)), n) for n in names}
+    return found
+
+
+@pytest.mark.parametrize("package", ["classifier", "training", "serving", "tests", "tierpick"])
+def test_every_import_names_the_installed_package(package: str) -> None:
+    """The three folders install as tierpick.classifier, tierpick.training, tierpick.serving:
+    importing them by their folder names would load a second copy of every module."""
+    bare = sorted(
+        (f, m)
+        for f, m in _raw_modules(package)
+        if m.split(".")[0] in ("classifier", "training", "serving") and "/_proto/" not in f
+    )
+    assert not bare, bare
 
 
 @pytest.mark.parametrize(
@@ -26,6 +59,7 @@ def _imports(package: str) -> set[tuple[str, str]]:
         # plain load imports none of these
         ("classifier", {"training", "torch", "transformers", "sentence_transformers"}),
         ("serving", {"training", "torch", "transformers", "sentence_transformers"}),
+        ("training", {"serving"}),
     ],
 )
 def test_package_does_not_import(package: str, forbidden: set[str]) -> None:
@@ -33,8 +67,22 @@ def test_package_does_not_import(package: str, forbidden: set[str]) -> None:
     assert not bad, f"{package} imports {bad}"
 
 
+def test_the_package_root_is_the_runtime_and_the_cli() -> None:
+    """``import tierpick`` gives the runtime's public surface, nothing of training or serving
+    (so it works on a runtime-only install); the CLI dispatcher is the only module that names
+    the command groups of every package."""
+    import tierpick
+    from tierpick import classifier
+
+    assert set(tierpick.__all__) == {*classifier.__all__, "__version__"}
+    found = _imports("tierpick")
+    root = {m for f, m in found if f == "tierpick/__init__.py"}
+    assert root <= {"classifier", "__future__", "importlib"}, root
+    assert not {m for f, m in found if f == "tierpick/cli.py"} & {"training", "serving"}
+
+
 def test_public_surface_of_classifier() -> None:
-    import classifier
+    from tierpick import classifier
 
     assert sorted(classifier.__all__) == [
         "ArtifactError",

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from classifier.cli import main
 from tests.conftest import DEFAULT_CONFIG, REPO
+from tierpick.cli import main
 
 
 def _tiny_config(tmp_path: Path, data_dir: Path) -> Path:

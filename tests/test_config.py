@@ -3,9 +3,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from classifier.errors import ConfigError
 from tests.conftest import DEFAULT_CONFIG
-from training.config import load_config, parse_config
+from tierpick.classifier.errors import ConfigError
+from tierpick.training.config import load_config, parse_config
 
 
 def _base() -> dict:  # type: ignore[type-arg]

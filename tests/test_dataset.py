@@ -7,11 +7,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from classifier import prompt_key
-from classifier.errors import DatasetError
-from training.config import parse_config
-from training.dataset import BuiltDataset, build_dataset, load_dataset, write_dataset
-from training.stats import stats_report, tier_order_warnings
+from tierpick.classifier import prompt_key
+from tierpick.classifier.errors import DatasetError
+from tierpick.training.config import parse_config
+from tierpick.training.dataset import BuiltDataset, build_dataset, load_dataset, write_dataset
+from tierpick.training.stats import stats_report, tier_order_warnings
 
 
 def _write_long(path: Path, rows: list[tuple[str, str, float]], **extra: str) -> None:

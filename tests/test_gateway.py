@@ -17,20 +17,20 @@ from typing import Any
 import pytest
 
 pytest.importorskip("envoy.service.ext_proc.v3", reason="the gateway extra is not installed")
-
-import classifier
-from classifier.cli import main
-from classifier.errors import ConfigError
-from serving._envoy import Envoy, Upstream, envoy_binary, free_port
-from serving.gateway import (
+from tests.conftest import DATA, REPO
+from tierpick import classifier
+from tierpick.classifier.errors import ConfigError
+from tierpick.cli import main
+from tierpick.serving._envoy import Envoy, Upstream, envoy_binary, free_port
+from tierpick.serving.gateway import (
     Gateway,
     GatewayConfig,
     create_gateway,
     parse_gateway_config,
     render_envoy_config,
 )
-from tests.conftest import DATA, REPO
 
+pytestmark = pytest.mark.slow  # a real Envoy process
 TIERS = ("local", "mid", "frontier")
 DEPLOY = REPO / "serving" / "deploy"
 

@@ -9,10 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from classifier import normalize_prompt
-from classifier.errors import IngestError
-from training.config import Source, Success
-from training.ingest import (
+from tierpick.classifier import normalize_prompt
+from tierpick.classifier.errors import IngestError
+from tierpick.training.config import Source, Success
+from tierpick.training.ingest import (
     IngestReport,
     detect_format,
     lm_eval_prompt,

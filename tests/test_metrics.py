@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from classifier.routing import platt as apply_platt
-from classifier.routing import threshold_choice
-from training import metrics
-from training.calibrate import fit_platt
+from tierpick.classifier.routing import platt as apply_platt
+from tierpick.classifier.routing import threshold_choice
+from tierpick.training import metrics
+from tierpick.training.calibrate import fit_platt
 
 
 def test_ece_and_reliability() -> None:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-import classifier
-from classifier.cli import main
 from tests.conftest import write_tiny_config
+from tierpick import classifier
+from tierpick.cli import main
 
 
 @pytest.fixture(autouse=True)
@@ -101,6 +101,7 @@ def _train(cfg: Path, out: Path, uri: str, capsys: pytest.CaptureFixture[str]) -
     return text.rsplit("version ", 1)[1].split()[0]
 
 
+@pytest.mark.slow  # an MLflow server process
 def test_train_register_promote_against_server(
     mlflow_server: str,
     tiny_data: Path,

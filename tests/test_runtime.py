@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import classifier
-from classifier import ArtifactError, PolicyError, RoutingPolicy
-from classifier._runtime import prepare_prompt
 from tests.conftest import DATA
+from tierpick import classifier
+from tierpick.classifier import ArtifactError, PolicyError, RoutingPolicy
+from tierpick.classifier._runtime import prepare_prompt
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_predict_proba_shape_and_range(model_dir: Path) -> None:
 
 
 def test_routing_policies(model_dir: Path) -> None:
-    from classifier.routing import normalized_costs
+    from tierpick.classifier.routing import normalized_costs
 
     clf = classifier.load(model_dir)
     prompts = ["What is 2 + 2?", "Compute the Lebesgue integral of x^2 over the Cantor set."]
@@ -111,7 +111,7 @@ def test_every_policy_routes_within_its_allowed_tiers_or_is_refused(model_dir: P
 
 
 def test_prompt_with_nothing_left_once_normalized_is_refused(model_dir: Path) -> None:
-    from classifier import PromptError
+    from tierpick.classifier import PromptError
 
     clf = classifier.load(model_dir)
     for junk in ("\u200b\u200c\u200d\ufeff", "\x00\x01\x7f", " \t\n\r ", "\u2060" * 1000):

@@ -9,10 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import classifier
-from classifier.cli import main
-from serving.score import score_file
 from tests.conftest import DATA
+from tierpick import classifier
+from tierpick.cli import main
+from tierpick.serving.score import score_file
 
 
 @pytest.fixture(scope="module")

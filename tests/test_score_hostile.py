@@ -18,8 +18,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from classifier.cli import main
 from tests.conftest import DATA, REPO
+from tierpick.cli import main
 
 ARENA = DATA / "prompt-logs" / "arena-hard-v0.1-question.jsonl"
 
@@ -205,7 +205,7 @@ def test_workers_die_with_a_killed_run_and_a_second_run_is_refused(
     cmd = [
         sys.executable,
         "-m",
-        "classifier.cli",
+        "tierpick.cli",
         "score",
         str(src),
         str(out),

@@ -19,12 +19,12 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-import classifier
-from classifier.cli import main
-from classifier.errors import ConfigError
-from serving.report import write_report
-from serving.score import ScoreOptions, score
 from tests.conftest import DATA, REPO
+from tierpick import classifier
+from tierpick.classifier.errors import ConfigError
+from tierpick.cli import main
+from tierpick.serving.report import write_report
+from tierpick.serving.score import ScoreOptions, score
 
 ARENA = DATA / "prompt-logs" / "arena-hard-v0.1-question.jsonl"
 JUNK = ["{junk", json.dumps({"uid": 7, "prompt": 5}), json.dumps(["a", "list"])]
@@ -131,7 +131,7 @@ def test_a_killed_run_resumes_without_rescoring_finished_parts(
     cmd = [
         sys.executable,
         "-m",
-        "classifier.cli",
+        "tierpick.cli",
         "score",
         str(src),
         str(out),
@@ -188,6 +188,7 @@ def ray_session():  # type: ignore[no-untyped-def]
     ray.shutdown()
 
 
+@pytest.mark.slow  # a local Ray
 def test_ray_engine_scores_like_the_local_path(clf, ray_session, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     logs = tmp_path / "logs"
     logs.mkdir()

@@ -11,9 +11,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from serving._proto.tierpick.v1 import tierpick_pb2 as pb
-from serving.client import TierpickClient, policy, request
-from serving.server import SERVICE_NAME, ServerConfig, create_server
+from tierpick.serving._proto.tierpick.v1 import tierpick_pb2 as pb
+from tierpick.serving.client import TierpickClient, policy, request
+from tierpick.serving.server import SERVICE_NAME, ServerConfig, create_server
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -511,7 +511,7 @@ def _ca_signed(tmp_path: Path) -> dict[str, bytes]:
 
 
 def test_mutual_tls_requires_a_client_certificate(model_copy: Path, tmp_path: Path) -> None:
-    from serving.server import TLS
+    from tierpick.serving.server import TLS
 
     pki = _ca_signed(tmp_path)
     tls = TLS(pki["server_cert"], pki["server_key"], client_ca=pki["ca"])
@@ -543,7 +543,7 @@ def test_serve_command_refuses_bad_tls_and_busy_ports_in_one_line(
     a, b = _self_signed(tmp_path), _self_signed(tmp_path)
     (tmp_path / "cert.pem").write_bytes(a[0])
     (tmp_path / "other-key.pem").write_bytes(b[1])
-    base = [sys.executable, "-m", "classifier.cli", "serve", "--model", str(model_copy)]
+    base = [sys.executable, "-m", "tierpick.cli", "serve", "--model", str(model_copy)]
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()

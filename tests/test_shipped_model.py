@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-import classifier
-from classifier.cli import main
 from tests.conftest import DEFAULT_CONFIG, REPO
+from tierpick import classifier
+from tierpick.cli import main
 
 
 def test_shipped_model_reproduces_its_recorded_evaluation(

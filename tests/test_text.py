@@ -1,6 +1,6 @@
 import pytest
 
-from classifier import messages_to_prompt, normalize_prompt, prompt_key
+from tierpick.classifier import messages_to_prompt, normalize_prompt, prompt_key
 
 
 def test_normalize_keeps_layout_but_drops_noise() -> None:

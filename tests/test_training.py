@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from classifier import read_manifest
-from classifier.cli import main
-from classifier.errors import DatasetError
 from tests.conftest import DATA, write_tiny_config
-from training.config import load_config
-from training.dataset import build_dataset
-from training.pipeline import check_trainable, run_training
+from tierpick.classifier import read_manifest
+from tierpick.classifier.errors import DatasetError
+from tierpick.cli import main
+from tierpick.training.config import load_config
+from tierpick.training.dataset import build_dataset
+from tierpick.training.pipeline import check_trainable, run_training
 
 
 def test_pipeline_outputs(tiny_trained) -> None:  # type: ignore[no-untyped-def]
@@ -64,8 +64,8 @@ def test_teacher_embeddings_are_cached_and_resume_after_an_interruption(
     stopped, computes only what is missing, and ends with the embeddings of a straight run."""
     import json
 
-    from training import encoders
-    from training.config import TeacherConfig
+    from tierpick.training import encoders
+    from tierpick.training.config import TeacherConfig
 
     prompts = [json.loads(line)["prompt"] for line in tiny_data.read_text().splitlines()][:150]
     cfg = TeacherConfig(max_tokens=32, inference_batch=16)
@@ -111,7 +111,7 @@ def test_teacher_embeddings_are_cached_and_resume_after_an_interruption(
 def test_leave_one_family_out_never_trains_on_the_family(tiny_trained) -> None:  # type: ignore[no-untyped-def]
     """Each family is evaluated on all of its prompts by a fit whose train and val sets are
     the other families' train and val splits only."""
-    from training.dataset import load_dataset
+    from tierpick.training.dataset import load_dataset
 
     ds = load_dataset(tiny_trained.report_dir.parent / "dataset")
     fams = ds.table["family"].to_pylist()
@@ -224,7 +224,7 @@ def test_onnx_matches_torch_on_200_real_prompts(tiny_trained, data_dir: Path) ->
     (arena-hard user prompts and MMLU-Pro questions), through the runtime's own tokenization."""
     import json
 
-    from training.export import parity
+    from tierpick.training.export import parity
 
     arena = [
         json.loads(x)["prompt"]
@@ -280,7 +280,7 @@ def test_int8_export_is_verified_smaller_and_close(
 def test_token_dropout_hides_a_share_of_real_tokens_and_keeps_cls() -> None:
     import torch
 
-    from training.encoders import drop_tokens
+    from tierpick.training.encoders import drop_tokens
 
     mask = torch.ones((400, 50))
     mask[:, 30:] = 0.0  # padding stays padding
@@ -296,8 +296,8 @@ def test_student_training_never_writes_into_the_shared_static_table() -> None:
     """Every fit of a run (the model, each leave-one-family-out fold) starts from one static
     table: training a student must not change it (torch.from_numpy once shared its memory, and
     the folds trained after the model wrote into the exported model's embeddings)."""
-    from training import encoders
-    from training.config import StudentConfig
+    from tierpick.training import encoders
+    from tierpick.training.config import StudentConfig
 
     table = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
     before = table.copy()
@@ -310,7 +310,7 @@ def test_student_training_never_writes_into_the_shared_static_table() -> None:
 
 
 def test_crops_are_seeded_runs_of_the_prompts_words() -> None:
-    from training.encoders import crop_prompts
+    from tierpick.training.encoders import crop_prompts
 
     prompts = ["short prompt", " ".join(f"w{i}" for i in range(40)), " ".join("abcdefghijklmn")]
     crops = crop_prompts(prompts, 2, seed=3)

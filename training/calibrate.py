@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from classifier.routing import sigmoid
+from tierpick.classifier.routing import sigmoid
 
 Array = npt.NDArray[np.float64]
 

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from classifier.errors import ConfigError
+from tierpick.classifier.errors import ConfigError
 
 
 def register_data(sub: Any) -> None:
@@ -105,8 +105,8 @@ def register_export(sub: Any) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from classifier._io import read_prompts
-    from training.export import quantize_artifact
+    from tierpick.classifier._io import read_prompts
+    from tierpick.training.export import quantize_artifact
 
     prompts = read_prompts(Path(args.prompts))  # real prompts to measure the drift on
     drift = quantize_artifact(Path(args.model), Path(args.out), prompts)
@@ -127,9 +127,9 @@ def register_promote(sub: Any) -> None:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from training.config import load_config
-    from training.dataset import build_dataset, write_dataset
-    from training.stats import stats_report
+    from tierpick.training.config import load_config
+    from tierpick.training.dataset import build_dataset, write_dataset
+    from tierpick.training.stats import stats_report
 
     built = build_dataset(load_config(args.config, data_root=args.data_root))
     out = write_dataset(built, args.out)
@@ -140,9 +140,9 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from training.config import load_config
-    from training.dataset import build_dataset, load_dataset
-    from training.stats import stats_report
+    from tierpick.training.config import load_config
+    from tierpick.training.dataset import build_dataset, load_dataset
+    from tierpick.training.stats import stats_report
 
     if bool(args.dataset) == bool(args.config):
         raise ConfigError("give either a dataset directory or --config, not both or neither")
@@ -160,9 +160,9 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from training import tracking
-    from training.config import load_config
-    from training.pipeline import run_training
+    from tierpick.training import tracking
+    from tierpick.training.config import load_config
+    from tierpick.training.pipeline import run_training
 
     config = load_config(args.config, data_root=args.data_root)
     client = None if args.no_mlflow else tracking.connect(args.tracking_uri)  # fail fast
@@ -201,12 +201,12 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from classifier._runtime import resolve_model_dir
-    from training import tracking
-    from training.config import load_config
-    from training.dataset import build_dataset, load_dataset
-    from training.evaluate import write_report
-    from training.pipeline import evaluate_model, flat_metrics
+    from tierpick.classifier._runtime import resolve_model_dir
+    from tierpick.training import tracking
+    from tierpick.training.config import load_config
+    from tierpick.training.dataset import build_dataset, load_dataset
+    from tierpick.training.evaluate import write_report
+    from tierpick.training.pipeline import evaluate_model, flat_metrics
 
     if bool(args.dataset) == bool(args.config) and not (args.loso and args.config):
         raise ConfigError("give either --dataset or --config, not both or neither")
@@ -249,8 +249,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def run_loso(config: Any, ds: Any, workdir: Path, families: str | None) -> dict[str, Any]:
     """Leave-one-family-out with the config's training settings (see ``training.loso``)."""
-    from training.loso import leave_one_family_out, loso_families
-    from training.pipeline import Context, tier_cost_vector
+    from tierpick.training.loso import leave_one_family_out, loso_families
+    from tierpick.training.pipeline import Context, tier_cost_vector
 
     if ds.tiers != config.tier_names:
         raise ConfigError(f"dataset tiers {ds.tiers} differ from the config's {config.tier_names}")
@@ -264,7 +264,7 @@ def run_loso(config: Any, ds: Any, workdir: Path, families: str | None) -> dict[
 
 
 def _promote(args: argparse.Namespace) -> int:
-    from training import tracking
+    from tierpick.training import tracking
 
     client = tracking.connect(args.tracking_uri)
     promoted, table = tracking.promote(client, args.name, args.version, args.force)

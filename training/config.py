@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 
 import yaml
 
-from classifier.errors import ConfigError
+from tierpick.classifier.errors import ConfigError
 
 FORMATS = ("auto", "mmlu-pro", "lm-eval", "wide-csv", "alpaca-eval", "llm-judge", "long")
 # Eval sets named for decontamination may also be plain prompt lists (JSONL/CSV/Parquet/TXT).

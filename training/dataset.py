@@ -29,11 +29,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from classifier._text import normalize_prompt, prompt_key
-from classifier.errors import DatasetError, IngestError
-from training.config import Decontamination, Source, SplitConfig, TierConfig
-from training.ingest import IngestReport, Outcome, read_source
-from training.ingest._sources import expand
+from tierpick.classifier._text import normalize_prompt, prompt_key
+from tierpick.classifier.errors import DatasetError, IngestError
+from tierpick.training.config import Decontamination, Source, SplitConfig, TierConfig
+from tierpick.training.ingest import IngestReport, Outcome, read_source
+from tierpick.training.ingest._sources import expand
 
 SCHEMA_VERSION = 2  # 2: a `family` column
 DATASET_FILE = "dataset.parquet"

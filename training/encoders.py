@@ -26,9 +26,9 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from classifier._runtime import prepare_prompt
-from classifier.errors import MissingDependencyError
-from training.config import HeadConfig, StudentConfig, TeacherConfig
+from tierpick.classifier._runtime import prepare_prompt
+from tierpick.classifier.errors import MissingDependencyError
+from tierpick.training.config import HeadConfig, StudentConfig, TeacherConfig
 
 log = logging.getLogger("tierpick.train")
 FloatArray = npt.NDArray[np.float32]

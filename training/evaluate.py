@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from classifier._table import format_table
-from classifier.routing import rescale, utility_choice
-from training import metrics
+from tierpick.classifier._table import format_table
+from tierpick.classifier.routing import rescale, utility_choice
+from tierpick.training import metrics
 
 Array = npt.NDArray[np.float64]
 # Routers whose per-tier probabilities are judged for AUC/Brier/ECE (the others only route).

@@ -13,9 +13,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from classifier._artifact import SCHEMA_VERSION, Manifest, TierSpec, sha256_file, write_manifest
-from training.config import TierConfig
-from training.encoders import minilm_dir
+from tierpick.classifier._artifact import (
+    SCHEMA_VERSION,
+    Manifest,
+    TierSpec,
+    sha256_file,
+    write_manifest,
+)
+from tierpick.training.config import TierConfig
+from tierpick.training.encoders import minilm_dir
 
 GRAPH = "student.onnx"
 TOKENIZER = "tokenizer.json"
@@ -105,8 +111,8 @@ def export_model(
 
 def parity(model: torch.nn.Module, model_dir: Path, prompts: list[str]) -> float:
     """Max |ONNX - torch| logit difference on ``prompts`` through the exported artifact."""
-    import classifier
-    from training.encoders import pad_ids
+    from tierpick import classifier
+    from tierpick.training.encoders import pad_ids
 
     clf = classifier.load(model_dir)
     worst = 0.0
@@ -142,8 +148,8 @@ def quantize_artifact(src: Path, out_dir: Path, prompts: list[str]) -> dict[str,
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    import classifier
-    from classifier._artifact import read_manifest
+    from tierpick import classifier
+    from tierpick.classifier._artifact import read_manifest
 
     manifest = read_manifest(src)
     tmp = out_dir.with_name(out_dir.name + ".tmp")

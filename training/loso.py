@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from training.dataset import BuiltDataset
-from training.evaluate import evaluate_split
+from tierpick.training.dataset import BuiltDataset
+from tierpick.training.evaluate import evaluate_split
 
 log = logging.getLogger("tierpick.train")
 Array = npt.NDArray[np.float64]
@@ -38,7 +38,7 @@ def leave_one_family_out(
         ``{"families": {family: compact figures}, "mean_apgr": {router: mean N-tier APGR over
         the families}, "seconds": ...}``.
     """
-    from training.pipeline import compact, fit_router, routers_for, split_arrays
+    from tierpick.training.pipeline import compact, fit_router, routers_for, split_arrays
 
     cfg = ctx.config.train
     families = families if families is not None else loso_families(ds, cfg.loso_min_prompts)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from classifier.routing import threshold_choice, utility_choice
+from tierpick.classifier.routing import threshold_choice, utility_choice
 
 Array = npt.NDArray[np.float64]
 # Below this quality gap between two tiers, PGR divides by noise and APGR is not reported.

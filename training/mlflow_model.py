@@ -15,7 +15,7 @@ class TierpickModel(PythonModel):
     """A list of prompts in; a DataFrame of ``p_<tier>`` and the routed ``tier`` out."""
 
     def load_context(self, context):
-        import classifier
+        from tierpick import classifier
 
         self.clf = classifier.load(context.artifacts["model"])
 

@@ -22,13 +22,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from classifier.errors import DatasetError
-from classifier.routing import platt, sigmoid
-from training import baselines, metrics
-from training.calibrate import fit_platt
-from training.config import TierConfig
-from training.dataset import BuiltDataset, build_dataset, load_dataset, write_dataset
-from training.evaluate import SplitData, evaluate_split, write_report
+from tierpick.classifier.errors import DatasetError
+from tierpick.classifier.routing import platt, sigmoid
+from tierpick.training import baselines, metrics
+from tierpick.training.calibrate import fit_platt
+from tierpick.training.config import TierConfig
+from tierpick.training.dataset import BuiltDataset, build_dataset, load_dataset, write_dataset
+from tierpick.training.evaluate import SplitData, evaluate_split, write_report
 
 log = logging.getLogger("tierpick.train")
 Array = npt.NDArray[np.float64]
@@ -89,7 +89,7 @@ class Context:
     token vectors."""
 
     def __init__(self, config: TierConfig, workdir: Path) -> None:
-        from training import encoders
+        from tierpick.training import encoders
 
         self.config = config
         tcfg, scfg = config.train.teacher, config.train.student
@@ -106,7 +106,7 @@ class Context:
         return self.cache.get(prompts)
 
     def ids(self, prompts: list[str]) -> list[list[int]]:
-        from training import encoders
+        from tierpick.training import encoders
 
         new = [p for p in dict.fromkeys(prompts) if p not in self._ids]
         scfg = self.config.train.student
@@ -119,7 +119,7 @@ class Context:
     def static_embeddings(self, train_ids: list[list[int]]) -> npt.NDArray[np.float32]:
         """The static token vectors; computed once unless they depend on the training tokens
         (``vocab: seen`` or SIF weighting)."""
-        from training import encoders
+        from tierpick.training import encoders
 
         scfg = self.config.train.student
         shared = scfg.vocab == "full" and scfg.sif == 0
@@ -152,7 +152,7 @@ class Fitted:
 def fit_router(ctx: Context, train: SplitData, val: SplitData, costs: Array) -> Fitted:
     """Distil a student on ``train``'s texts (and crops of them), fit the tier heads on the
     labels, calibrate on ``val`` and pick the default cost weight there."""
-    from training import encoders
+    from tierpick.training import encoders
 
     cfg = ctx.config.train
     scfg = cfg.student
@@ -233,14 +233,14 @@ def fit_router(ctx: Context, train: SplitData, val: SplitData, costs: Array) -> 
 
 
 def student_logits(fitted: Fitted, ctx: Context, prompts: list[str]) -> Array:
-    from training import encoders
+    from tierpick.training import encoders
 
     return encoders.student_logits(fitted.student, ctx.ids(prompts)).astype(np.float64)
 
 
 def routers_for(fitted: Fitted, ctx: Context, split: SplitData) -> dict[str, Array]:
     """The student (calibrated and raw) and every reference router, scored on ``split``."""
-    from training import encoders
+    from tierpick.training import encoders
 
     cal = fitted.calibration
     z = student_logits(fitted, ctx, split.prompts)
@@ -294,8 +294,8 @@ def run_training(
         dataset_dir: a dataset built by `tierpick data build` to use instead of building one.
         version: the model version string (default: derived from data and config).
     """
-    from training.export import export_model, parity
-    from training.loso import leave_one_family_out
+    from tierpick.training.export import export_model, parity
+    from tierpick.training.loso import leave_one_family_out
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -476,7 +476,7 @@ def compact(res: dict[str, Any]) -> dict[str, Any]:
 
 def tier_cost_vector(tiers: Any) -> Array:
     """Normalized cost per call of each tier, the scale the runtime routes on."""
-    from classifier.routing import normalized_costs
+    from tierpick.classifier.routing import normalized_costs
 
     return normalized_costs([t.price_input for t in tiers], [t.price_output for t in tiers])
 
@@ -484,7 +484,7 @@ def tier_cost_vector(tiers: Any) -> Array:
 def evaluate_model(model_dir: Path, ds: BuiltDataset, seed: int = 0) -> dict[str, Any]:
     """Evaluate an exported model (through the ONNX runtime) on a dataset's test and ood splits,
     with the text-only reference rows (the teacher and kNN are not part of an artifact)."""
-    import classifier
+    from tierpick import classifier
 
     clf = classifier.load(model_dir)
     if clf.tiers != ds.tiers:

@@ -7,8 +7,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from classifier._table import format_table
-from training.dataset import BuiltDataset
+from tierpick.classifier._table import format_table
+from tierpick.training.dataset import BuiltDataset
 
 
 def tier_means_by_source(table: pa.Table, tiers: tuple[str, ...]) -> dict[str, dict[str, float]]:

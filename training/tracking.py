@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from classifier.errors import ConfigError, TierpickError
+from tierpick.classifier.errors import ConfigError, TierpickError
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 PRIMARY_METRIC = "test_student_apgr"  # N-tier APGR of the student on the in-distribution test split
@@ -89,7 +89,7 @@ def promote(
     Returns:
         (promoted, a comparison table as text).
     """
-    from classifier._table import format_table
+    from tierpick.classifier._table import format_table
 
     try:
         cand = (

@@ -1,6 +1,6 @@
 """Ingestion: eval-outcome files in their published formats -> :class:`Outcome` rows."""
 
-from training.ingest._readers import (
+from tierpick.training.ingest._readers import (
     METRIC_KEYS,
     READERS,
     format_multiple_choice,
@@ -8,8 +8,14 @@ from training.ingest._readers import (
     parse_score,
     unwrap_chat_template,
 )
-from training.ingest._report import IngestReport, Outcome, Problem
-from training.ingest._sources import detect_format, expand, read_file, read_source, read_sources
+from tierpick.training.ingest._report import IngestReport, Outcome, Problem
+from tierpick.training.ingest._sources import (
+    detect_format,
+    expand,
+    read_file,
+    read_source,
+    read_sources,
+)
 
 __all__ = [
     "METRIC_KEYS",

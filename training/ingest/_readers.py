@@ -14,10 +14,10 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from classifier._io import open_text
-from classifier._text import messages_to_prompt, normalize_prompt
-from training.config import IDENTITY, Success
-from training.ingest._report import IngestReport, Outcome
+from tierpick.classifier._io import open_text
+from tierpick.classifier._text import messages_to_prompt, normalize_prompt
+from tierpick.training.config import IDENTITY, Success
+from tierpick.training.ingest._report import IngestReport, Outcome
 
 # (file, report, source label, options, success rule) -> outcome rows
 Reader = Callable[[Path, IngestReport, "str | None", Mapping[str, Any], Success], Iterator[Outcome]]

@@ -12,10 +12,10 @@ import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from classifier.errors import IngestError
-from training.config import IDENTITY, Source, Success, TierConfig
-from training.ingest._readers import READERS, is_questions_file
-from training.ingest._report import IngestReport, Outcome
+from tierpick.classifier.errors import IngestError
+from tierpick.training.config import IDENTITY, Source, Success, TierConfig
+from tierpick.training.ingest._readers import READERS, is_questions_file
+from tierpick.training.ingest._report import IngestReport, Outcome
 
 _PEEK = 65536
 _DATA_SUFFIXES = (".zip", ".json", ".jsonl", ".jsonl.gz", ".csv", ".csv.gz", ".parquet")

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from serving._proto.tierpick.v1 import tierpick_pb2 as serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2
+from tierpick.serving._proto.tierpick.v1 import tierpick_pb2 as tierpick_dot_serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in serving/_proto/tierpick/v1/tierpick_pb2_grpc.py depends on'
+        + ' but the generated code in tierpick/serving/_proto/tierpick/v1/tierpick_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,18 +37,18 @@ class TierRouterStub:
         """
         self.Classify = channel.unary_unary(
                 '/tierpick.v1.TierRouter/Classify',
-                request_serializer=serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2.ClassifyRequest.SerializeToString,
-                response_deserializer=serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2.ClassifyResponse.FromString,
+                request_serializer=tierpick_dot_serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=tierpick_dot_serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2.ClassifyResponse.FromString,
                 _registered_method=True)
         self.ClassifyBatch = channel.unary_unary(
                 '/tierpick.v1.TierRouter/ClassifyBatch',
-                request_serializer=serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2.ClassifyBatchRequest.SerializeToString,
-                response_deserializer=serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2.ClassifyBatchResponse.FromString,
+                request_serializer=tierpick_dot_serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2.ClassifyBatchRequest.SerializeToString,
+                response_deserializer=tierpick_dot_serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2.ClassifyBatchResponse.FromString,
                 _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/tierpick.v1.TierRouter/GetModelInfo',
-                request_serializer=serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2.GetModelInfoRequest.SerializeToString,
-                response_deserializer=serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2.ModelInfo.FromString,
+                request_serializer=tierpick_dot_serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2.GetModelInfoRequest.SerializeToString,
+                response_deserializer=tierpick_dot_serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2.ModelInfo.FromString,
                 _registered_method=True)
 
 
@@ -82,18 +82,18 @@ def add_TierRouterServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Classify': grpc.unary_unary_rpc_method_handler(
                     servicer.Classify,
-                    request_deserializer=serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2.ClassifyRequest.FromString,
-                    response_serializer=serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2.ClassifyResponse.SerializeToString,
+                    request_deserializer=tierpick_dot_serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2.ClassifyRequest.FromString,
+                    response_serializer=tierpick_dot_serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2.ClassifyResponse.SerializeToString,
             ),
             'ClassifyBatch': grpc.unary_unary_rpc_method_handler(
                     servicer.ClassifyBatch,
-                    request_deserializer=serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2.ClassifyBatchRequest.FromString,
-                    response_serializer=serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2.ClassifyBatchResponse.SerializeToString,
+                    request_deserializer=tierpick_dot_serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2.ClassifyBatchRequest.FromString,
+                    response_serializer=tierpick_dot_serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2.ClassifyBatchResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
-                    request_deserializer=serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2.GetModelInfoRequest.FromString,
-                    response_serializer=serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2.ModelInfo.SerializeToString,
+                    request_deserializer=tierpick_dot_serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2.GetModelInfoRequest.FromString,
+                    response_serializer=tierpick_dot_serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -122,8 +122,8 @@ class TierRouter:
             request,
             target,
             '/tierpick.v1.TierRouter/Classify',
-            serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2.ClassifyRequest.SerializeToString,
-            serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2.ClassifyResponse.FromString,
+            tierpick_dot_serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2.ClassifyRequest.SerializeToString,
+            tierpick_dot_serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2.ClassifyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -149,8 +149,8 @@ class TierRouter:
             request,
             target,
             '/tierpick.v1.TierRouter/ClassifyBatch',
-            serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2.ClassifyBatchRequest.SerializeToString,
-            serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2.ClassifyBatchResponse.FromString,
+            tierpick_dot_serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2.ClassifyBatchRequest.SerializeToString,
+            tierpick_dot_serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2.ClassifyBatchResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -176,8 +176,8 @@ class TierRouter:
             request,
             target,
             '/tierpick.v1.TierRouter/GetModelInfo',
-            serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2.GetModelInfoRequest.SerializeToString,
-            serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2.ModelInfo.FromString,
+            tierpick_dot_serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2.GetModelInfoRequest.SerializeToString,
+            tierpick_dot_serving_dot___proto_dot_tierpick_dot_v1_dot_tierpick__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,

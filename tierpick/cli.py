@@ -14,20 +14,20 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from classifier.errors import TierpickError
+from tierpick.classifier.errors import TierpickError
 
 # command group -> (module that implements it, pip extra it needs, one-line help)
 _GROUPS: dict[str, tuple[str, str | None]] = {
-    "data": ("training.cli:register_data", None),
-    "train": ("training.cli:register_train", "train"),
-    "evaluate": ("training.cli:register_evaluate", "train"),
-    "promote": ("training.cli:register_promote", "train"),
-    "export": ("training.cli:register_export", "train"),
-    "score": ("serving.cli:register_score", None),
-    "report": ("serving.cli:register_report", None),
-    "serve": ("serving.cli:register_serve", None),
-    "bench": ("serving.cli:register_bench", None),
-    "gateway": ("serving.cli:register_gateway", "gateway"),
+    "data": ("tierpick.training.cli:register_data", None),
+    "train": ("tierpick.training.cli:register_train", "train"),
+    "evaluate": ("tierpick.training.cli:register_evaluate", "train"),
+    "promote": ("tierpick.training.cli:register_promote", "train"),
+    "export": ("tierpick.training.cli:register_export", "train"),
+    "score": ("tierpick.serving.cli:register_score", None),
+    "report": ("tierpick.serving.cli:register_report", None),
+    "serve": ("tierpick.serving.cli:register_serve", None),
+    "bench": ("tierpick.serving.cli:register_bench", None),
+    "gateway": ("tierpick.serving.cli:register_gateway", "gateway"),
 }
 
 
