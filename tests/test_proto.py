@@ -15,11 +15,11 @@ def test_stubs_match_the_proto(tmp_path: Path) -> None:
             sys.executable,
             "-m",
             "grpc_tools.protoc",
-            f"-Iserving/_proto={REPO / 'proto'}",
+            f"-Itierpick/serving/_proto={REPO / 'proto'}",
             f"--python_out={tmp_path}",
             f"--grpc_python_out={tmp_path}",
             f"--pyi_out={tmp_path}",
-            "serving/_proto/tierpick/v1/tierpick.proto",
+            "tierpick/serving/_proto/tierpick/v1/tierpick.proto",
         ],
         capture_output=True,
         text=True,
@@ -28,6 +28,8 @@ def test_stubs_match_the_proto(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     for name in STUBS:
-        fresh = (tmp_path / "serving" / "_proto" / "tierpick" / "v1" / name).read_text()
+        fresh = (
+            tmp_path / "tierpick" / "serving" / "_proto" / "tierpick" / "v1" / name
+        ).read_text()
         committed = (REPO / "serving" / "_proto" / "tierpick" / "v1" / name).read_text()
         assert fresh == committed, f"{name} is stale: run `make proto`"
