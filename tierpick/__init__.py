@@ -18,54 +18,12 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from tierpick.classifier import (
-    ArtifactError,
-    ConfigError,
-    DatasetError,
-    Decision,
-    IngestError,
-    Manifest,
-    MissingDependencyError,
-    PolicyError,
-    PromptError,
-    Router,
-    RoutingPolicy,
-    TierClassifier,
-    TierpickError,
-    TierSpec,
-    load,
-    messages_to_prompt,
-    normalize_prompt,
-    prepare_prompt,
-    prompt_key,
-    read_manifest,
-)
+from tierpick import classifier as _runtime
+from tierpick.classifier import *  # noqa: F403  (the runtime's public surface, as it declares it)
 
 try:
     __version__ = version("tierpick")
 except PackageNotFoundError:  # pragma: no cover - running from a checkout without install
     __version__ = "0+unknown"
 
-__all__ = [
-    "ArtifactError",
-    "ConfigError",
-    "DatasetError",
-    "Decision",
-    "IngestError",
-    "Manifest",
-    "MissingDependencyError",
-    "PolicyError",
-    "PromptError",
-    "Router",
-    "RoutingPolicy",
-    "TierClassifier",
-    "TierSpec",
-    "TierpickError",
-    "__version__",
-    "load",
-    "messages_to_prompt",
-    "normalize_prompt",
-    "prepare_prompt",
-    "prompt_key",
-    "read_manifest",
-]
+__all__ = [*_runtime.__all__, "__version__"]

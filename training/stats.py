@@ -11,38 +11,14 @@ from tierpick.classifier._table import format_table
 from tierpick.training.dataset import BuiltDataset
 
 
-def tier_means_by_source(table: pa.Table, tiers: tuple[str, ...]) -> dict[str, dict[str, float]]:
-    """Mean target of each tier over the prompts where it has an outcome, per primary source."""
-    sums: dict[str, dict[str, list[float]]] = collections.defaultdict(
-        lambda: collections.defaultdict(list)
-    )
-    sources = table["source"].to_pylist()
-    for tier in tiers:
-        for src, y, m in zip(
-            sources,
-            table[f"target_{tier}"].to_pylist(),
-            table[f"mask_{tier}"].to_pylist(),
-            strict=True,
-        ):
-            if m:
-                sums[src][tier].append(y)
-                sums["(all)"][tier].append(y)
-    return {src: {t: sum(v) / len(v) for t, v in by_tier.items()} for src, by_tier in sums.items()}
-
-
-def tier_means_by_task(
-    table: pa.Table, tiers: tuple[str, ...]
+def _tier_means(
+    table: pa.Table, tiers: tuple[str, ...], groups: list[str]
 ) -> dict[str, tuple[int, dict[str, float]]]:
-    """Per ``source/task``: its prompt count and each tier's mean target where it has one."""
+    """Per group: its prompt count and each tier's mean target where it has one."""
     sums: dict[str, dict[str, list[float]]] = collections.defaultdict(
         lambda: collections.defaultdict(list)
     )
-    counts: collections.Counter[str] = collections.Counter()
-    groups = [
-        f"{s}/{t}"
-        for s, t in zip(table["source"].to_pylist(), table["task"].to_pylist(), strict=True)
-    ]
-    counts.update(groups)
+    counts = collections.Counter(groups)
     for tier in tiers:
         for g, y, m in zip(
             groups,
@@ -56,6 +32,26 @@ def tier_means_by_task(
         g: (counts[g], {t: sum(v) / len(v) for t, v in by_tier.items()})
         for g, by_tier in sums.items()
     }
+
+
+def tier_means_by_source(table: pa.Table, tiers: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """Mean target of each tier over the prompts where it has an outcome, per primary source
+    (and over all prompts, as ``(all)``)."""
+    sources = table["source"].to_pylist()
+    means = {g: m for g, (_, m) in _tier_means(table, tiers, sources).items()}
+    means["(all)"] = _tier_means(table, tiers, ["(all)"] * len(sources))["(all)"][1]
+    return means
+
+
+def tier_means_by_task(
+    table: pa.Table, tiers: tuple[str, ...]
+) -> dict[str, tuple[int, dict[str, float]]]:
+    """Per ``source/task``: its prompt count and each tier's mean target where it has one."""
+    groups = [
+        f"{s}/{t}"
+        for s, t in zip(table["source"].to_pylist(), table["task"].to_pylist(), strict=True)
+    ]
+    return _tier_means(table, tiers, groups)
 
 
 ORDER_TOLERANCE = 0.005  # a smaller lead of a cheaper tier is a tie, not a broken order
