@@ -21,13 +21,26 @@ pytestmark = pytest.mark.slow
 
 
 def _python(version: str) -> str | None:
-    """An interpreter of ``version``: on PATH, or under pyenv."""
-    found = shutil.which(f"python{version}")
-    if found:
-        return found
+    """A working interpreter of ``version``: pyenv's own builds first, then PATH.
+
+    A pyenv shim on PATH exists for every installed version but fails (exit 127) when that
+    version is not the active one, so each candidate is run once and must report ``version``.
+    """
     pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "versions"
-    candidates = sorted(glob.glob(str(pyenv / f"{version}.*" / "bin" / "python")))
-    return candidates[-1] if candidates else None
+    candidates = sorted(glob.glob(str(pyenv / f"{version}.*" / "bin" / "python")), reverse=True)
+    on_path = shutil.which(f"python{version}")
+    if on_path:
+        candidates.append(on_path)
+    for candidate in candidates:
+        probe = subprocess.run(
+            [candidate, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if probe.returncode == 0 and probe.stdout.strip() == version:
+            return candidate
+    return None
 
 
 @pytest.fixture(scope="module")
