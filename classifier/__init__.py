@@ -5,27 +5,23 @@ This package imports no torch and never imports ``training``.
 
 from __future__ import annotations
 
-from tierpick.classifier._artifact import Manifest, TierSpec, read_manifest
-from tierpick.classifier._runtime import Decision, TierClassifier, load, prepare_prompt
-from tierpick.classifier._text import messages_to_prompt, normalize_prompt, prompt_key
+from tierpick.classifier.artifact import Manifest, TierSpec, read_manifest
 from tierpick.classifier.errors import (
     ArtifactError,
     ConfigError,
-    DatasetError,
-    IngestError,
     MissingDependencyError,
     PolicyError,
     PromptError,
     TierpickError,
 )
 from tierpick.classifier.routing import Router, RoutingPolicy
+from tierpick.classifier.runtime import Decision, TierClassifier, load, prepare_prompt
+from tierpick.classifier.text import messages_to_prompt, normalize_prompt, prompt_key
 
 __all__ = [
     "ArtifactError",
     "ConfigError",
-    "DatasetError",
     "Decision",
-    "IngestError",
     "Manifest",
     "MissingDependencyError",
     "PolicyError",

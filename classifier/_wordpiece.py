@@ -5,8 +5,8 @@ arena-hard prompt here, more than the student's inference. For ASCII text, BERT'
 a lowercase, its pre-tokenizer a split into runs of letters and digits and single punctuation
 marks, and WordPiece depends only on the word; so ids are looked up per word in a cache filled by
 the library's own WordPiece model. Text this path cannot reproduce exactly (non-ASCII, control
-characters, special-token strings) goes to the library. ``tests/test_runtime.py`` checks that
-both paths give the same ids on real prompts.
+characters, special-token strings) goes to the library. ``tests/classifier/test_runtime.py``
+checks that both paths give the same ids on real prompts.
 """
 
 from __future__ import annotations

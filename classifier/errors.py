@@ -5,11 +5,11 @@ wrong and what is allowed::
 
     TierpickError (ValueError)
     ├── ConfigError        a tier config or training config that does not validate
-    ├── IngestError        an input file that cannot be read at all, or yields no rows
-    ├── DatasetError       a dataset that cannot train a model (a tier with no targets, ...)
     ├── ArtifactError      a model directory that is incomplete, tampered with or of another schema
     ├── PolicyError        a routing policy that names an unknown tier or is out of range
     └── PromptError        a prompt with no text left once normalized
+
+Training adds its own (:mod:`tierpick.training.errors`): ``IngestError``, ``DatasetError``.
 """
 
 from __future__ import annotations
@@ -21,14 +21,6 @@ class TierpickError(ValueError):
 
 class ConfigError(TierpickError):
     """A configuration file or value is invalid."""
-
-
-class IngestError(TierpickError):
-    """An input file cannot be read at all, or yields zero usable rows."""
-
-
-class DatasetError(TierpickError):
-    """A built dataset is unusable, or a dataset directory is missing or corrupt."""
 
 
 class ArtifactError(TierpickError):

@@ -1,4 +1,15 @@
-"""tierpick serving: the gRPC service and batch scoring.
+"""tierpick serving: three jobs over the runtime, and the lifecycle they share.
 
-Imports ``classifier``, never ``training``.
+- :mod:`tierpick.serving.lifecycle`: the model holder (verified load, hot reload, a bad artifact
+  refused while the good one keeps serving), the ``grpc.aio`` server's start, health, signals
+  and drain; shared by the two servers below.
+- :mod:`tierpick.serving.service`: the ``TierRouter`` gRPC service (``tierpick serve``), with
+  :mod:`tierpick.serving.client` its Python client.
+- :mod:`tierpick.serving.scoring`: batch scoring of prompt logs (``tierpick score``), with
+  :mod:`tierpick.serving.report` the spend report over its output.
+- :mod:`tierpick.serving.gateway`: the Envoy external processor (``tierpick gateway``).
+
+:mod:`tierpick.serving.cli` and :mod:`tierpick.serving.bench` sit on top. The jobs never import
+each other (``tests/test_boundaries.py``); the package imports ``classifier``, never
+``training``.
 """

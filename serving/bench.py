@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tierpick.classifier._io import read_prompts
-from tierpick.classifier._table import format_table
+from tierpick.classifier.files import read_prompts
+from tierpick.classifier.table import format_table
 
 
 def _percentiles(samples: list[float]) -> tuple[float, float, float]:
@@ -364,8 +364,8 @@ def run_gateway_bench(model: str | None, prompts_path: Path, calls: int = 2000) 
 
     import yaml
 
-    from tierpick.serving._envoy import Envoy, Upstream, free_port
     from tierpick.serving.gateway import parse_gateway_config, render_envoy_config
+    from tierpick.serving.gateway.local_envoy import Envoy, Upstream, free_port
 
     prompts = read_prompts(prompts_path)
     upstreams = {t: Upstream(t) for t in ("local", "mid", "frontier")}

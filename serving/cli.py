@@ -9,6 +9,9 @@ from typing import Any
 
 
 def register_score(sub: Any) -> None:
+    from tierpick.serving.scoring import ScoreOptions
+
+    d = ScoreOptions()  # the defaults live in one place
     p = sub.add_parser(
         "score",
         help="score prompt logs (JSONL, CSV or Parquet files, directories or globs) with a model",
@@ -21,17 +24,17 @@ def register_score(sub: Any) -> None:
         "output: a file for one input file, else a directory of parts",
     )
     p.add_argument("--model", help="model directory or models:/ URI (default: shipped model)")
-    p.add_argument("--prompt-field", default="prompt", help="field holding the prompt text")
+    p.add_argument("--prompt-field", default=d.prompt_field, help="field holding the prompt text")
     p.add_argument(
         "--output-prefix",
-        default="",
+        default=d.output_prefix,
         help="prefix for the columns scoring adds (tier, p_<tier>, error, extra_fields), for "
         "inputs that already have fields of those names",
     )
     p.add_argument(
         "--format",
         choices=["parquet", "jsonl", "jsonl.gz", "csv"],
-        default="parquet",
+        default=d.out_kind.lstrip("."),
         help="file kind of a directory output (a file output takes its extension's kind)",
     )
     p.add_argument(
@@ -47,18 +50,18 @@ def register_score(sub: Any) -> None:
     p.add_argument(
         "--part-mb",
         type=float,
-        default=32.0,
+        default=d.part_bytes / (1 << 20),
         help="a JSONL or Parquet file is cut into parts of this size",
     )
     p.add_argument(
         "--restart", action="store_true", help="discard parts left by a different earlier run"
     )
-    p.add_argument("--batch-size", type=int, default=4096)
-    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--threads", type=int, default=d.threads, help="ONNX Runtime intra-op threads")
     p.add_argument(
         "--cache-size",
         type=int,
-        default=100_000,
+        default=d.cache_size,
         help="distinct prompts whose scores each process remembers for repeats (0: off)",
     )
     p.set_defaults(func=_score)
@@ -67,7 +70,7 @@ def register_score(sub: Any) -> None:
 def _score(args: argparse.Namespace) -> int:
     from tierpick import classifier
     from tierpick.classifier.errors import ConfigError
-    from tierpick.serving.score import ScoreOptions, score
+    from tierpick.serving.scoring import ScoreOptions, score
 
     if len(args.paths) < 2:
         raise ConfigError("give at least one INPUT and an OUTPUT")
@@ -104,6 +107,9 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def register_report(sub: Any) -> None:
+    from tierpick.serving.scoring import ScoreOptions
+
+    d = ScoreOptions()
     p = sub.add_parser(
         "report",
         help="projected cost of a scored log against always using one tier (MD, JSON, PNG)",
@@ -111,7 +117,7 @@ def register_report(sub: Any) -> None:
     p.add_argument("scored", help="output of tierpick score: a file or a directory of parts")
     p.add_argument("--model", help="the model that scored it, for tier prices (default: shipped)")
     p.add_argument("--out", help="report directory (default: SCORED-report beside it)")
-    p.add_argument("--prompt-field", default="prompt", help="field holding the prompt text")
+    p.add_argument("--prompt-field", default=d.prompt_field, help="field holding the prompt text")
     p.add_argument(
         "--output-prefix", default="", help="the --output-prefix the log was scored with"
     )
@@ -146,7 +152,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def register_serve(sub: Any) -> None:
-    from tierpick.serving.server import ServerConfig
+    from tierpick.serving.lifecycle import ServerConfig
 
     d = ServerConfig()  # the defaults live in one place
     p = sub.add_parser("serve", help="serve a model over gRPC (TierRouter, health, reflection)")
@@ -198,7 +204,8 @@ def register_serve(sub: Any) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from tierpick.serving.server import TLS, ServerConfig, serve
+    from tierpick.serving.lifecycle import TLS, ServerConfig
+    from tierpick.serving.service import serve
 
     config = ServerConfig(
         max_batch=args.max_batch,

@@ -26,10 +26,10 @@ import numpy as np
 import numpy.typing as npt
 
 from tierpick.classifier import TierClassifier
-from tierpick.classifier._io import open_text
 from tierpick.classifier.errors import ConfigError, MissingDependencyError, TierpickError
+from tierpick.classifier.files import open_text
 from tierpick.classifier.routing import threshold_choice
-from tierpick.serving.score import expand_inputs, kind_of
+from tierpick.serving.scoring import ScoreOptions, expand_inputs, kind_of
 
 THRESHOLDS = np.round(np.linspace(0.0, 1.0, 51), 2)
 
@@ -45,7 +45,10 @@ class ScoredLog:
 
 
 def read_scored(
-    path: Path, tiers: tuple[str, ...], prompt_field: str = "prompt", prefix: str = ""
+    path: Path,
+    tiers: tuple[str, ...],
+    prompt_field: str = ScoreOptions.prompt_field,
+    prefix: str = "",
 ) -> ScoredLog:
     """Read a scored log; the probability columns must be this model's tiers (named with the
     ``--output-prefix`` the log was scored with)."""
@@ -286,7 +289,7 @@ def write_report(
     scored: Path,
     out_dir: Path,
     clf: TierClassifier,
-    prompt_field: str = "prompt",
+    prompt_field: str = ScoreOptions.prompt_field,
     output_tokens: int = 300,
     chars_per_token: float = 4.0,
     prefix: str = "",

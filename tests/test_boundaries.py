@@ -87,9 +87,7 @@ def test_public_surface_of_classifier() -> None:
     assert sorted(classifier.__all__) == [
         "ArtifactError",
         "ConfigError",
-        "DatasetError",
         "Decision",
-        "IngestError",
         "Manifest",
         "MissingDependencyError",
         "PolicyError",
@@ -106,3 +104,43 @@ def test_public_surface_of_classifier() -> None:
         "prompt_key",
         "read_manifest",
     ]
+
+
+@pytest.mark.parametrize("package", ["classifier", "training", "serving", "tierpick"])
+def test_no_package_imports_another_packages_private_module(package: str) -> None:
+    """A leading underscore means "this package's own": other packages go through the public
+    modules (``tierpick.classifier.runtime``, ``.text``, ...), so a private module can change."""
+    bad = []
+    for f, m in _raw_modules(package):
+        parts = m.split(".")
+        if parts[0] != "tierpick" or len(parts) < 3 or parts[1] == package:
+            continue
+        if any(p.startswith("_") for p in parts[2:]):
+            bad.append((f, m))
+    assert not bad, sorted(bad)
+
+
+# serving's layout, in the order of its one-way flow: the shared lifecycle, then the three jobs,
+# which never import each other; the CLI and the benchmark sit on top and may use any of them.
+SERVING_LAYERS = {
+    "lifecycle": set(),
+    "service": {"lifecycle", "_convert", "_proto"},
+    "gateway": {"lifecycle"},
+    "scoring": set(),
+    "report": {"scoring"},
+    "client": {"_proto"},
+}
+
+
+@pytest.mark.parametrize("job", sorted(SERVING_LAYERS))
+def test_serving_modules_import_only_down_the_flow(job: str) -> None:
+    allowed = SERVING_LAYERS[job] | {job}
+    bad = []
+    for f, m in _raw_modules("serving"):
+        name = f.removeprefix("serving/").removesuffix(".py").split("/")[0]
+        parts = m.split(".")
+        if name != job or parts[:2] != ["tierpick", "serving"] or len(parts) < 3:
+            continue
+        if parts[2] not in allowed:
+            bad.append((f, m))
+    assert not bad, sorted(bad)

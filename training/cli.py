@@ -105,7 +105,7 @@ def register_export(sub: Any) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from tierpick.classifier._io import read_prompts
+    from tierpick.classifier.files import read_prompts
     from tierpick.training.export import quantize_artifact
 
     prompts = read_prompts(Path(args.prompts))  # real prompts to measure the drift on
@@ -201,7 +201,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from tierpick.classifier._runtime import resolve_model_dir
+    from tierpick.classifier.runtime import resolve_model_dir
     from tierpick.training import tracking
     from tierpick.training.config import load_config
     from tierpick.training.dataset import build_dataset, load_dataset

@@ -29,9 +29,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tierpick.classifier._text import normalize_prompt, prompt_key
-from tierpick.classifier.errors import DatasetError, IngestError
+from tierpick.classifier.text import normalize_prompt, prompt_key
 from tierpick.training.config import Decontamination, Source, SplitConfig, TierConfig
+from tierpick.training.errors import DatasetError, IngestError
 from tierpick.training.ingest import IngestReport, Outcome, read_source
 from tierpick.training.ingest._sources import expand
 

@@ -26,8 +26,8 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from tierpick.classifier._runtime import prepare_prompt
 from tierpick.classifier.errors import MissingDependencyError
+from tierpick.classifier.runtime import prepare_prompt
 from tierpick.training.config import HeadConfig, StudentConfig, TeacherConfig
 
 log = logging.getLogger("tierpick.train")

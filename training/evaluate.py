@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from tierpick.classifier._table import format_table
 from tierpick.classifier.routing import rescale, utility_choice
+from tierpick.classifier.table import format_table
 from tierpick.training import metrics
 
 Array = npt.NDArray[np.float64]

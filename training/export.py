@@ -1,5 +1,5 @@
 """Export a trained student to a verified, self-describing model directory (see
-:mod:`classifier._artifact`): ``student.onnx`` + ``tokenizer.json`` + ``manifest.json``."""
+:mod:`classifier.artifact`): ``student.onnx`` + ``tokenizer.json`` + ``manifest.json``."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tierpick.classifier._artifact import (
+from tierpick.classifier.artifact import (
     SCHEMA_VERSION,
     Manifest,
     TierSpec,
@@ -149,7 +149,7 @@ def quantize_artifact(src: Path, out_dir: Path, prompts: list[str]) -> dict[str,
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from tierpick import classifier
-    from tierpick.classifier._artifact import read_manifest
+    from tierpick.classifier.artifact import read_manifest
 
     manifest = read_manifest(src)
     tmp = out_dir.with_name(out_dir.name + ".tmp")

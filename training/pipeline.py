@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from tierpick.classifier.errors import DatasetError
 from tierpick.classifier.routing import platt, sigmoid
 from tierpick.training import baselines, metrics
 from tierpick.training.calibrate import fit_platt
 from tierpick.training.config import TierConfig
 from tierpick.training.dataset import BuiltDataset, build_dataset, load_dataset, write_dataset
+from tierpick.training.errors import DatasetError
 from tierpick.training.evaluate import SplitData, evaluate_split, write_report
 
 log = logging.getLogger("tierpick.train")

@@ -7,7 +7,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from tierpick.classifier._table import format_table
+from tierpick.classifier.table import format_table
 from tierpick.training.dataset import BuiltDataset
 
 

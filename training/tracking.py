@@ -89,7 +89,7 @@ def promote(
     Returns:
         (promoted, a comparison table as text).
     """
-    from tierpick.classifier._table import format_table
+    from tierpick.classifier.table import format_table
 
     try:
         cand = (

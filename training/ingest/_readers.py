@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from tierpick.classifier._io import open_text
-from tierpick.classifier._text import messages_to_prompt, normalize_prompt
+from tierpick.classifier.files import open_text
+from tierpick.classifier.text import messages_to_prompt, normalize_prompt
 from tierpick.training.config import IDENTITY, Success
 from tierpick.training.ingest._report import IngestReport, Outcome
 

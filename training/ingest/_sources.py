@@ -12,8 +12,8 @@ import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from tierpick.classifier.errors import IngestError
 from tierpick.training.config import IDENTITY, Source, Success, TierConfig
+from tierpick.training.errors import IngestError
 from tierpick.training.ingest._readers import READERS, is_questions_file
 from tierpick.training.ingest._report import IngestReport, Outcome
 

@@ -9,10 +9,10 @@ import pytest
 
 from tests.conftest import DATA, write_tiny_config
 from tierpick.classifier import read_manifest
-from tierpick.classifier.errors import DatasetError
 from tierpick.cli import main
 from tierpick.training.config import load_config
 from tierpick.training.dataset import build_dataset
+from tierpick.training.errors import DatasetError
 from tierpick.training.pipeline import check_trainable, run_training
 
 

@@ -11,11 +11,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from tierpick.classifier._artifact import Manifest, read_manifest
-from tierpick.classifier._text import normalize_prompt
 from tierpick.classifier._wordpiece import FastWordPiece
+from tierpick.classifier.artifact import Manifest, read_manifest
 from tierpick.classifier.errors import ArtifactError, MissingDependencyError, PromptError
 from tierpick.classifier.routing import Router, RoutingPolicy, platt
+from tierpick.classifier.text import normalize_prompt
 
 DEFAULT_MODEL_ENV = "TIERPICK_MODEL"
 _REPO_MODELS = Path(__file__).resolve().parent.parent / "models"

@@ -8,9 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from tierpick.classifier import prompt_key
-from tierpick.classifier.errors import DatasetError
 from tierpick.training.config import parse_config
 from tierpick.training.dataset import BuiltDataset, build_dataset, load_dataset, write_dataset
+from tierpick.training.errors import DatasetError
 from tierpick.training.stats import stats_report, tier_order_warnings
 
 

@@ -13,7 +13,8 @@ from grpc_health.v1 import health_pb2
 
 from tierpick.serving._proto.tierpick.v1 import tierpick_pb2 as pb
 from tierpick.serving.client import TierpickClient, policy, request
-from tierpick.serving.server import SERVICE_NAME, ServerConfig, create_server
+from tierpick.serving.lifecycle import ServerConfig
+from tierpick.serving.service import SERVICE_NAME, create_server
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -344,7 +345,7 @@ def test_health_goes_not_serving_before_the_server_stops(model_copy: Path) -> No
 def test_stalled_streams_hold_no_handler_and_health_stays_answerable(model_copy: Path) -> None:
     """HEADERS without DATA on many streams (the requests never arrive): every other client's
     Classify and health check is still answered at once."""
-    from tests.h2raw import StalledStreams
+    from tests.serving.h2raw import StalledStreams
 
     config = ServerConfig(workers=2, max_concurrency=8, max_streams_per_connection=32)
     app = create_server("127.0.0.1:0", str(model_copy), config)
@@ -493,7 +494,7 @@ def _ca_signed(tmp_path: Path) -> dict[str, bytes]:
 
 
 def test_mutual_tls_requires_a_client_certificate(model_copy: Path, tmp_path: Path) -> None:
-    from tierpick.serving.server import TLS
+    from tierpick.serving.lifecycle import TLS
 
     pki = _ca_signed(tmp_path)
     tls = TLS(pki["server_cert"], pki["server_key"], client_ca=pki["ca"])

@@ -1,7 +1,14 @@
-"""The gRPC service: ``TierRouter`` over a loaded model, with standard health, reflection,
-Prometheus metrics, hot reload and graceful shutdown.
+"""The lifecycle every tierpick gRPC server shares: the RPC service
+(:mod:`tierpick.serving.service`) and the gateway's ext_proc processor
+(:mod:`tierpick.serving.gateway`) are both a :class:`GrpcApp`.
 
-Build one with :func:`create_server`; :func:`serve` runs it until SIGTERM/SIGINT.
+- the model: :class:`ModelHolder` loads, checks and warms it before anything listens, reloads it
+  on SIGHUP or when its manifest changes (the watch), and keeps the old one on a bad artifact;
+- the server: ``grpc.aio`` on an event-loop thread (:class:`LoopThread`), bound by :func:`bind`
+  (TLS or plain), with the shared limits of :class:`ServerConfig` (:func:`server_options`);
+- health: NOT_SERVING until the model is warm and the port bound, SERVING while up,
+  NOT_SERVING again at stop, then a drain of in-flight calls (:meth:`GrpcApp.shutdown`);
+- signals: :func:`run_app` blocks until SIGTERM/SIGINT, reloading on SIGHUP.
 """
 
 from __future__ import annotations
@@ -12,26 +19,21 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tierpick import classifier
 from tierpick.classifier import TierClassifier
-from tierpick.classifier._artifact import MANIFEST_FILE
+from tierpick.classifier.artifact import MANIFEST_FILE
 from tierpick.classifier.errors import TierpickError
-from tierpick.serving import _convert
-from tierpick.serving._proto.tierpick.v1 import tierpick_pb2 as pb
-from tierpick.serving._proto.tierpick.v1 import tierpick_pb2_grpc as pb_grpc
 
 log = logging.getLogger("tierpick.serve")
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TierRouter"].full_name
 WARMUP_PROMPT = "What is the capital of France?"
 
 
@@ -185,144 +187,6 @@ class ModelHolder:
             self.reload(retry=True)
 
 
-class TierRouterServicer(pb_grpc.TierRouterServicer):
-    """Thin: conversion lives in :mod:`serving._convert`, errors in :class:`ErrorInterceptor`.
-
-    A Classify runs on the event loop (tens of microseconds, the prompt's work bounded by the
-    manifest's cut lengths); a ClassifyBatch runs on the worker threads, so a large batch never
-    holds up other calls or health checks.
-    """
-
-    def __init__(
-        self,
-        holder: ModelHolder,
-        config: ServerConfig,
-        metrics: Metrics,
-        pool: futures.ThreadPoolExecutor,
-    ) -> None:
-        self.holder = holder
-        self.config = config
-        self.metrics = metrics
-        self.pool = pool
-
-    async def Classify(
-        self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ClassifyResponse:
-        resp = _convert.classify(self.holder.current, [request], None)[0]
-        self.metrics.tiers.labels(resp.tier).inc()
-        return resp
-
-    async def ClassifyBatch(
-        self, request: pb.ClassifyBatchRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ClassifyBatchResponse:
-        n = len(request.requests)
-        if n > self.config.max_batch:
-            raise _convert.RequestError(
-                f"batch of {n} requests is over the maximum of {self.config.max_batch}"
-            )
-        clf = self.holder.current
-        default = request.policy if request.HasField("policy") else None
-        responses = (
-            await asyncio.get_running_loop().run_in_executor(
-                self.pool, _convert.classify, clf, list(request.requests), default
-            )
-            if n
-            else []
-        )
-        for r in responses:
-            self.metrics.tiers.labels(r.tier).inc()
-        return pb.ClassifyBatchResponse(responses=responses)
-
-    async def GetModelInfo(
-        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelInfo:
-        return _convert.model_info(self.holder.current, self.config.max_batch)
-
-
-@dataclass(frozen=True)
-class _Malformed:
-    """A request body that does not parse as the method's message (corrupt protobuf, invalid
-    UTF-8 in a string field): the client's fault, answered INVALID_ARGUMENT."""
-
-    error: str
-
-
-class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Every TierRouter call goes through here: requests that do not parse and calls over the
-    concurrency limit are refused, exceptions become status codes (bad input ->
-    INVALID_ARGUMENT, anything else -> INTERNAL with the message logged), deadlines are
-    honoured, and every outcome is counted by method and code."""
-
-    def __init__(self, metrics: Metrics, max_concurrency: int) -> None:
-        self.metrics = metrics
-        self.max_concurrency = max_concurrency
-        self.in_flight = 0  # touched only on the event loop
-
-    async def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
-        handler = await continuation(details)
-        if handler is None or handler.unary_unary is None:
-            return handler
-        if not details.method.startswith(f"/{SERVICE_NAME}/"):
-            return handler  # health and reflection: not limited, not counted as TierRouter
-        method = details.method.rsplit("/", 1)[-1]
-        inner = handler.unary_unary
-        parse = handler.request_deserializer
-
-        def deserialize(data: bytes) -> Any:
-            try:
-                return parse(data)
-            except Exception as exc:  # protobuf's DecodeError and friends
-                return _Malformed(f"{type(exc).__name__}: {exc}")
-
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            start = time.perf_counter()
-            code = grpc.StatusCode.OK
-            counted = False
-            try:
-                if isinstance(request, _Malformed):
-                    code = grpc.StatusCode.INVALID_ARGUMENT
-                    await context.abort(
-                        code, f"the request is not a valid {method} message ({request.error})"
-                    )
-                if self.in_flight >= self.max_concurrency:
-                    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-                    await context.abort(
-                        code, f"over {self.max_concurrency} calls in flight; retry with backoff"
-                    )
-                remaining = context.time_remaining()
-                if remaining is not None and remaining <= 0:
-                    code = grpc.StatusCode.DEADLINE_EXCEEDED
-                    await context.abort(code, "deadline expired before the request was handled")
-                self.in_flight += 1
-                counted = True
-                self.metrics.in_flight.inc()
-                return await inner(request, context)
-            except grpc.aio.AbortError:
-                raise
-            except TierpickError as exc:  # bad request: PolicyError, RequestError, ...
-                code = grpc.StatusCode.INVALID_ARGUMENT
-                await context.abort(code, str(exc))
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception as exc:
-                code = grpc.StatusCode.INTERNAL
-                log.exception("internal error in %s", method)
-                await context.abort(code, f"internal error: {type(exc).__name__}")
-            finally:
-                if counted:
-                    self.in_flight -= 1
-                    self.metrics.in_flight.dec()
-                self.metrics.requests.labels(method, code.name).inc()
-                self.metrics.latency.labels(method).observe(time.perf_counter() - start)
-
-        return grpc.unary_unary_rpc_method_handler(
-            wrapped,
-            request_deserializer=deserialize,
-            response_serializer=handler.response_serializer,
-        )
-
-
 class LoopThread:
     """An asyncio event loop on its own thread, so synchronous code (the CLI, tests, the
     signal-driven lifecycle) can own a ``grpc.aio`` server."""
@@ -413,18 +277,21 @@ class TLS:
 
 
 @dataclass
-class App:
-    """A built server and everything it owns."""
+class GrpcApp:
+    """A started ``grpc.aio`` server and everything it owns; build one with :func:`start_app`."""
 
+    name: str
     server: Any
     port: int
     holder: ModelHolder
     health: Any
     metrics: Metrics
     config: ServerConfig
-    _stop_watch: threading.Event
+    health_names: tuple[str, ...]
     _loop: LoopThread
-    _pool: futures.ThreadPoolExecutor
+    _pool: futures.ThreadPoolExecutor | None = None
+    logger: logging.Logger = log
+    _stop_watch: threading.Event = field(default_factory=threading.Event)
 
     def set_serving(self, serving: bool) -> None:
         status = (
@@ -434,13 +301,13 @@ class App:
         )
 
         async def set_all() -> None:
-            for name in ("", SERVICE_NAME):
+            for name in self.health_names:
                 await self.health.set(name, status)
 
         self._loop.run(set_all())
 
     def shutdown(self, grace: float | None = None) -> None:
-        """Health goes NOT_SERVING, new RPCs are refused, in-flight RPCs get ``grace`` (default
+        """Health goes NOT_SERVING, new calls are refused, in-flight calls get ``grace`` (default
         the config's ``drain_timeout``) seconds to finish, then the server stops; idempotent."""
         if not self._loop.loop.is_running():
             return
@@ -452,48 +319,44 @@ class App:
         timeout = self.config.drain_timeout if grace is None else grace
         self._loop.run(self.server.stop(timeout))
         self._loop.close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self.logger.info("stopped")
+
+    def _watch(self) -> None:
+        while not self._stop_watch.wait(self.config.watch_seconds):
+            self.holder.poll()
 
 
-def create_server(
-    address: str = "127.0.0.1:0",
-    model: str | None = None,
-    config: ServerConfig | None = None,
-    tls: TLS | tuple[bytes, bytes] | None = None,
-) -> App:
-    """Build, load and start a server; health is SERVING once the model is loaded and warm.
-
-    Args:
-        address: host:port to bind (port 0 = any free port; see ``App.port``).
-        model: model directory or ``models:/`` URI (None = the shipped default).
-        config: limits and reload settings.
-        tls: :class:`TLS`, or (certificate chain PEM, private key PEM), to serve TLS.
+def start_app(
+    name: str,
+    holder: ModelHolder,
+    metrics: Metrics,
+    config: ServerConfig,
+    address: str,
+    add_services: Callable[[Any], None],
+    health_names: Sequence[str] = ("",),
+    tls: TLS | None = None,
+    interceptors: Sequence[Any] = (),
+    pool: futures.ThreadPoolExecutor | None = None,
+    logger: logging.Logger = log,
+) -> GrpcApp:
+    """Start a ``grpc.aio`` server for a loaded model: ``add_services(server)`` registers the
+    app's services; the standard health service answers for ``health_names`` (NOT_SERVING until
+    the port is bound and the server started, then SERVING); the watch thread polls the model
+    directory when ``config.watch_seconds`` > 0. On a failure to start, nothing is left running.
     """
     from grpc_health.v1.health import aio as health_aio
 
-    config = config or ServerConfig()
-    if isinstance(tls, tuple):
-        tls = TLS(*tls)
-    metrics = Metrics()
-    holder = ModelHolder(model, metrics)  # loaded and warmed before anything listens
-    pool = futures.ThreadPoolExecutor(config.workers, thread_name_prefix="tierpick-batch")
-    loop = LoopThread("tierpick-grpc")
+    loop = LoopThread(name)
 
     async def start() -> tuple[Any, Any, int]:
-        server = grpc.aio.server(
-            interceptors=[ErrorInterceptor(metrics, config.max_concurrency)],
-            options=server_options(config),
-        )
+        server = grpc.aio.server(interceptors=list(interceptors), options=server_options(config))
         health_servicer = health_aio.HealthServicer()
-        for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        pb_grpc.add_TierRouterServicer_to_server(
-            TierRouterServicer(holder, config, metrics, pool), server
-        )
+        for service in health_names:
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        add_services(server)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
         port = bind(server, address, tls)
         await server.start()
         return server, health_servicer, port
@@ -502,54 +365,47 @@ def create_server(
         server, health_servicer, port = loop.run(start())
     except BaseException:
         loop.close()
-        pool.shutdown(wait=False)
+        if pool is not None:
+            pool.shutdown(wait=False)
         raise
-    stop = threading.Event()
-    app = App(server, port, holder, health_servicer, metrics, config, stop, loop, pool)
+    app = GrpcApp(
+        name,
+        server,
+        port,
+        holder,
+        health_servicer,
+        metrics,
+        config,
+        tuple(health_names),
+        loop,
+        pool,
+        logger,
+    )
     app.set_serving(True)
     if config.watch_seconds > 0:
-        threading.Thread(target=_watch, args=(app,), daemon=True, name="tierpick-watch").start()
-    log.info(
-        "serving %s (%s) on port %d",
-        holder.current.manifest.model_name,
-        holder.current.version,
-        port,
-    )
+        threading.Thread(target=app._watch, daemon=True, name=f"{name}-watch").start()
     return app
 
 
-def _watch(app: App) -> None:
-    while not app._stop_watch.wait(app.config.watch_seconds):
-        app.holder.poll()
-
-
-def serve(
-    host: str,
-    port: int,
-    model: str | None,
-    config: ServerConfig,
-    metrics_port: int | None,
-    tls: TLS | None = None,
-) -> int:
-    """Run until SIGTERM/SIGINT (graceful: see :meth:`App.shutdown`); SIGHUP reloads the model."""
-    app = create_server(f"{host}:{port}", model, config, tls)
+def run_app(app: GrpcApp, banner: str, metrics_port: int | None, host: str) -> int:
+    """Run a started app until SIGTERM/SIGINT (graceful: see :meth:`GrpcApp.shutdown`); SIGHUP
+    reloads the model; ``metrics_port`` exposes Prometheus metrics on plain HTTP."""
     if metrics_port is not None:
         bound = app.metrics.serve_http(metrics_port, host)
-        log.info("metrics on http://%s:%d/metrics (plain HTTP)", host, bound)
-    print(f"tierpick serving on {host}:{app.port} (pid {os.getpid()})", flush=True)
-    run_until_signalled(app.holder.reload)
-    log.info("draining: up to %.0f s for in-flight calls", config.drain_timeout)
+        app.logger.info("metrics on http://%s:%d/metrics (plain HTTP)", host, bound)
+    print(f"{banner} on {host}:{app.port} (pid {os.getpid()})", flush=True)
+    run_until_signalled(app.holder.reload, app.logger)
+    app.logger.info("draining: up to %.0f s for in-flight calls", app.config.drain_timeout)
     app.shutdown()
-    log.info("stopped")
     return 0
 
 
-def run_until_signalled(reload: Callable[[], object], logger: logging.Logger | None = None) -> None:
+def run_until_signalled(reload: Callable[[], object], logger: logging.Logger = log) -> None:
     """Block until SIGTERM or SIGINT; SIGHUP calls ``reload`` (in a thread) meanwhile."""
     done = threading.Event()
 
     def on_term(signum: int, _frame: Any) -> None:
-        (logger or log).info("signal %d: stopping", signum)
+        logger.info("signal %d: stopping", signum)
         done.set()
 
     signal.signal(signal.SIGTERM, on_term)

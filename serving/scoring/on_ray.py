@@ -2,7 +2,7 @@
 
 A Ray Data dataset holds one row per part (one block each, so parts spread over the actors);
 ``map_batches`` runs them through an actor pool (``ActorPoolStrategy``), each actor loading the
-model once and scoring whole parts with :func:`serving.score.score_part`: the same reading,
+model once and scoring whole parts with :func:`.part.score_part`: the same reading,
 bad-row handling, output files and resume records as the single-machine path. The model's files
 travel through Ray's object store (and are verified by their manifest's hashes on every actor),
 so worker nodes need no copy of the model; the inputs and the output directory must be reachable
@@ -29,7 +29,8 @@ import numpy as np
 
 from tierpick.classifier import TierClassifier
 from tierpick.classifier.errors import MissingDependencyError
-from tierpick.serving.score import Part, PredictionCache, ScoreOptions, ScoreSummary, score_part
+from tierpick.serving.scoring.options import Part, ScoreOptions, ScoreSummary
+from tierpick.serving.scoring.part import PredictionCache, score_part
 
 CPUS_PER_ACTOR = 0.5
 

@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import DATA
 from tierpick import classifier
 from tierpick.classifier import ArtifactError, PolicyError, RoutingPolicy
-from tierpick.classifier._runtime import prepare_prompt
+from tierpick.classifier.runtime import prepare_prompt
 
 
 @pytest.fixture(scope="module")

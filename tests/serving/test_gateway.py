@@ -21,14 +21,14 @@ from tests.conftest import DATA, REPO
 from tierpick import classifier
 from tierpick.classifier.errors import ConfigError
 from tierpick.cli import main
-from tierpick.serving._envoy import Envoy, Upstream, envoy_binary, free_port
 from tierpick.serving.gateway import (
-    Gateway,
     GatewayConfig,
     create_gateway,
     parse_gateway_config,
     render_envoy_config,
 )
+from tierpick.serving.gateway.local_envoy import Envoy, Upstream, envoy_binary, free_port
+from tierpick.serving.lifecycle import GrpcApp
 
 pytestmark = pytest.mark.slow  # a real Envoy process
 TIERS = ("local", "mid", "frontier")
@@ -50,7 +50,7 @@ class Stack:
     cfg: GatewayConfig
     upstreams: dict[str, Upstream]
     envoy: Envoy
-    gateway: Gateway | None
+    gateway: GrpcApp | None
 
     def post(
         self,
@@ -95,7 +95,7 @@ def stack(upstreams: dict[str, Upstream]) -> Iterator[Stack]:
     yield stack
     env.close()
     if stack.gateway is not None:  # a test may have replaced it
-        stack.gateway.stop(0)
+        stack.gateway.shutdown(0)
 
 
 POLICIES: list[tuple[dict[str, str], classifier.RoutingPolicy]] = [
@@ -241,7 +241,7 @@ def test_fallback_while_the_processor_is_stopped(stack: Stack) -> None:
     """Fail-open: with the processor gone, requests still flow, to the fallback tier, marked
     and counted by Envoy; once it is back, requests are classified again."""
     assert stack.gateway is not None
-    stack.gateway.stop(0)
+    stack.gateway.shutdown(0)
     before = stack.envoy.stat("http.tierpick_gateway.ext_proc.tierpick.failure_mode_allowed")
     for _ in range(5):
         status, headers, body, _ = stack.post(_chat("Explain quicksort."))

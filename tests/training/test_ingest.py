@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from tierpick.classifier import normalize_prompt
-from tierpick.classifier.errors import IngestError
 from tierpick.training.config import Source, Success
+from tierpick.training.errors import IngestError
 from tierpick.training.ingest import (
     IngestReport,
     detect_format,

@@ -24,7 +24,7 @@ from tierpick import classifier
 from tierpick.classifier.errors import ConfigError
 from tierpick.cli import main
 from tierpick.serving.report import write_report
-from tierpick.serving.score import ScoreOptions, score
+from tierpick.serving.scoring import ScoreOptions, score
 
 ARENA = DATA / "prompt-logs" / "arena-hard-v0.1-question.jsonl"
 JUNK = ["{junk", json.dumps({"uid": 7, "prompt": 5}), json.dumps(["a", "list"])]

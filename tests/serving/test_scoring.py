@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import DATA
 from tierpick import classifier
 from tierpick.cli import main
-from tierpick.serving.score import score_file
+from tierpick.serving.scoring import score_file
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,190 @@
+"""The gateway's YAML config: read, validated key by key (unknown keys and out-of-range values
+are a :class:`~tierpick.classifier.errors.ConfigError` naming the key), and checked against the
+loaded model's tiers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tierpick.classifier import RoutingPolicy, TierClassifier
+from tierpick.classifier.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Where a tier's requests go: ``host:port``, TLS or not, and the model name to ask for."""
+
+    address: str
+    model: str | None = None
+    tls: bool = False
+
+    @property
+    def host(self) -> str:
+        return self.address.rsplit(":", 1)[0]
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """The gateway's settings; :func:`load_gateway_config` reads and validates them."""
+
+    tiers: dict[str, Upstream]
+    processor_host: str = "127.0.0.1"
+    processor_port: int = 50052
+    # a larger body is passed through unclassified (to the fallback tier): the work one request
+    # costs the processor is bounded (parsing, and re-encoding it for the model rewrite, grow
+    # with the body: ~25 ms at 900 KB here), so a few large bodies cannot starve small ones
+    max_body_bytes: int = 256 * 1024
+    model: str | None = None
+    policy: RoutingPolicy = field(default_factory=RoutingPolicy)
+    rewrite_model: bool = True
+    failure_mode: str = "open"  # open | closed
+    fallback_tier: str = ""
+    timeout_ms: int = 200
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8080
+    admin_port: int = 9901
+    upstream_timeout_s: float = 300.0
+
+    @property
+    def processor_address(self) -> str:
+        return f"{self.processor_host}:{self.processor_port}"
+
+
+_KEYS = {
+    "processor": {"host", "port", "max_body_bytes"},
+    "model": None,
+    "policy": {"min_success", "allowed_tiers", "cost_weight", "max_price"},
+    "rewrite_model": None,
+    "failure": {"mode", "fallback_tier", "timeout_ms"},
+    "tiers": None,
+    "envoy": {"listen_host", "listen_port", "admin_port", "upstream_timeout_s"},
+}
+
+
+def _fail(key: str, problem: str) -> ConfigError:
+    return ConfigError(f"gateway config: {key}: {problem}")
+
+
+def _number(value: object, key: str, lo: float, hi: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+        raise _fail(key, f"must be a number in [{lo}, {hi}], got {value!r}")
+    return float(value)
+
+
+def _port(value: object, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise _fail(key, f"must be a port number (0-65535), got {value!r}")
+    return value
+
+
+def _section(raw: Mapping[str, Any], name: str) -> dict[str, Any]:
+    value = raw.get(name) or {}
+    if not isinstance(value, dict):
+        raise _fail(name, f"must be a mapping, got {type(value).__name__}")
+    allowed = _KEYS[name] or set()
+    if unknown := sorted(set(value) - allowed):
+        raise _fail(name, f"unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+    return value
+
+
+def parse_gateway_config(raw: object) -> GatewayConfig:
+    """Validate a parsed YAML mapping; every problem names its key."""
+    if not isinstance(raw, dict):
+        raise ConfigError("gateway config: the file must hold a mapping")
+    if unknown := sorted(set(raw) - set(_KEYS)):
+        raise _fail("(top level)", f"unknown key(s) {unknown}; allowed: {sorted(_KEYS)}")
+    tiers_raw = raw.get("tiers")
+    if not isinstance(tiers_raw, dict) or not tiers_raw:
+        raise _fail("tiers", "a mapping of tier name -> {upstream: host:port, model: name}")
+    tiers: dict[str, Upstream] = {}
+    for name, spec in tiers_raw.items():
+        key = f"tiers.{name}"
+        if not isinstance(spec, dict) or not isinstance(spec.get("upstream"), str):
+            raise _fail(key, "needs upstream: host:port")
+        if unknown := sorted(set(spec) - {"upstream", "model", "tls"}):
+            raise _fail(key, f"unknown key(s) {unknown}; allowed: ['model', 'tls', 'upstream']")
+        address = spec["upstream"]
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise _fail(f"{key}.upstream", f"must be host:port, got {address!r}")
+        model = spec.get("model")
+        if model is not None and (not isinstance(model, str) or not model):
+            raise _fail(f"{key}.model", f"must be a model name, got {model!r}")
+        tiers[str(name)] = Upstream(address, model, bool(spec.get("tls", False)))
+    proc = _section(raw, "processor")
+    pol = _section(raw, "policy")
+    fail = _section(raw, "failure")
+    env = _section(raw, "envoy")
+    allowed = pol.get("allowed_tiers") or []
+    if not isinstance(allowed, list) or any(t not in tiers for t in allowed):
+        raise _fail("policy.allowed_tiers", f"must list tiers of {sorted(tiers)}, got {allowed!r}")
+    policy = RoutingPolicy(
+        min_success=_number(pol.get("min_success", 0.0), "policy.min_success", 0.0, 1.0),
+        allowed_tiers=tuple(allowed),
+        cost_weight=None
+        if pol.get("cost_weight") is None
+        else _number(pol["cost_weight"], "policy.cost_weight", 0.0),
+        max_price=None
+        if pol.get("max_price") is None
+        else _number(pol["max_price"], "policy.max_price", 0.0),
+    )
+    mode = fail.get("mode", "open")
+    if mode not in ("open", "closed"):
+        raise _fail("failure.mode", f"must be open or closed, got {mode!r}")
+    fallback = fail.get("fallback_tier", list(tiers)[-1])
+    if fallback not in tiers:
+        raise _fail("failure.fallback_tier", f"must be one of {sorted(tiers)}, got {fallback!r}")
+    rewrite = raw.get("rewrite_model", True)
+    if not isinstance(rewrite, bool):
+        raise _fail("rewrite_model", f"must be true or false, got {rewrite!r}")
+    model_path = raw.get("model")
+    if model_path is not None and not isinstance(model_path, str):
+        raise _fail("model", f"must be a model directory or models:/ URI, got {model_path!r}")
+    return GatewayConfig(
+        tiers=tiers,
+        processor_host=str(proc.get("host", "127.0.0.1")),
+        processor_port=_port(proc.get("port", 50052), "processor.port"),
+        max_body_bytes=int(
+            _number(proc.get("max_body_bytes", 256 * 1024), "processor.max_body_bytes", 1, 64 << 20)
+        ),
+        model=model_path,
+        policy=policy,
+        rewrite_model=rewrite,
+        failure_mode=mode,
+        fallback_tier=fallback,
+        timeout_ms=int(_number(fail.get("timeout_ms", 200), "failure.timeout_ms", 1, 60_000)),
+        listen_host=str(env.get("listen_host", "127.0.0.1")),
+        listen_port=_port(env.get("listen_port", 8080), "envoy.listen_port"),
+        admin_port=_port(env.get("admin_port", 9901), "envoy.admin_port"),
+        upstream_timeout_s=_number(
+            env.get("upstream_timeout_s", 300.0), "envoy.upstream_timeout_s", 0.001
+        ),
+    )
+
+
+def load_gateway_config(path: str | Path) -> GatewayConfig:
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"gateway config {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"gateway config {path}: not valid YAML: {exc}") from exc
+    return parse_gateway_config(raw)
+
+
+def check_model_tiers(cfg: GatewayConfig, clf: TierClassifier) -> None:
+    """The config must name an upstream for every tier of the model, and no other tier."""
+    if set(cfg.tiers) != set(clf.tiers):
+        raise ConfigError(
+            f"gateway config tiers {sorted(cfg.tiers)} != the model's tiers {list(clf.tiers)}"
+        )

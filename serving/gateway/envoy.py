@@ -1,0 +1,202 @@
+"""Envoy's bootstrap config for a gateway config: one cluster per tier, routes on
+``x-tierpick-tier``, the ext_proc filter pointed at the processor."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from tierpick.serving.gateway.config import GatewayConfig
+from tierpick.serving.gateway.processor import DECISION_HEADERS, HEADER_PREFIX
+
+
+def render_envoy_config(
+    cfg: GatewayConfig, with_processor: bool = True, processor_port: int | None = None
+) -> str:
+    """Envoy's bootstrap YAML for ``cfg``: one cluster per tier, routes on ``x-tierpick-tier``.
+
+    ``with_processor=False`` renders the same Envoy without the ext_proc filter (it routes
+    everything to the fallback tier): the baseline for measuring the filter's cost.
+    """
+    fallback = cfg.fallback_tier
+    tier_header = HEADER_PREFIX + "tier"
+    status_header = HEADER_PREFIX + "status"
+    timeout = f"{cfg.upstream_timeout_s:g}s"
+    routes: list[dict[str, Any]] = [
+        {
+            "match": {
+                "prefix": "/",
+                "headers": [{"name": tier_header, "string_match": {"exact": t}}],
+            },
+            "route": {"cluster": f"tier_{t}", "timeout": timeout},
+        }
+        for t in cfg.tiers
+    ]
+    routes.append(
+        {
+            "match": {"prefix": "/"},
+            "route": {"cluster": f"tier_{fallback}", "timeout": timeout},
+            "request_headers_to_add": [
+                {
+                    "header": {"key": tier_header, "value": fallback},
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                },
+                {
+                    "header": {"key": status_header, "value": "fallback"},
+                    "append_action": "ADD_IF_ABSENT",
+                },
+            ],
+        }
+    )
+    filters: list[dict[str, Any]] = [
+        {
+            # a client must not choose its own tier by sending the decision headers
+            "name": "envoy.filters.http.header_mutation",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3."
+                "HeaderMutation",
+                "mutations": {
+                    "request_mutations": [{"remove": HEADER_PREFIX + h} for h in DECISION_HEADERS]
+                },
+            },
+        }
+    ]
+    if with_processor:
+        ext_proc: dict[str, Any] = {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3."
+            "ExternalProcessor",
+            "grpc_service": {"envoy_grpc": {"cluster_name": "tierpick_processor"}},
+            "failure_mode_allow": cfg.failure_mode == "open",
+            "message_timeout": f"{cfg.timeout_ms / 1000:g}s",
+            "processing_mode": {
+                "request_header_mode": "SEND",
+                "response_header_mode": "SKIP",
+                "request_body_mode": "BUFFERED",
+                "response_body_mode": "NONE",
+            },
+            "send_body_without_waiting_for_header_response": True,
+            "stat_prefix": "tierpick",
+        }
+        if cfg.failure_mode == "closed":
+            ext_proc["status_on_error"] = {"code": 503}
+        filters.append({"name": "envoy.filters.http.ext_proc", "typed_config": ext_proc})
+    filters.append(
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+            },
+        }
+    )
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager."
+        "v3.HttpConnectionManager",
+        "stat_prefix": "tierpick_gateway",
+        "codec_type": "AUTO",
+        "route_config": {
+            "name": "tiers",
+            "virtual_hosts": [
+                {
+                    "name": "llm",
+                    "domains": ["*"],
+                    "routes": routes,
+                    # the client sees the decision
+                    "response_headers_to_add": [
+                        {
+                            "header": {"key": h, "value": f"%REQ({h})%"},
+                            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                        }
+                        for h in (tier_header, status_header)
+                    ],
+                }
+            ],
+        },
+        "http_filters": filters,
+    }
+    clusters = [_cluster(f"tier_{t}", up.host, up.port, tls=up.tls) for t, up in cfg.tiers.items()]
+    if with_processor:
+        clusters.append(
+            _cluster(
+                "tierpick_processor",
+                cfg.processor_host,
+                processor_port or cfg.processor_port,
+                http2=True,
+            )
+        )
+    doc = {
+        "admin": {
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": cfg.admin_port}}
+        },
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "tierpick_gateway",
+                    "address": {
+                        "socket_address": {
+                            "address": cfg.listen_host,
+                            "port_value": cfg.listen_port,
+                        }
+                    },
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": hcm,
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": clusters,
+        },
+    }
+    header = (
+        "# Envoy bootstrap rendered by `tierpick gateway envoy-config` from a tierpick gateway "
+        "config.\n# Regenerate it rather than editing it by hand.\n"
+    )
+    return header + yaml.safe_dump(doc, sort_keys=False, width=100)
+
+
+def _cluster(
+    name: str, host: str, port: int, http2: bool = False, tls: bool = False
+) -> dict[str, Any]:
+    cluster: dict[str, Any] = {
+        "name": name,
+        "type": "STRICT_DNS",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {"socket_address": {"address": host, "port_value": port}}
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
+    }
+    if http2:
+        cluster["typed_extension_protocol_options"] = {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3."
+                "HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        }
+    if tls:
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3."
+                "UpstreamTlsContext",
+                "sni": host,
+            },
+        }
+    return cluster

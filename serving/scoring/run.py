@@ -1,0 +1,207 @@
+"""A whole run: check inputs and output, plan, skip finished parts, score the rest on an
+engine (this process, the process pool or Ray), join or keep the parts, and sum the counts."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from tierpick.classifier import TierClassifier
+from tierpick.classifier.errors import ConfigError
+from tierpick.serving.scoring.options import (
+    BOOKKEEPING,
+    KINDS,
+    Part,
+    ScoreOptions,
+    ScoreSummary,
+    check_no_clash,
+    kind_of,
+    output_columns,
+    supported,
+)
+from tierpick.serving.scoring.part import PredictionCache, peak_rss_mb, score_part
+from tierpick.serving.scoring.plan import expand_inputs, plan_parts
+from tierpick.serving.scoring.pool import score_in_pool
+from tierpick.serving.scoring.read import input_fields
+from tierpick.serving.scoring.resume import (
+    atomic_write_json,
+    exclusive,
+    finished_parts,
+    prepare_work_dir,
+    stat_of,
+)
+from tierpick.serving.scoring.write import join_parts
+
+
+def score(
+    inputs: Sequence[str | Path],
+    output: Path,
+    clf: TierClassifier,
+    opts: ScoreOptions | None = None,
+    workers: int | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
+    restart: bool = False,
+    progress: bool | None = None,
+) -> ScoreSummary:
+    """Score prompt logs (see the module docstring); returns the summary of the whole run.
+
+    Args:
+        inputs: files, directories or globs.
+        output: an output file (one input file) or directory.
+        clf: the loaded model; worker processes load the same directory.
+        opts: scoring options; ``out_kind`` is taken from ``output`` when it names a file.
+        workers: scoring processes (default: the CPUs this process may use); 1 scores in
+            this process.
+        engine: "local" (a process pool) or "ray" (a Ray Data actor pool).
+        ray_address: the Ray cluster to join (default: ``RAY_ADDRESS``, else a local Ray).
+        restart: discard a work directory left by another run instead of refusing it.
+        progress: print progress to stderr (default: when stderr is a terminal).
+    """
+    start = time.perf_counter()
+    if engine not in ("local", "ray"):
+        raise ConfigError(f"engine {engine!r} is not one of ['local', 'ray']")
+    opts = opts or ScoreOptions()
+    files, base = expand_inputs(inputs)
+    out_abs = output.resolve()
+    if out_abs in files:
+        raise ConfigError(f"{output} is also an input: it would be overwritten; write elsewhere")
+    for item in inputs:
+        folder = Path(str(item)).resolve()
+        if folder.is_dir() and (out_abs == folder or folder in out_abs.parents):
+            raise ConfigError(
+                f"{output} is inside the input directory {item}: a rerun would read the output "
+                "as input; write it elsewhere"
+            )
+    if base is None:
+        opts = ScoreOptions(**{**asdict(opts), "out_kind": kind_of(output)})
+        work = output.parent / f".{output.name}.parts"
+    else:
+        if supported(output):
+            raise ConfigError(
+                f"{output}: several inputs, a directory or a glob write a directory of parts; "
+                "give a directory as OUTPUT (use --format for the file kind)"
+            )
+        work = output
+        if any(work.resolve() in p.parents for p in files):
+            raise ConfigError(f"{output} is inside the input; write the output elsewhere")
+    if opts.out_kind not in KINDS:
+        raise ConfigError(f"output format {opts.out_kind!r} is not one of {list(KINDS)}")
+    added = output_columns(opts, clf.tiers)
+    for path in files:
+        check_no_clash(input_fields(path), added, str(path))
+    parts = plan_parts(files, base, opts)
+    plan = {
+        "inputs": [stat_of(p) for p in files],
+        "model_version": clf.version,
+        "tiers": list(clf.tiers),
+        "prompt_field": opts.prompt_field,
+        "out_kind": opts.out_kind,
+        "output_prefix": opts.output_prefix,
+        "parts": [asdict(p) for p in parts],
+    }
+    with exclusive(work, output):
+        return _score_parts(
+            parts,
+            plan,
+            work,
+            output,
+            base,
+            clf,
+            opts,
+            workers,
+            engine,
+            ray_address,
+            restart,
+            progress,
+            start,
+        )
+
+
+def _score_parts(
+    parts: list[Part],
+    plan: dict[str, Any],
+    work: Path,
+    output: Path,
+    base: Path | None,
+    clf: TierClassifier,
+    opts: ScoreOptions,
+    workers: int | None,
+    engine: str,
+    ray_address: str | None,
+    restart: bool,
+    progress: bool | None,
+    start: float,
+) -> ScoreSummary:
+    prepare_work_dir(work, plan, restart, output if base is None else None)
+    done = finished_parts(work, parts)
+    todo = [p for p in parts if p.index not in done]
+    workers = workers or len(os.sched_getaffinity(0))
+    n = max(1, min(workers, len(todo)))
+    show = sys.stderr.isatty() if progress is None else progress
+    meter = _Progress(sum(s.rows for s in done.values()), start, show)
+    if engine == "ray":
+        from tierpick.serving.scoring.on_ray import score_parts_on_ray
+
+        fresh = score_parts_on_ray(todo, work, clf, opts, workers, ray_address, meter)
+    elif n == 1:
+        cache = PredictionCache(opts.cache_size)
+        fresh = {}
+        for part in todo:
+            fresh[part.index] = meter(score_part(clf, part, work, opts, cache))
+    else:
+        fresh = score_in_pool(todo, work, clf.model_dir, opts, n, meter)
+    meter.close()
+    summary = ScoreSummary(parts=len(parts), parts_resumed=len(done), workers=n)
+    for part in parts:
+        summary.add(done.get(part.index) or fresh[part.index])
+    if base is None:
+        if len(parts) == 1:
+            os.replace(work / parts[0].name, output)
+        else:
+            join_parts([work / p.name for p in parts], output, opts.out_kind)
+        shutil.rmtree(work)
+    else:
+        atomic_write_json(work / BOOKKEEPING / "summary.json", summary.to_json())
+    summary.seconds = time.perf_counter() - start
+    summary.main_peak_rss_mb = peak_rss_mb()
+    return summary
+
+
+class _Progress:
+    """Counts finished rows as parts complete; prints a progress line when asked to."""
+
+    def __init__(self, rows: int, start: float, show: bool) -> None:
+        self.rows, self.start, self.show = rows, start, show
+
+    def __call__(self, summary: ScoreSummary) -> ScoreSummary:
+        self.rows += summary.rows
+        if self.show:
+            rate = self.rows / max(time.perf_counter() - self.start, 1e-9)
+            sys.stderr.write(f"\r{self.rows:,} rows  {rate:,.0f} rows/s")
+            sys.stderr.flush()
+        return summary
+
+    def close(self) -> None:
+        if self.show:
+            sys.stderr.write("\n")
+
+
+def score_file(
+    clf: TierClassifier,
+    src: Path,
+    dst: Path,
+    prompt_field: str = ScoreOptions.prompt_field,
+    batch_size: int = ScoreOptions.batch_size,
+    progress: bool | None = None,
+    cache_size: int = ScoreOptions.cache_size,
+) -> ScoreSummary:
+    """Score one file into another in this process (the library form of ``tierpick score``)."""
+    opts = ScoreOptions(prompt_field=prompt_field, batch_size=batch_size, cache_size=cache_size)
+    return score([src], dst, clf, opts, workers=1, progress=progress)

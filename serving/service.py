@@ -1,0 +1,240 @@
+"""The RPC service: ``TierRouter`` over a loaded model, with standard health, reflection,
+Prometheus metrics, hot reload and graceful shutdown (the lifecycle is
+:mod:`tierpick.serving.lifecycle`, shared with the gateway).
+
+Build one with :func:`create_server`; :func:`serve` runs it until SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health
+from grpc_reflection.v1alpha import reflection
+
+from tierpick.classifier.errors import TierpickError
+from tierpick.serving import _convert
+from tierpick.serving._proto.tierpick.v1 import tierpick_pb2 as pb
+from tierpick.serving._proto.tierpick.v1 import tierpick_pb2_grpc as pb_grpc
+from tierpick.serving.lifecycle import (
+    TLS,
+    GrpcApp,
+    Metrics,
+    ModelHolder,
+    ServerConfig,
+    run_app,
+    start_app,
+)
+
+log = logging.getLogger("tierpick.serve")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TierRouter"].full_name
+
+
+class TierRouterServicer(pb_grpc.TierRouterServicer):
+    """Thin: conversion lives in :mod:`serving._convert`, errors in :class:`ErrorInterceptor`.
+
+    A Classify runs on the event loop (tens of microseconds, the prompt's work bounded by the
+    manifest's cut lengths); a ClassifyBatch runs on the worker threads, so a large batch never
+    holds up other calls or health checks.
+    """
+
+    def __init__(
+        self,
+        holder: ModelHolder,
+        config: ServerConfig,
+        metrics: Metrics,
+        pool: futures.ThreadPoolExecutor,
+    ) -> None:
+        self.holder = holder
+        self.config = config
+        self.metrics = metrics
+        self.pool = pool
+
+    async def Classify(
+        self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClassifyResponse:
+        resp = _convert.classify(self.holder.current, [request], None)[0]
+        self.metrics.tiers.labels(resp.tier).inc()
+        return resp
+
+    async def ClassifyBatch(
+        self, request: pb.ClassifyBatchRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClassifyBatchResponse:
+        n = len(request.requests)
+        if n > self.config.max_batch:
+            raise _convert.RequestError(
+                f"batch of {n} requests is over the maximum of {self.config.max_batch}"
+            )
+        clf = self.holder.current
+        default = request.policy if request.HasField("policy") else None
+        responses = (
+            await asyncio.get_running_loop().run_in_executor(
+                self.pool, _convert.classify, clf, list(request.requests), default
+            )
+            if n
+            else []
+        )
+        for r in responses:
+            self.metrics.tiers.labels(r.tier).inc()
+        return pb.ClassifyBatchResponse(responses=responses)
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
+        return _convert.model_info(self.holder.current, self.config.max_batch)
+
+
+@dataclass(frozen=True)
+class _Malformed:
+    """A request body that does not parse as the method's message (corrupt protobuf, invalid
+    UTF-8 in a string field): the client's fault, answered INVALID_ARGUMENT."""
+
+    error: str
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Every TierRouter call goes through here: requests that do not parse and calls over the
+    concurrency limit are refused, exceptions become status codes (bad input ->
+    INVALID_ARGUMENT, anything else -> INTERNAL with the message logged), deadlines are
+    honoured, and every outcome is counted by method and code."""
+
+    def __init__(self, metrics: Metrics, max_concurrency: int) -> None:
+        self.metrics = metrics
+        self.max_concurrency = max_concurrency
+        self.in_flight = 0  # touched only on the event loop
+
+    async def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        handler = await continuation(details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        if not details.method.startswith(f"/{SERVICE_NAME}/"):
+            return handler  # health and reflection: not limited, not counted as TierRouter
+        method = details.method.rsplit("/", 1)[-1]
+        inner = handler.unary_unary
+        parse = handler.request_deserializer
+
+        def deserialize(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except Exception as exc:  # protobuf's DecodeError and friends
+                return _Malformed(f"{type(exc).__name__}: {exc}")
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            start = time.perf_counter()
+            code = grpc.StatusCode.OK
+            counted = False
+            try:
+                if isinstance(request, _Malformed):
+                    code = grpc.StatusCode.INVALID_ARGUMENT
+                    await context.abort(
+                        code, f"the request is not a valid {method} message ({request.error})"
+                    )
+                if self.in_flight >= self.max_concurrency:
+                    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+                    await context.abort(
+                        code, f"over {self.max_concurrency} calls in flight; retry with backoff"
+                    )
+                remaining = context.time_remaining()
+                if remaining is not None and remaining <= 0:
+                    code = grpc.StatusCode.DEADLINE_EXCEEDED
+                    await context.abort(code, "deadline expired before the request was handled")
+                self.in_flight += 1
+                counted = True
+                self.metrics.in_flight.inc()
+                return await inner(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except TierpickError as exc:  # bad request: PolicyError, RequestError, ...
+                code = grpc.StatusCode.INVALID_ARGUMENT
+                await context.abort(code, str(exc))
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as exc:
+                code = grpc.StatusCode.INTERNAL
+                log.exception("internal error in %s", method)
+                await context.abort(code, f"internal error: {type(exc).__name__}")
+            finally:
+                if counted:
+                    self.in_flight -= 1
+                    self.metrics.in_flight.dec()
+                self.metrics.requests.labels(method, code.name).inc()
+                self.metrics.latency.labels(method).observe(time.perf_counter() - start)
+
+        return grpc.unary_unary_rpc_method_handler(
+            wrapped,
+            request_deserializer=deserialize,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def create_server(
+    address: str = "127.0.0.1:0",
+    model: str | None = None,
+    config: ServerConfig | None = None,
+    tls: TLS | tuple[bytes, bytes] | None = None,
+) -> GrpcApp:
+    """Build, load and start a server; health is SERVING once the model is loaded and warm.
+
+    Args:
+        address: host:port to bind (port 0 = any free port; see ``GrpcApp.port``).
+        model: model directory or ``models:/`` URI (None = the shipped default).
+        config: limits and reload settings.
+        tls: :class:`~tierpick.serving.lifecycle.TLS`, or (certificate chain PEM, private key
+            PEM), to serve TLS.
+    """
+    config = config or ServerConfig()
+    if isinstance(tls, tuple):
+        tls = TLS(*tls)
+    metrics = Metrics()
+    holder = ModelHolder(model, metrics)  # loaded and warmed before anything listens
+    pool = futures.ThreadPoolExecutor(config.workers, thread_name_prefix="tierpick-batch")
+
+    def add_services(server: Any) -> None:
+        pb_grpc.add_TierRouterServicer_to_server(
+            TierRouterServicer(holder, config, metrics, pool), server
+        )
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+
+    app = start_app(
+        "tierpick-grpc",
+        holder,
+        metrics,
+        config,
+        address,
+        add_services,
+        health_names=("", SERVICE_NAME),
+        tls=tls,
+        interceptors=[ErrorInterceptor(metrics, config.max_concurrency)],
+        pool=pool,
+        logger=log,
+    )
+    log.info(
+        "serving %s (%s) on port %d",
+        holder.current.manifest.model_name,
+        holder.current.version,
+        app.port,
+    )
+    return app
+
+
+def serve(
+    host: str,
+    port: int,
+    model: str | None,
+    config: ServerConfig,
+    metrics_port: int | None,
+    tls: TLS | None = None,
+) -> int:
+    """Run until SIGTERM/SIGINT (graceful: :meth:`GrpcApp.shutdown`); SIGHUP reloads the model."""
+    app = create_server(f"{host}:{port}", model, config, tls)
+    return run_app(app, "tierpick serving", metrics_port, host)
