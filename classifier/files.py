@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 
 def open_text(path: Path, mode: str = "r") -> IO[str]:
@@ -46,3 +48,26 @@ def read_prompts(path: Path, field: str = "prompt") -> list[str]:
     if not prompts:
         raise ConfigError(f"{path}: no prompts in field {field!r}")
     return prompts
+
+
+def csv_records(reader: Any) -> Iterator[tuple[int, Any, str | None, str]]:
+    """(line, row, problem, detail) for each row of a ``csv.reader`` or ``csv.DictReader``,
+    ``line`` being where the row starts and ``problem`` None for a good row. A row the csv module
+    cannot parse (a field over the size limit, ...) comes as (line, None, "malformed CSV row",
+    the csv module's reason) and reading goes on; a DictReader's row of the wrong width (a long
+    row has a ``None`` key, a short one ``None`` values) as "wrong number of CSV fields"."""
+    while True:
+        line = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            yield line, None, "malformed CSV row", str(exc)
+            continue
+        if isinstance(row, dict):
+            extra = row.pop(None, None)
+            if extra or any(v is None for v in row.values()):
+                yield line, row, "wrong number of CSV fields", ""
+                continue
+        yield line, row, None, ""

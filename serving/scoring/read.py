@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tierpick.classifier.errors import TierpickError
-from tierpick.classifier.files import first_bad_utf8_line, open_text
+from tierpick.classifier.files import csv_records, first_bad_utf8_line, open_text
 from tierpick.serving.scoring.options import Part, ScoreSummary, kind_of
 
 Row = tuple[dict[str, Any], str | None, int]  # (fields, error found while reading, line)
@@ -96,20 +96,10 @@ def csv_rows(part: Part, summary: ScoreSummary) -> Iterator[Row]:
     path = Path(part.source)
     csv.field_size_limit(CSV_FIELD_LIMIT)
     with unreadable_as_error(path), open_text(path, "r") as fh:
-        reader = csv.DictReader(fh)
         try:
-            while True:
-                line = reader.line_num + 1
-                try:
-                    row = next(reader)
-                except StopIteration:
-                    return
-                except csv.Error as exc:  # e.g. a field over the limit: the reader goes on
-                    yield {"line": line}, f"malformed CSV row ({exc})", line
-                    continue
-                extra = row.pop(None, None)  # a long row; a short one has None values (restval)
-                short = any(v is None for v in row.values())
-                yield row, "wrong number of CSV fields" if extra or short else None, line
+            for line, row, problem, detail in csv_records(csv.DictReader(fh)):
+                error = f"{problem} ({detail})" if detail else problem
+                yield row if row is not None else {"line": line}, error, line
         except UnicodeDecodeError as exc:  # the csv module reads text: one bad byte stops it
             bad = first_bad_utf8_line(path)
             raise TierpickError(

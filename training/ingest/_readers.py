@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from tierpick.classifier.files import open_text
+from tierpick.classifier.files import csv_records, open_text
 from tierpick.classifier.text import messages_to_prompt, normalize_prompt
 from tierpick.training.config import IDENTITY, Success
 from tierpick.training.ingest._report import IngestReport, Outcome
@@ -81,22 +81,12 @@ def _csv_records(
 ) -> Iterator[tuple[str, Any]]:
     """(origin, row) for each well-formed row of a csv.reader (rows of ``width`` fields) or a
     DictReader; a row that cannot be parsed or has another number of fields is reported."""
-    while True:
-        line = reader.line_num + 1
-        try:
-            row = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as exc:
-            report.drop(f"{path}:{line}", "malformed CSV row", str(exc))
-            continue
+    for line, row, problem, detail in csv_records(reader):
         origin = f"{path}:{line}"
-        if isinstance(row, dict):
-            bad = None in row or any(v is None for v in row.values())
-        else:
-            bad = width is not None and len(row) != width
-        if bad:
-            report.drop(origin, "wrong number of CSV fields")
+        if problem is None and width is not None and len(row) != width:
+            problem = "wrong number of CSV fields"
+        if problem is not None:
+            report.drop(origin, problem, detail)
             continue
         yield origin, row
 
