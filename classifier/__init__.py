@@ -14,7 +14,7 @@ from tierpick.classifier.errors import (
     PromptError,
     TierpickError,
 )
-from tierpick.classifier.routing import Router, RoutingPolicy
+from tierpick.classifier.routing import Router, RoutingPolicy, read_policy, write_policy
 from tierpick.classifier.runtime import Decision, TierClassifier, load, prepare_prompt
 from tierpick.classifier.text import messages_to_prompt, normalize_prompt, prompt_key
 
@@ -37,4 +37,6 @@ __all__ = [
     "prepare_prompt",
     "prompt_key",
     "read_manifest",
+    "read_policy",
+    "write_policy",
 ]

@@ -15,14 +15,16 @@ per tier (:func:`platt`); a :class:`RoutingPolicy`, validated once against a mod
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from tierpick.classifier.errors import PolicyError
+from tierpick.classifier.errors import ConfigError, PolicyError
 
 FloatArray = npt.NDArray[np.floating[Any]]
 IndexArray = npt.NDArray[np.int64]
@@ -167,14 +169,98 @@ class Router:
         return value
 
 
+POLICY_KEYS = ("min_success", "allowed_tiers", "max_price", "cost_weight")
+
+
+def policy_from_mapping(raw: object, where: str) -> RoutingPolicy:
+    """A :class:`RoutingPolicy` from a parsed YAML/JSON mapping with the keys of
+    :data:`POLICY_KEYS` (all optional); a wrong key, type or range is a
+    :class:`~tierpick.classifier.errors.ConfigError` naming the key as ``where.key``. Whether the
+    tiers exist is checked against a model, by :meth:`Router.for_tiers`."""
+    if raw is None:
+        return RoutingPolicy()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a mapping of {list(POLICY_KEYS)}")
+    if unknown := sorted(set(raw) - set(POLICY_KEYS)):
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(POLICY_KEYS)}")
+
+    def number(key: str, lo: float, hi: float) -> float | None:
+        value = raw.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
+            raise ConfigError(f"{where}.{key}: must be a number in [{lo}, {hi}], got {value!r}")
+        return float(value)
+
+    tiers = raw.get("allowed_tiers") or []
+    if not isinstance(tiers, list) or not all(isinstance(t, str) for t in tiers):
+        raise ConfigError(f"{where}.allowed_tiers: must be a list of tier names, got {tiers!r}")
+    return RoutingPolicy(
+        min_success=number("min_success", 0.0, 1.0) or 0.0,
+        allowed_tiers=tuple(tiers),
+        max_price=number("max_price", 0.0, math.inf),
+        cost_weight=number("cost_weight", 0.0, 1e12),
+    )
+
+
+def policy_to_mapping(policy: RoutingPolicy) -> dict[str, Any]:
+    """The mapping :func:`policy_from_mapping` reads back to the same policy."""
+    return {
+        "min_success": policy.min_success,
+        "allowed_tiers": list(policy.allowed_tiers),
+        "max_price": policy.max_price,
+        "cost_weight": policy.cost_weight,
+    }
+
+
+def read_policy(path: str | Path) -> RoutingPolicy:
+    """A policy file (``tierpick tune --out``): YAML with a ``policy`` mapping, and optionally a
+    ``tuned`` mapping that records how it was chosen (not read here)."""
+    import yaml
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"policy file {path}: {exc.strerror or exc}") from exc
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"policy file {path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict) or "policy" not in raw:
+        raise ConfigError(f"policy file {path}: must hold a mapping with a 'policy' key")
+    if unknown := sorted(set(raw) - {"policy", "tuned"}):
+        raise ConfigError(f"policy file {path}: unknown key(s) {unknown}; allowed: policy, tuned")
+    return policy_from_mapping(raw["policy"], f"policy file {path}: policy")
+
+
+def write_policy(
+    path: str | Path, policy: RoutingPolicy, tuned: dict[str, Any] | None = None
+) -> None:
+    """Write a policy file that :func:`read_policy` reads (atomically: a temporary name, then a
+    rename)."""
+    import yaml
+
+    path = Path(path)
+    doc: dict[str, Any] = {"policy": policy_to_mapping(policy)}
+    if tuned:
+        doc["tuned"] = tuned
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 __all__ = [
+    "POLICY_KEYS",
     "Router",
     "RoutingPolicy",
     "TierPrices",
     "normalized_costs",
     "platt",
+    "policy_from_mapping",
+    "policy_to_mapping",
+    "read_policy",
     "rescale",
     "sigmoid",
     "threshold_choice",
     "utility_choice",
+    "write_policy",
 ]

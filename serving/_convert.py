@@ -31,24 +31,33 @@ def request_prompt(req: pb.ClassifyRequest) -> str:
     return text
 
 
-def to_policy(msg: pb.RoutingPolicy) -> RoutingPolicy:
+def to_policy(msg: pb.RoutingPolicy | None, base: RoutingPolicy) -> RoutingPolicy:
+    """The request's policy over the server's (``tierpick serve --policy``): each field the
+    request sets replaces the server's (``min_success`` when > 0, ``allowed_tiers`` when not
+    empty, ``max_price`` and ``cost_weight`` when present)."""
+    if msg is None:
+        return base
     return RoutingPolicy(
-        min_success=msg.min_success,
-        allowed_tiers=tuple(msg.allowed_tiers),
-        max_price=msg.max_price if msg.HasField("max_price") else None,
-        cost_weight=msg.cost_weight if msg.HasField("cost_weight") else None,
+        min_success=msg.min_success or base.min_success,
+        allowed_tiers=tuple(msg.allowed_tiers) or base.allowed_tiers,
+        max_price=msg.max_price if msg.HasField("max_price") else base.max_price,
+        cost_weight=msg.cost_weight if msg.HasField("cost_weight") else base.cost_weight,
     )
 
 
 def classify(
-    clf: TierClassifier, requests: Sequence[pb.ClassifyRequest], default: pb.RoutingPolicy | None
+    clf: TierClassifier,
+    requests: Sequence[pb.ClassifyRequest],
+    default: pb.RoutingPolicy | None,
+    base: RoutingPolicy | None = None,
 ) -> list[pb.ClassifyResponse]:
-    """Validate every request first (nothing is computed for a bad batch), then predict once."""
+    """Validate every request first (nothing is computed for a bad batch), then predict once.
+
+    A request's policy is its own, else the batch's ``default``, laid over the server's
+    ``base`` policy (see :func:`to_policy`)."""
+    base = base or RoutingPolicy()
     prompts = [request_prompt(r) for r in requests]
-    policies = [
-        to_policy(r.policy if r.HasField("policy") or default is None else default)
-        for r in requests
-    ]
+    policies = [to_policy(r.policy if r.HasField("policy") else default, base) for r in requests]
     groups: dict[RoutingPolicy, list[int]] = {}
     for i, p in enumerate(policies):
         groups.setdefault(p, []).append(i)

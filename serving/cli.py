@@ -151,6 +151,87 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def register_tune(sub: Any) -> None:
+    from tierpick.serving.scoring import ScoreOptions
+
+    d = ScoreOptions()
+    p = sub.add_parser(
+        "tune",
+        help="choose the routing policy that meets a tier-share or cost budget on a prompt log",
+        description="Score a prompt log, sweep the policy (utility cost_weight, or min_success "
+        "with --rule threshold) and keep the one with the highest predicted success that meets "
+        "every constraint. The policy file (--out) is read by tierpick serve --policy, the "
+        "gateway config (policy: FILE) and tierpick.read_policy().",
+    )
+    p.add_argument(
+        "inputs", nargs="+", metavar="INPUT", help="prompt logs, as tierpick score reads"
+    )
+    p.add_argument("--model", help="model directory or models:/ URI (default: shipped model)")
+    p.add_argument(
+        "--max-share",
+        action="append",
+        default=[],
+        metavar="TIER=SHARE",
+        help="at most this share of calls on TIER (0.2 or 20%%); repeatable",
+    )
+    p.add_argument(
+        "--budget-per-1k", type=float, metavar="USD", help="at most this cost per 1,000 requests"
+    )
+    p.add_argument("--rule", choices=["utility", "threshold"], default="utility")
+    p.add_argument(
+        "--holdout",
+        type=float,
+        default=0.0,
+        help="choose on a random share of the log and measure the policy on the rest (e.g. 0.5)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="the holdout split's seed")
+    p.add_argument("--out", metavar="POLICY.yaml", help="write the chosen policy here")
+    p.add_argument("--report-dir", help="write tune.md and tune_curve.png here")
+    p.add_argument("--scored", action="store_true", help="INPUT is already tierpick score's output")
+    p.add_argument("--prompt-field", default=d.prompt_field, help="field holding the prompt text")
+    p.add_argument(
+        "--output-prefix", default=d.output_prefix, help="with --scored: the log's --output-prefix"
+    )
+    p.add_argument("--output-tokens", type=int, default=300, help="assumed output tokens per call")
+    p.add_argument(
+        "--chars-per-token", type=float, default=4.0, help="assumed characters per input token"
+    )
+    p.add_argument("--workers", type=int, help="scoring processes (default: the CPUs available)")
+    p.set_defaults(func=_tune)
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from tierpick import classifier
+    from tierpick.serving.scoring import ScoreOptions
+    from tierpick.serving.tune import Constraint, parse_share, run_tune
+
+    shares = dict(parse_share(s) for s in args.max_share)
+    constraint = Constraint(shares, args.budget_per_1k)
+    clf = classifier.load(args.model)
+    opts = ScoreOptions(prompt_field=args.prompt_field, output_prefix=args.output_prefix)
+    _, md, note = run_tune(
+        args.inputs,
+        clf,
+        constraint,
+        scored=args.scored,
+        rule=args.rule,
+        holdout=args.holdout,
+        seed=args.seed,
+        opts=opts,
+        workers=args.workers,
+        output_tokens=args.output_tokens,
+        chars_per_token=args.chars_per_token,
+        out=Path(args.out) if args.out else None,
+        report_dir=Path(args.report_dir) if args.report_dir else None,
+    )
+    sys.stdout.write(md)
+    if note:
+        print(f"tierpick: tune_curve.png not written: {note}", file=sys.stderr)
+    if args.out:
+        print(f"policy -> {args.out} (tierpick serve --policy {args.out})")
+    return 0
+
+
 def register_serve(sub: Any) -> None:
     from tierpick.serving.lifecycle import ServerConfig
 
@@ -200,10 +281,17 @@ def register_serve(sub: Any) -> None:
         "--tls-client-ca",
         help="PEM CA: require client certificates signed by it (mutual TLS)",
     )
+    p.add_argument(
+        "--policy",
+        metavar="POLICY.yaml",
+        help="routing policy of calls that set none (tierpick tune --out writes one); the "
+        "fields a call sets override it (default: the model's utility rule)",
+    )
     p.set_defaults(func=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from tierpick.classifier import read_policy
     from tierpick.serving.lifecycle import TLS, ServerConfig
     from tierpick.serving.service import serve
 
@@ -217,7 +305,8 @@ def _serve(args: argparse.Namespace) -> int:
         max_streams_per_connection=args.max_streams,
     )
     tls = TLS.from_files(args.tls_cert, args.tls_key, args.tls_client_ca)
-    return serve(args.host, args.port, args.model, config, args.metrics_port, tls)
+    policy = read_policy(args.policy) if args.policy else None
+    return serve(args.host, args.port, args.model, config, args.metrics_port, tls, policy)
 
 
 def register_bench(sub: Any) -> None:

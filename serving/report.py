@@ -137,34 +137,67 @@ def _rows(path: Path, prompt_field: str, cols: list[str], tier_col: str) -> Iter
             )
 
 
+@dataclass
+class Costs:
+    """What each tier would cost and is predicted to achieve on each routed row of a scored log:
+    the one cost model of ``tierpick report`` and ``tierpick tune``."""
+
+    tiers: list[str]
+    proba: npt.NDArray[np.float32]  # (routed rows, tiers), as served: routing compares in float32
+    cost: npt.NDArray[np.float64]  # (routed rows, tiers), USD per call
+    in_tokens: npt.NDArray[np.float64]
+
+    @classmethod
+    def of(
+        cls,
+        log: ScoredLog,
+        clf: TierClassifier,
+        output_tokens: int = 300,
+        chars_per_token: float = 4.0,
+    ) -> Costs:
+        """Input tokens estimated as ceil(characters / chars_per_token), ``output_tokens`` per
+        call, the tiers' prices from the model's manifest; error rows are left out."""
+        if output_tokens < 0 or chars_per_token <= 0:
+            raise ConfigError("--output-tokens must be >= 0 and --chars-per-token > 0")
+        ok = log.tier >= 0
+        if not ok.any():
+            raise TierpickError("the scored log has no routed row")
+        p_in = np.array([t.price_input for t in clf.manifest.tiers])
+        p_out = np.array([t.price_output for t in clf.manifest.tiers])
+        in_tokens = np.ceil(log.chars[ok] / chars_per_token)
+        cost = (in_tokens[:, None] * p_in[None, :] + output_tokens * p_out[None, :]) / 1e6
+        return cls(list(clf.tiers), log.proba[ok], cost, in_tokens)
+
+    def __len__(self) -> int:
+        return len(self.proba)
+
+    def subset(self, rows: npt.NDArray[np.int64]) -> Costs:
+        return Costs(self.tiers, self.proba[rows], self.cost[rows], self.in_tokens[rows])
+
+    def summarize(self, choice: npt.NDArray[np.int64]) -> dict[str, Any]:
+        """Tier mix, total cost, cost per 1M requests and mean predicted success of a routing."""
+        n = len(self)
+        rows = np.arange(n)
+        counts = np.bincount(choice, minlength=len(self.tiers))
+        total = float(self.cost[rows, choice].sum())
+        return {
+            "mix": {t: float(c / n) for t, c in zip(self.tiers, counts, strict=True)},
+            "cost_usd": total,
+            "cost_per_1m_requests_usd": total / n * 1e6,
+            "predicted_success": float(self.proba[rows, choice].mean(dtype=np.float64)),
+        }
+
+
 def build_report(
     log: ScoredLog, clf: TierClassifier, output_tokens: int = 300, chars_per_token: float = 4.0
 ) -> dict[str, Any]:
     """The savings report as a JSON-ready dict."""
-    if output_tokens < 0 or chars_per_token <= 0:
-        raise ConfigError("--output-tokens must be >= 0 and --chars-per-token > 0")
-    tiers = list(clf.tiers)
+    costs = Costs.of(log, clf, output_tokens, chars_per_token)
+    tiers = costs.tiers
+    n_ok = len(costs)
+    summarize = costs.summarize
+    in_tokens = costs.in_tokens
     ok = log.tier >= 0
-    n_ok = int(ok.sum())
-    if n_ok == 0:
-        raise TierpickError("the scored log has no routed row")
-    p_in = np.array([t.price_input for t in clf.manifest.tiers])
-    p_out = np.array([t.price_output for t in clf.manifest.tiers])
-    in_tokens = np.ceil(log.chars[ok] / chars_per_token)
-    cost = (in_tokens[:, None] * p_in[None, :] + output_tokens * p_out[None, :]) / 1e6
-    proba = log.proba[ok].astype(np.float64)
-    rows_idx = np.arange(n_ok)
-
-    def summarize(choice: npt.NDArray[np.int64]) -> dict[str, Any]:
-        counts = np.bincount(choice, minlength=len(tiers))
-        total = float(cost[rows_idx, choice].sum())
-        return {
-            "mix": {t: float(c / n_ok) for t, c in zip(tiers, counts, strict=True)},
-            "cost_usd": total,
-            "cost_per_1m_requests_usd": total / n_ok * 1e6,
-            "predicted_success": float(proba[rows_idx, choice].mean()),
-        }
-
     routings = {"as scored": summarize(log.tier[ok])}
     for k, t in enumerate(tiers):
         routings[f"always {t}"] = summarize(np.full(n_ok, k, dtype=np.int64))
@@ -176,7 +209,7 @@ def build_report(
         }
     curve = []
     for t in THRESHOLDS:
-        s = summarize(threshold_choice(proba.astype(np.float32), float(t))[0])
+        s = summarize(threshold_choice(costs.proba, float(t))[0])
         curve.append({"threshold": float(t), **s})
     return {
         "model": {"name": clf.manifest.model_name, "version": clf.version},
@@ -311,4 +344,4 @@ def write_report(
     return report, md, note
 
 
-__all__ = ["build_report", "read_scored", "write_report"]
+__all__ = ["Costs", "ScoredLog", "build_report", "read_scored", "write_report"]

@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health
 from grpc_reflection.v1alpha import reflection
 
+from tierpick.classifier import RoutingPolicy, TierClassifier
 from tierpick.classifier.errors import TierpickError
 from tierpick.serving import _convert
 from tierpick.serving._proto.tierpick.v1 import tierpick_pb2 as pb
@@ -51,7 +52,9 @@ class TierRouterServicer(pb_grpc.TierRouterServicer):
         config: ServerConfig,
         metrics: Metrics,
         pool: futures.ThreadPoolExecutor,
+        policy: RoutingPolicy | None = None,
     ) -> None:
+        self.policy = policy or RoutingPolicy()  # the server's policy; requests override fields
         self.holder = holder
         self.config = config
         self.metrics = metrics
@@ -60,7 +63,7 @@ class TierRouterServicer(pb_grpc.TierRouterServicer):
     async def Classify(
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyResponse:
-        resp = _convert.classify(self.holder.current, [request], None)[0]
+        resp = _convert.classify(self.holder.current, [request], None, self.policy)[0]
         self.metrics.tiers.labels(resp.tier).inc()
         return resp
 
@@ -76,7 +79,7 @@ class TierRouterServicer(pb_grpc.TierRouterServicer):
         default = request.policy if request.HasField("policy") else None
         responses = (
             await asyncio.get_running_loop().run_in_executor(
-                self.pool, _convert.classify, clf, list(request.requests), default
+                self.pool, _convert.classify, clf, list(request.requests), default, self.policy
             )
             if n
             else []
@@ -180,6 +183,7 @@ def create_server(
     model: str | None = None,
     config: ServerConfig | None = None,
     tls: TLS | tuple[bytes, bytes] | None = None,
+    policy: RoutingPolicy | None = None,
 ) -> GrpcApp:
     """Build, load and start a server; health is SERVING once the model is loaded and warm.
 
@@ -189,17 +193,25 @@ def create_server(
         config: limits and reload settings.
         tls: :class:`~tierpick.serving.lifecycle.TLS`, or (certificate chain PEM, private key
             PEM), to serve TLS.
+        policy: the routing policy of calls that set none (``tierpick tune`` writes one); the
+            fields a call sets override it. Checked against the model at start and at every
+            reload (a model whose tiers it does not fit is refused).
     """
     config = config or ServerConfig()
     if isinstance(tls, tuple):
         tls = TLS(*tls)
     metrics = Metrics()
-    holder = ModelHolder(model, metrics)  # loaded and warmed before anything listens
+    policy = policy or RoutingPolicy()
+
+    def fits(clf: TierClassifier) -> None:  # the policy must fit every model served
+        clf.router(policy)
+
+    holder = ModelHolder(model, metrics, check=fits)  # loaded and warmed before anything listens
     pool = futures.ThreadPoolExecutor(config.workers, thread_name_prefix="tierpick-batch")
 
     def add_services(server: Any) -> None:
         pb_grpc.add_TierRouterServicer_to_server(
-            TierRouterServicer(holder, config, metrics, pool), server
+            TierRouterServicer(holder, config, metrics, pool, policy), server
         )
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -234,7 +246,8 @@ def serve(
     config: ServerConfig,
     metrics_port: int | None,
     tls: TLS | None = None,
+    policy: RoutingPolicy | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT (graceful: :meth:`GrpcApp.shutdown`); SIGHUP reloads the model."""
-    app = create_server(f"{host}:{port}", model, config, tls)
+    app = create_server(f"{host}:{port}", model, config, tls, policy)
     return run_app(app, "tierpick serving", metrics_port, host)

@@ -103,6 +103,8 @@ def test_public_surface_of_classifier() -> None:
         "prepare_prompt",
         "prompt_key",
         "read_manifest",
+        "read_policy",
+        "write_policy",
     ]
 
 
@@ -128,6 +130,7 @@ SERVING_LAYERS = {
     "gateway": {"lifecycle"},
     "scoring": set(),
     "report": {"scoring"},
+    "tune": {"scoring", "report"},
     "client": {"_proto"},
 }
 

@@ -25,6 +25,7 @@ _GROUPS: dict[str, tuple[str, str | None]] = {
     "export": ("tierpick.training.cli:register_export", "train"),
     "score": ("tierpick.serving.cli:register_score", None),
     "report": ("tierpick.serving.cli:register_report", None),
+    "tune": ("tierpick.serving.cli:register_tune", None),
     "serve": ("tierpick.serving.cli:register_serve", None),
     "bench": ("tierpick.serving.cli:register_bench", None),
     "gateway": ("tierpick.serving.cli:register_gateway", "gateway"),

@@ -14,6 +14,7 @@ import yaml
 
 from tierpick.classifier import RoutingPolicy, TierClassifier
 from tierpick.classifier.errors import ConfigError
+from tierpick.classifier.routing import policy_from_mapping, read_policy
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class GatewayConfig:
 _KEYS = {
     "processor": {"host", "port", "max_body_bytes"},
     "model": None,
-    "policy": {"min_success", "allowed_tiers", "cost_weight", "max_price"},
+    "policy": None,  # a mapping of routing.POLICY_KEYS, or the path of a policy file
     "rewrite_model": None,
     "failure": {"mode", "fallback_tier", "timeout_ms"},
     "tiers": None,
@@ -122,22 +123,15 @@ def parse_gateway_config(raw: object) -> GatewayConfig:
             raise _fail(f"{key}.model", f"must be a model name, got {model!r}")
         tiers[str(name)] = Upstream(address, model, bool(spec.get("tls", False)))
     proc = _section(raw, "processor")
-    pol = _section(raw, "policy")
     fail = _section(raw, "failure")
     env = _section(raw, "envoy")
-    allowed = pol.get("allowed_tiers") or []
-    if not isinstance(allowed, list) or any(t not in tiers for t in allowed):
-        raise _fail("policy.allowed_tiers", f"must list tiers of {sorted(tiers)}, got {allowed!r}")
-    policy = RoutingPolicy(
-        min_success=_number(pol.get("min_success", 0.0), "policy.min_success", 0.0, 1.0),
-        allowed_tiers=tuple(allowed),
-        cost_weight=None
-        if pol.get("cost_weight") is None
-        else _number(pol["cost_weight"], "policy.cost_weight", 0.0),
-        max_price=None
-        if pol.get("max_price") is None
-        else _number(pol["max_price"], "policy.max_price", 0.0),
-    )
+    pol = raw.get("policy")
+    if isinstance(pol, str):  # a policy file, as `tierpick tune --out` writes
+        policy = read_policy(pol)
+    else:
+        policy = policy_from_mapping(pol, "gateway config: policy")
+    if unknown := [t for t in policy.allowed_tiers if t not in tiers]:
+        raise _fail("policy.allowed_tiers", f"{unknown} are not tiers of {sorted(tiers)}")
     mode = fail.get("mode", "open")
     if mode not in ("open", "closed"):
         raise _fail("failure.mode", f"must be open or closed, got {mode!r}")
