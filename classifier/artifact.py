@@ -47,6 +47,9 @@ class Manifest:
     data_fingerprint: str = ""
     evaluation: dict[str, Any] = field(default_factory=dict)
     quantized: bool = False
+    # where the model comes from when it is not a full training run: `tierpick adapt` records
+    # the parent version, what was refitted and both evaluations
+    lineage: dict[str, Any] = field(default_factory=dict)
 
     @property
     def tier_names(self) -> tuple[str, ...]:

@@ -23,6 +23,7 @@ _GROUPS: dict[str, tuple[str, str | None]] = {
     "evaluate": ("tierpick.training.cli:register_evaluate", "train"),
     "promote": ("tierpick.training.cli:register_promote", "train"),
     "export": ("tierpick.training.cli:register_export", "train"),
+    "adapt": ("tierpick.training.cli:register_adapt", "train"),
     "score": ("tierpick.serving.cli:register_score", None),
     "report": ("tierpick.serving.cli:register_report", None),
     "tune": ("tierpick.serving.cli:register_tune", None),

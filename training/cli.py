@@ -54,6 +54,105 @@ def register_train(sub: Any) -> None:
     p.set_defaults(func=_train)
 
 
+def register_adapt(sub: Any) -> None:
+    from tierpick.training.adapt import MIN_OUTCOMES
+
+    p = sub.add_parser(
+        "adapt",
+        help="recalibrate a model on your own eval outcomes (no retrain), cross-fitted check",
+        description="Ingest your outcomes with a tier config that maps your models to the model's "
+        "tiers (same names and order, your prices), refit each tier's calibration that has enough "
+        "outcomes, compare parent and adapted (cross-fitted), and write a new model "
+        "directory (refused when worse, unless --force). Logged to MLflow as @challenger.",
+    )
+    p.add_argument("--config", required=True, help="tier config YAML: your tiers and sources")
+    p.add_argument("--model", help="the parent model directory or models:/ URI (default: shipped)")
+    p.add_argument("--out", required=True, help="the adapted model directory (new or empty)")
+    p.add_argument("--data-root", help="override the config's data_root")
+    p.add_argument(
+        "--folds",
+        type=int,
+        default=5,
+        help="cross-fitting folds: each prompt is evaluated by a calibration fitted without it",
+    )
+    p.add_argument("--seed", type=int, default=0, help="the folds' seed")
+    p.add_argument(
+        "--min-outcomes",
+        type=int,
+        default=MIN_OUTCOMES,
+        help="labelled prompts a tier needs in the fit part to be recalibrated",
+    )
+    p.add_argument("--force", action="store_true", help="write it even when worse than the parent")
+    p.add_argument("--experiment", default="tierpick-adapt", help="MLflow experiment name")
+    p.add_argument(
+        "--register-name", help="registered model name (default: tierpick-<parent>-adapted)"
+    )
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    _tracking_args(p)
+    p.set_defaults(func=_adapt)
+
+
+def _adapt(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from tierpick.training import tracking
+    from tierpick.training.adapt import adapt, render
+    from tierpick.training.config import load_config
+    from tierpick.training.dataset import build_dataset
+
+    config = load_config(args.config, data_root=args.data_root)
+    client = None if args.no_mlflow else tracking.connect(args.tracking_uri)  # fail fast
+    ds = build_dataset(config)
+    out = Path(args.out)
+    result = adapt(
+        config, ds, args.model, out, args.folds, args.seed, args.min_outcomes, args.force
+    )
+    text = render(result, config.tier_names)
+    sys.stdout.write(text)
+    if client is not None:
+        parent = result.parent_version
+        name = args.register_name or f"tierpick-{config.name}-adapted"
+        with tempfile.TemporaryDirectory() as tmp:
+            report = Path(tmp)
+            (report / "adapt.md").write_text(text, encoding="utf-8")
+            (report / "adapt.json").write_text(
+                json.dumps({"parent": result.parent, "adapted": result.adapted}, indent=1)
+            )
+            metrics = {
+                # for `tierpick promote`: the cross-fitted N-tier APGR on the user's data
+                "test_student_apgr": result.adapted["n_tier_apgr"],
+                "parent_test_student_apgr": result.parent["n_tier_apgr"],
+                **{
+                    f"cross_fitted_ece_{t}": v
+                    for t, v in result.adapted["ece"].items()
+                    if v is not None
+                },
+                **{f"parent_ece_{t}": v for t, v in result.parent["ece"].items() if v is not None},
+            }
+            run_id, version = tracking.log_training_run(
+                client,
+                experiment=args.experiment,
+                registered_name=name,
+                params={
+                    "config": str(args.config),
+                    "adapted_from": parent,
+                    "model_version": result.version,
+                    "data_fingerprint": ds.fingerprint,
+                    "adapted_tiers": ",".join(result.adapted_tiers),
+                    "folds": args.folds,
+                    "seed": args.seed,
+                    "min_outcomes": args.min_outcomes,
+                },
+                metrics={k: float(v) for k, v in metrics.items() if v is not None},
+                model_dir=out,
+                report_dir=report,
+                tags={"data_fingerprint": ds.fingerprint, "adapted_from": parent},
+            )
+        print(f"\nMLflow run {run_id}: registered {name} version {version} as @challenger")
+    print(f"adapted model -> {out}")
+    return 0
+
+
 def register_evaluate(sub: Any) -> None:
     p = sub.add_parser(
         "evaluate",

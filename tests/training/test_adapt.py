@@ -1,0 +1,158 @@
+"""``tierpick adapt`` on a source the shipped model never trained on: LLMRouter's trivia_qa
+(550 trivia questions, strict exact-match grades, left out of the default config), played by a
+user whose tiers are their own choice of LLMRouter's nine models."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import DATA
+from tierpick import classifier
+from tierpick.classifier.errors import ConfigError
+from tierpick.cli import main
+from tierpick.serving.lifecycle import ServerConfig
+from tierpick.serving.service import create_server
+from tierpick.training.adapt import APGR_TOLERANCE, _calibrate, _worse, adapt
+from tierpick.training.config import load_config
+from tierpick.training.dataset import build_dataset
+from tierpick.training.errors import DatasetError
+from tierpick.training.evaluate import SplitData
+from tierpick.training.pipeline import split_arrays
+
+TIERS = {
+    "local": ["codegemma-7b", "mistral-7b-instruct-v0.3", "qwen2.5-7b-instruct"],
+    "mid": ["gemma-2-9b-it", "llama-3.1-8b-instruct", "llama3-chatqa-1.5-8b"],
+    "frontier": [
+        "llama-3.1-nemotron-51b-instruct",
+        "llama-3.3-nemotron-super-49b-v1",
+        "llama3-chatqa-1.5-70b",
+    ],
+}
+PRICES = {"local": (0, 0), "mid": (0.2, 0.6), "frontier": (2, 8)}
+
+
+def user_config(folder: Path, tiers: dict[str, list[str]] = TIERS, name: str = "trivia") -> Path:
+    lines = [f"name: {name}", f"data_root: {DATA}", "tiers:"]
+    for tier, models in tiers.items():
+        pin, pout = PRICES[tier]
+        lines.append(
+            f"  - {{name: {tier}, price_input: {pin}, price_output: {pout}, models: {models}}}"
+        )
+    lines += ["sources:", "  - {path: llmrouter/trivia_qa.csv}"]
+    path = folder / f"{name}.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_adapt_calibrates_an_unseen_source_and_the_artifact_serves(tmp_path: Path) -> None:
+    config = load_config(user_config(tmp_path))
+    ds = build_dataset(config)
+    parent = classifier.load()
+    out = tmp_path / "adapted"
+    result = adapt(config, ds, None, out)
+    assert result.prompts == 550 and result.adapted_tiers == ["local", "mid", "frontier"]
+    for tier in parent.tiers:  # calibrated on the user's outcomes, measured cross-fitted
+        assert result.parent["ece"][tier] > 0.2, result.parent  # the shipped model is far off
+        assert result.adapted["ece"][tier] < 0.05, result.adapted
+    assert result.adapted["n_tier_apgr"] >= result.parent["n_tier_apgr"] - APGR_TOLERANCE
+
+    # the artifact: the parent's graph and tokenizer, a new calibration, prices and lineage
+    clf = classifier.load(out)
+    m = clf.manifest
+    assert m.lineage["adapted_from"] == parent.version and m.data_fingerprint == ds.fingerprint
+    assert clf.version == result.version != parent.version
+    assert m.files == parent.manifest.files and m.graph == parent.manifest.graph
+    assert [t.price_output for t in m.tiers] == [0, 0.6, 8]
+    prompts = ["Who wrote Hamlet?", "What is the capital of Australia?"]
+    assert np.allclose(clf.predict_logits(prompts), parent.predict_logits(prompts))
+    observed = {t: float(np.nanmean(ds.table[f"target_{t}"].to_numpy())) for t in TIERS}
+    p = clf.predict_proba(prompts).mean(axis=0)
+    for j, tier in enumerate(clf.tiers):  # near the user's own success rates now
+        assert abs(p[j] - observed[tier]) < 0.1, (tier, p[j], observed[tier])
+
+    # it loads without torch, as any artifact does
+    code = (
+        "import sys, tierpick; c = tierpick.load(sys.argv[1]); c.route(['hi']); "
+        "assert 'torch' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code, str(out)], check=True, timeout=120)
+
+    # and a running server picks it up on a hot reload
+    served = tmp_path / "served"
+    shutil.copytree(parent.model_dir, served)
+    app = create_server("127.0.0.1:0", str(served), ServerConfig(watch_seconds=0))
+    try:
+        shutil.rmtree(served)
+        shutil.copytree(out, served)
+        assert app.holder.reload()
+        assert app.holder.current.version == result.version
+    finally:
+        app.shutdown(0)
+
+
+def test_adapt_refuses_what_it_cannot_do_and_says_what_is_missing(tmp_path: Path) -> None:
+    config = load_config(user_config(tmp_path))
+    ds = build_dataset(config)
+    with pytest.raises(DatasetError, match=r"nothing to adapt.*labelled prompts per tier"):
+        adapt(config, ds, None, tmp_path / "a", min_outcomes=10_000)
+    renamed = {"small": TIERS["local"], "large": TIERS["mid"] + TIERS["frontier"]}
+    other = load_config(
+        user_config(tmp_path, {"local": renamed["small"], "mid": renamed["large"]}, "two")
+    )
+    with pytest.raises(ConfigError, match="must be the model's tiers"):
+        adapt(other, build_dataset(other), None, tmp_path / "b")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(ConfigError, match="not an empty directory"):
+        adapt(config, ds, None, tmp_path / "full")
+    # a tier with too few outcomes keeps the parent's calibration, and says so
+    data = split_arrays(ds, None)
+    mask = data.mask.copy()
+    mask[40:, 2] = 0  # the user graded only 40 prompts on the frontier tier
+    sparse = SplitData("all", data.prompts, data.tasks, data.targets, mask, data.families)
+    parent = classifier.load()
+    a0 = np.array(parent.manifest.calibration["a"])
+    b0 = np.array(parent.manifest.calibration["b"])
+    z = parent.predict_logits(data.prompts).astype(np.float64)
+    a, b, adapted, kept, _ = _calibrate(z, sparse, parent.tiers, a0, b0, 100)
+    assert adapted == ["local", "mid"] and "40 labelled prompts (needs 100)" in kept["frontier"]
+    assert (a[2], b[2]) == (a0[2], b0[2]) and (a[0], b[0]) != (a0[0], b0[0])
+    # a worse adaptation is refused (the rule itself, on measured-looking figures)
+    before = {"n_tier_apgr": 0.70, "ece": {"local": 0.05, "mid": 0.05}}
+    assert _worse(before, {"n_tier_apgr": 0.695, "ece": {"local": 0.01, "mid": 0.01}}) is None
+    assert "N-tier APGR" in (
+        _worse(before, {"n_tier_apgr": 0.68, "ece": {"local": 0.01, "mid": 0.01}}) or ""
+    )
+    assert "mean ECE" in (
+        _worse(before, {"n_tier_apgr": 0.75, "ece": {"local": 0.2, "mid": 0.01}}) or ""
+    )
+
+
+def test_adapt_command_registers_a_challenger(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "adapted"
+    code = main(
+        [
+            "adapt",
+            "--config",
+            str(user_config(tmp_path)),
+            "--out",
+            str(out),
+            "--tracking-uri",
+            store,
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "| adapted |" in printed and "registered tierpick-trivia-adapted version 1" in printed
+    assert main(["promote", "--name", "tierpick-trivia-adapted", "--tracking-uri", store]) == 0
+    assert "promoted version 1 to champion" in capsys.readouterr().out
+    assert classifier.load(out).manifest.lineage["folds"] == 5
