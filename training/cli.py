@@ -101,8 +101,8 @@ def _adapt(args: argparse.Namespace) -> int:
     from tierpick.training.dataset import build_dataset
 
     config = load_config(args.config, data_root=args.data_root)
-    client = None if args.no_mlflow else tracking.connect(args.tracking_uri)  # fail fast
-    ds = build_dataset(config)
+    ds = build_dataset(config)  # bad outcome files fail here, before any store is touched
+    client = None if args.no_mlflow else tracking.connect(args.tracking_uri)  # before writing
     out = Path(args.out)
     result = adapt(
         config, ds, args.model, out, args.folds, args.seed, args.min_outcomes, args.force

@@ -158,3 +158,12 @@ def test_bad_policy_files_are_refused_naming_the_file_and_key(tmp_path: Path) ->
     with pytest.raises(PolicyError, match="unknown tier"):
         create_server("127.0.0.1:0", policy=read_policy(bad))
     assert main(["serve", "--port", "0", "--policy", str(bad)]) == 2
+
+
+def test_an_unmeetable_constraint_exits_2_and_writes_no_policy(tmp_path: Path) -> None:
+    out = tmp_path / "policy.yaml"
+    shares = ["--max-share", "local=0", "--max-share", "mid=0", "--max-share", "frontier=0.5"]
+    assert main(["tune", str(ARENA), *shares, "--out", str(out)]) == 2
+    assert main(["tune", str(ARENA), "--max-share", "premium=0.1", "--out", str(out)]) == 2
+    assert main(["tune", str(ARENA), "--max-share", "frontier", "--out", str(out)]) == 2
+    assert not out.exists()

@@ -156,3 +156,22 @@ def test_adapt_command_registers_a_challenger(
     assert main(["promote", "--name", "tierpick-trivia-adapted", "--tracking-uri", store]) == 0
     assert "promoted version 1 to champion" in capsys.readouterr().out
     assert classifier.load(out).manifest.lineage["folds"] == 5
+
+
+def test_outcomes_of_no_configured_model_fail_in_one_line_leaving_nothing(tmp_path: Path) -> None:
+    nobody = {t: [f"no-such-model-{t}"] for t in TIERS}
+    config = user_config(tmp_path, nobody, "nobody")
+    store = tmp_path / "mlflow.db"
+    out = tmp_path / "adapted"
+    argv = ["adapt", "--config", str(config), "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "tierpick.cli", *argv, "--tracking-uri", f"sqlite:///{store}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("tierpick: error: tier 'local' has no outcome on any prompt"), last
+    assert "Traceback" not in done.stderr
+    assert not out.exists() and not store.exists()  # no artifact, no MLflow store or run
