@@ -167,21 +167,37 @@ class TierClassifier:
         """
         if isinstance(prompts, str):
             raise TypeError("predict_* take a sequence of prompts, not one string")
-        out = np.zeros((len(prompts), len(self.tiers)), dtype=np.float32)
         if not prompts:
-            return out
-        ids_list = self.token_ids(prompts, prepared=prepared)
+            return np.zeros((0, len(self.tiers)), dtype=np.float32)
+        return self.infer(self.token_ids(prompts, prepared=prepared))
+
+    def infer(
+        self,
+        ids_list: Sequence[Sequence[int]],
+        session: Any = None,
+        output: str | None = None,
+    ) -> npt.NDArray[np.float32]:
+        """Run a graph on token ids: the model's (logits) unless another ONNX Runtime
+        ``session`` with the same inputs, and its ``output``, are given (training reads the
+        student's head features this way)."""
+        session = session or self._session
+        names = None if output is None else [output]
         if len(ids_list) == 1:  # the serving hot path: no sorting, no chunks
             ids, mask = self.pad(ids_list)
-            logits: npt.NDArray[np.float32] = self._session.run(
-                None, {"input_ids": ids, "attention_mask": mask}
+            first: npt.NDArray[np.float32] = session.run(
+                names, {"input_ids": ids, "attention_mask": mask}
             )[0]
-            return logits
+            return first
+        out: npt.NDArray[np.float32] | None = None
         order = np.argsort([len(r) for r in ids_list], kind="stable")
         for start in range(0, len(order), _CHUNK):
             rows = order[start : start + _CHUNK]
             ids, mask = self.pad([ids_list[i] for i in rows])
-            out[rows] = self._session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+            part = session.run(names, {"input_ids": ids, "attention_mask": mask})[0]
+            if out is None:
+                out = np.zeros((len(ids_list), part.shape[1]), dtype=np.float32)
+            out[rows] = part
+        assert out is not None
         return out
 
     def calibrate(self, logits: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float32]:

@@ -30,6 +30,7 @@ import hashlib
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -37,9 +38,10 @@ from typing import Any
 import numpy as np
 
 from tierpick import classifier
-from tierpick.classifier.artifact import MANIFEST_FILE, TierSpec, write_manifest
+from tierpick.classifier.artifact import TierSpec, sha256_file, write_manifest
 from tierpick.classifier.errors import ConfigError
 from tierpick.classifier.routing import platt
+from tierpick.training.adapt_head import Head, fit_head
 from tierpick.training.calibrate import fit_platt_shared
 from tierpick.training.config import TierConfig
 from tierpick.training.dataset import BuiltDataset
@@ -50,6 +52,9 @@ from tierpick.training.pipeline import split_arrays, tier_cost_vector
 MIN_OUTCOMES = 100  # labelled prompts of a tier, in the fit part, to refit its calibration
 MIN_EACH = 5  # of them, successes and failures each (soft targets: counted at 0.5)
 MIN_SLOPE = 0.05  # a fitted slope below it is held there (see fit_platt_shared)
+MIN_HEAD_OUTCOMES = 2000  # labelled prompts of a tier before its head row is refitted too
+HEAD_PENALTY = 30.0  # L2 pull of a refitted head row towards the parent's (see fit_head)
+HEAD_ECE_SLACK = 0.005  # a head refit is kept when it raises APGR and ECE is at most this worse
 
 
 @dataclass
@@ -59,6 +64,7 @@ class Adapted:
     model_dir: Path
     version: str
     parent_version: str
+    method: str  # "calibration" or "head+calibration"
     adapted_tiers: list[str]
     kept_tiers: dict[str, str]  # tier -> why the parent's calibration was kept
     notes: list[str]
@@ -125,6 +131,51 @@ def _calibrate(
     return a, b, adapted, kept, notes
 
 
+Fit = Callable[[np.ndarray], Callable[[np.ndarray], np.ndarray]]  # rows to fit on -> predict
+
+
+class CrossFit:
+    """Cross-fitted figures of a way to fit: each fold's prompts scored by what was fitted on
+    the others. Per-tier AUC and ECE over all prompts; N-tier APGR within each fold, averaged
+    (prompts scored by different fits do not share one cost-weight sweep)."""
+
+    def __init__(
+        self,
+        data: SplitData,
+        in_fold: np.ndarray,
+        costs: np.ndarray,
+        tiers: tuple[str, ...],
+        weight: float,
+    ) -> None:
+        self.data, self.in_fold, self.costs, self.tiers, self.weight = (
+            data,
+            in_fold,
+            costs,
+            tiers,
+            weight,
+        )
+
+    def evaluate(
+        self, fit: Callable[[np.ndarray], Callable[[np.ndarray], np.ndarray]]
+    ) -> dict[str, Any]:
+        """``fit(rows to fit on)`` returns ``predict(rows) -> probabilities``."""
+        n = len(self.data.prompts)
+        p = np.zeros((n, len(self.tiers)))
+        by_fold: list[float] = []
+        for k in range(int(self.in_fold.max()) + 1):
+            held = np.flatnonzero(self.in_fold == k)
+            p[held] = fit(self.in_fold != k)(held)
+            keep = self.in_fold == k
+            r = evaluate_split(self.data.subset(keep), {"student": p[held]}, self.costs, self.tiers)
+            if "student" in r["routing"]:
+                by_fold.append(r["routing"]["student"]["apgr"])
+        res = evaluate_split(self.data, {"student": p}, self.costs, self.tiers, self.weight)
+        h = headline(res, self.tiers)
+        h["n_tier_apgr"] = float(np.mean(by_fold)) if by_fold else None
+        h["n_tier_apgr_by_fold"] = by_fold
+        return h
+
+
 def adapt(
     config: TierConfig,
     ds: BuiltDataset,
@@ -134,6 +185,7 @@ def adapt(
     seed: int = 0,
     min_outcomes: int = MIN_OUTCOMES,
     force: bool = False,
+    min_head: int = MIN_HEAD_OUTCOMES,
 ) -> Adapted:
     """Recalibrate ``model`` on the outcomes of ``ds`` (built from ``config``) into ``out``."""
     started = time.perf_counter()
@@ -169,46 +221,77 @@ def adapt(
             + f"; labelled prompts per tier: {labelled}). Add outcomes, or lower "
             "--min-outcomes (at least 20)"
         )
-    # cross-fitting: every prompt is scored by a calibration fitted without it
-    p_oof = np.empty_like(z)
-    in_fold = np.zeros(n, dtype=np.int64)
-    for k, rows in enumerate(np.array_split(np.random.default_rng(seed).permutation(n), folds)):
-        in_fold[rows] = k
     specs = tuple(TierSpec(t.name, t.price_input, t.price_output) for t in config.tiers)
     costs = tier_cost_vector(specs)
     weight = clf.manifest.default_cost_weight
-    apgr_before: list[float] = []
-    apgr_after: list[float] = []
-    for k in range(folds):
-        rest = in_fold != k
-        need = min_outcomes * (folds - 1) // folds  # the same bar, for the fold's share
+    in_fold = np.zeros(n, dtype=np.int64)
+    for k, rows in enumerate(np.array_split(np.random.default_rng(seed).permutation(n), folds)):
+        in_fold[rows] = k
+    share = (folds - 1) / folds  # the same bars, for a fold's share of the prompts
+
+    def calibration_only(rest: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        need = int(min_outcomes * share)
         a_k, b_k, *_ = _calibrate(z[rest], data.subset(rest), tiers, a_parent, b_parent, need)
-        p_oof[~rest] = platt(z[~rest], a_k, b_k)
-        # routing is compared within each fold: prompts scored by different calibrations do
-        # not share one cost-weight sweep
-        fold = data.subset(~rest)
-        for p_fold, sink in (
-            (platt(z[~rest], a_parent, b_parent), apgr_before),
-            (p_oof[~rest], apgr_after),
-        ):
-            r = evaluate_split(fold, {"student": p_fold}, costs, tiers)["routing"]
-            if "student" in r:
-                sink.append(r["student"]["apgr"])
-    before = headline(
-        evaluate_split(data, {"student": platt(z, a_parent, b_parent)}, costs, tiers, weight),
-        tiers,
-    )
-    after = headline(evaluate_split(data, {"student": p_oof}, costs, tiers, weight), tiers)
-    for h, values in ((before, apgr_before), (after, apgr_after)):
-        h["n_tier_apgr"] = float(np.mean(values)) if values else None
-        h["n_tier_apgr_by_fold"] = values
+        return lambda rows: platt(z[rows], a_k, b_k)
+
+    def parent(rest: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        return lambda rows: platt(z[rows], a_parent, b_parent)
+
+    cv = CrossFit(data, in_fold, costs, tiers, weight)
+    before, after = cv.evaluate(parent), cv.evaluate(calibration_only)
+    method, graph = "calibration", None
+    head_tiers = [t for j, t in enumerate(tiers) if (data.mask[:, j] > 0).sum() >= min_head]
+    if head_tiers:
+        head = Head(Path(clf.model_dir) / clf.manifest.graph)
+        feats = head.features(clf, data.prompts)
+        cols = [tiers.index(t) for t in head_tiers]
+
+        def head_and_calibration(rest: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+            sub = data.subset(rest)
+            w, b = fit_head(
+                feats[rest], sub.targets, sub.mask, head.weight, head.bias, cols, HEAD_PENALTY
+            )
+            zk = feats @ w.T + b
+            need = int(min_outcomes * share)
+            a_k, b_k, *_ = _calibrate(zk[rest], sub, tiers, a_parent, b_parent, need)
+            return lambda rows: platt(zk[rows], a_k, b_k)
+
+        with_head = cv.evaluate(head_and_calibration)
+        gain = (with_head["n_tier_apgr"] or 0.0) - (after["n_tier_apgr"] or 0.0)
+        if gain > 0 and _mean_ece(with_head) <= _mean_ece(after) + HEAD_ECE_SLACK:
+            method, after = "head+calibration", with_head
+            w, b = fit_head(
+                feats, data.targets, data.mask, head.weight, head.bias, cols, HEAD_PENALTY
+            )
+            z = feats @ w.T + b
+            a_new, b_new, adapted, kept, notes = _calibrate(
+                z, data, tiers, a_parent, b_parent, min_outcomes
+            )
+            graph = (head, w, b)
+            notes.append(
+                f"head refitted for {', '.join(head_tiers)} (cross-fitted N-tier APGR +{gain:.3f})"
+            )
+        else:
+            notes.append(
+                f"head refit for {', '.join(head_tiers)} measured and not kept: cross-fitted "
+                f"N-tier APGR {with_head['n_tier_apgr']:.3f} vs {after['n_tier_apgr']:.3f} with "
+                f"the calibration alone, mean ECE {_mean_ece(with_head):.3f} vs "
+                f"{_mean_ece(after):.3f}"
+            )
+    else:
+        notes.append(
+            f"head not refitted: no tier has {min_head} labelled prompts (the bar for a head refit)"
+        )
     refused = _worse(before, after)
     if refused and not force:
         raise DatasetError(
             f"the adapted model is worse than its parent on your outcomes: {refused}; "
             "nothing written (--force writes it anyway)"
         )
-    version = _version(clf.version, a_new, b_new, specs, ds.fingerprint)
+    head_weights = [] if graph is None else [graph[1].tolist(), graph[2].tolist()]
+    version = _version(
+        clf.version, [a_new.tolist(), b_new.tolist(), head_weights], specs, ds.fingerprint
+    )
     evaluation = {
         "adapt_n_tier_apgr": after["n_tier_apgr"],
         "adapt_mean_ece": _mean_ece(after),
@@ -227,6 +310,7 @@ def adapt(
             "adapted_from": clf.version,
             "parent_name": clf.manifest.model_name,
             "parent_data_fingerprint": clf.manifest.data_fingerprint,
+            "method": method,
             "adapted_tiers": adapted,
             "kept_tiers": kept,
             "notes": notes,
@@ -238,12 +322,13 @@ def adapt(
             "forced_although": refused,
         },
     )
-    _write(Path(clf.model_dir), out, manifest)
+    manifest = _write(Path(clf.model_dir), out, manifest, graph)
     classifier.load(out)  # every runtime check: manifest, checksums, a prediction
     return Adapted(
         out,
         version,
         clf.version,
+        method,
         adapted,
         kept,
         notes,
@@ -271,28 +356,33 @@ def _worse(before: dict[str, Any], after: dict[str, Any]) -> str | None:
     return "; ".join(problems) or None
 
 
-def _version(parent: str, a: np.ndarray, b: np.ndarray, specs: Any, fingerprint: str) -> str:
+def _version(parent: str, fitted: list[Any], specs: Any, fingerprint: str) -> str:
+    """``<data fingerprint>-<hash of the parent, what was fitted and the prices>``."""
     h = hashlib.sha256(
-        json.dumps(
-            [parent, a.tolist(), b.tolist(), [list(vars(s).values()) for s in specs]]
-        ).encode()
+        json.dumps([parent, fitted, [list(vars(s).values()) for s in specs]]).encode()
     ).hexdigest()
     return f"{fingerprint[:8]}-{h[:8]}"
 
 
-def _write(parent_dir: Path, out: Path, manifest: Any) -> None:
-    """The parent's files (verified by the manifest's checksums when loaded) and the new
-    manifest, written to a temporary directory and renamed into place."""
+def _write(parent_dir: Path, out: Path, manifest: Any, graph: Any = None) -> Any:
+    """The parent's files (verified by the manifest's checksums when loaded), the refitted
+    graph when there is one, and the new manifest, written to a temporary directory and renamed
+    into place; returns the manifest as written."""
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for name in manifest.files:
         shutil.copy2(parent_dir / name, tmp / name)
+    if graph is not None:
+        head, w, b = graph
+        head.write(w, b, tmp / manifest.graph)
+        files = {**manifest.files, manifest.graph: sha256_file(tmp / manifest.graph)}
+        manifest = replace(manifest, files=files)
     write_manifest(tmp, manifest)
     if out.exists():
         out.rmdir()  # empty: checked before any work
     tmp.rename(out)
-    assert (out / MANIFEST_FILE).is_file()
+    return manifest
 
 
 def render(result: Adapted, tiers: tuple[str, ...]) -> str:
