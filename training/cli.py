@@ -55,7 +55,7 @@ def register_train(sub: Any) -> None:
 
 
 def register_adapt(sub: Any) -> None:
-    from tierpick.training.adapt import MIN_OUTCOMES
+    from tierpick.training.adapt import MIN_HEAD_OUTCOMES, MIN_OUTCOMES
 
     p = sub.add_parser(
         "adapt",
@@ -82,6 +82,13 @@ def register_adapt(sub: Any) -> None:
         default=MIN_OUTCOMES,
         help="labelled prompts a tier needs in the fit part to be recalibrated",
     )
+    p.add_argument(
+        "--min-head-outcomes",
+        type=int,
+        default=MIN_HEAD_OUTCOMES,
+        help="labelled prompts a tier needs before the student's head is refitted too (kept only "
+        "when the cross-fitted figures beat the calibration alone)",
+    )
     p.add_argument("--force", action="store_true", help="write it even when worse than the parent")
     p.add_argument("--experiment", default="tierpick-adapt", help="MLflow experiment name")
     p.add_argument(
@@ -105,7 +112,15 @@ def _adapt(args: argparse.Namespace) -> int:
     client = None if args.no_mlflow else tracking.connect(args.tracking_uri)  # before writing
     out = Path(args.out)
     result = adapt(
-        config, ds, args.model, out, args.folds, args.seed, args.min_outcomes, args.force
+        config,
+        ds,
+        args.model,
+        out,
+        args.folds,
+        args.seed,
+        args.min_outcomes,
+        args.force,
+        args.min_head_outcomes,
     )
     text = render(result, config.tier_names)
     sys.stdout.write(text)
@@ -142,6 +157,7 @@ def _adapt(args: argparse.Namespace) -> int:
                     "folds": args.folds,
                     "seed": args.seed,
                     "min_outcomes": args.min_outcomes,
+                    "method": result.method,
                 },
                 metrics={k: float(v) for k, v in metrics.items() if v is not None},
                 model_dir=out,

@@ -175,3 +175,56 @@ def test_outcomes_of_no_configured_model_fail_in_one_line_leaving_nothing(tmp_pa
     assert last.startswith("tierpick: error: tier 'local' has no outcome on any prompt"), last
     assert "Traceback" not in done.stderr
     assert not out.exists() and not store.exists()  # no artifact, no MLflow store or run
+
+
+def test_the_head_read_from_the_graph_reproduces_the_served_logits_and_can_be_rewritten(
+    tmp_path: Path,
+) -> None:
+    import onnxruntime as ort
+
+    from tierpick.training.adapt_head import Head, fit_head
+
+    clf = classifier.load()
+    head = Head(Path(clf.model_dir) / clf.manifest.graph)
+    prompts = ["Who wrote Hamlet?", "What is 2+2?", "Prove that there are infinitely many primes."]
+    feats = head.features(clf, prompts)
+    assert np.allclose(feats @ head.weight.T + head.bias, clf.predict_logits(prompts), atol=1e-4)
+    # a refit on outcomes moves only the rows asked for, towards the data
+    targets = np.array([[1.0, 1, 1], [1, 1, 1], [0, 0, 1]])
+    mask = np.ones_like(targets)
+    w, b = fit_head(feats, targets, mask, head.weight, head.bias, [0], penalty=30.0)
+    assert np.array_equal(w[1:], head.weight[1:]) and not np.array_equal(w[0], head.weight[0])
+    new = feats @ w.T + b
+    old = feats @ head.weight.T + head.bias
+    assert new[0, 0] - new[2, 0] > old[0, 0] - old[2, 0]  # local: prompt 0 up, prompt 2 down
+    graph = tmp_path / "student.onnx"
+    head.write(w, b, graph)
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    assert np.allclose(clf.infer(clf.token_ids(prompts), session), new, atol=1e-4)
+
+
+@pytest.mark.slow  # ingests all of MMLU-Pro (about 30 s)
+def test_with_thousands_of_outcomes_the_head_is_refitted_when_it_measures_better(
+    tmp_path: Path,
+) -> None:
+    config_path = tmp_path / "mmlu.yaml"
+    config_path.write_text(
+        f"""
+name: mmlu-user
+data_root: {DATA}
+tiers:
+  - {{name: local, price_input: 0, price_output: 0, models: [gemma-7b]}}
+  - {{name: mid, price_input: 0.5, price_output: 1.5, models: [Mixtral-8x7B-Instruct-v0.1]}}
+  - {{name: frontier, price_input: 5, price_output: 15, models: [gemini-1.5-pro-002]}}
+sources: [{{path: mmlu-pro}}]
+"""
+    )
+    config = load_config(config_path)
+    ds = build_dataset(config)
+    parent = classifier.load()
+    result = adapt(config, ds, None, tmp_path / "adapted")
+    assert result.method == "head+calibration", result.notes
+    assert result.adapted["n_tier_apgr"] > result.parent["n_tier_apgr"]
+    clf = classifier.load(tmp_path / "adapted")
+    assert clf.manifest.files[clf.manifest.graph] != parent.manifest.files[parent.manifest.graph]
+    assert clf.manifest.lineage["method"] == "head+calibration"
