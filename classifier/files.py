@@ -39,10 +39,18 @@ def read_prompts(path: Path, field: str = "prompt") -> list[str]:
     """The non-empty string values of ``field`` in a JSONL file (benchmarks, drift checks)."""
     from tierpick.classifier.errors import ConfigError
 
+    if not path.is_file():
+        raise ConfigError(
+            f"{path}: no such prompt file; give a JSONL file of prompts with --prompts (the "
+            "default is the shared eval data beside a checkout)"
+        )
     prompts = []
     with open_text(path, "r") as fh:
-        for line in fh:
-            value = json.loads(line).get(field) if line.strip() else None
+        for lineno, line in enumerate(fh, start=1):
+            try:
+                value = json.loads(line).get(field) if line.strip() else None
+            except (json.JSONDecodeError, AttributeError) as exc:
+                raise ConfigError(f"{path}:{lineno}: not a JSON object ({exc})") from exc
             if isinstance(value, str) and value.strip():
                 prompts.append(value)
     if not prompts:

@@ -8,6 +8,119 @@ from pathlib import Path
 from typing import Any
 
 
+def register_classify(sub: Any) -> None:
+    p = sub.add_parser(
+        "classify",
+        help="classify prompts and explain each decision (probabilities, utilities, policy)",
+        description="Route prompts with a model in this process and show why: each tier's "
+        "calibrated success probability, its normalized cost and its utility under the policy "
+        "(probability - cost_weight x normalized cost), the rule and cost weight used, whether "
+        "the prompt was cut before the model saw it, and the model version.",
+    )
+    p.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt text(s)")
+    p.add_argument("--model", help="model directory or models:/ URI (default: shipped model)")
+    p.add_argument("--policy", metavar="POLICY.yaml", help="a policy file (tierpick tune --out)")
+    p.add_argument("--min-success", type=float, help="threshold rule: the probability to reach")
+    p.add_argument("--cost-weight", type=float, help="utility rule: the price of cost")
+    p.add_argument("--allowed-tiers", help="comma list of tiers that may be chosen")
+    p.add_argument("--max-price", type=float, help="highest USD per 1M output tokens")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    p.set_defaults(func=_classify)
+
+
+def explain(clf: Any, prompts: list[str], policy: Any) -> list[dict[str, Any]]:
+    """Each prompt's decision and why, as ``tierpick classify`` prints it."""
+    from tierpick.classifier.runtime import RAW_CHARS_FACTOR
+    from tierpick.classifier.text import normalize_prompt
+
+    router = clf.router(policy)
+    prepared = clf.prepare(prompts)
+    ids = clf.token_ids(prepared, prepared=True)
+    proba = clf.predict_proba(prepared, prepared=True)
+    chosen, met = router.choose(proba)
+    utility = router.utilities(proba)
+    m = clf.manifest
+    out = []
+    for i, prompt in enumerate(prompts):
+        raw = prompt[: RAW_CHARS_FACTOR * m.max_chars]
+        chars_cut = len(prompt) > len(raw) or len(normalize_prompt(raw)) > m.max_chars
+        out.append(
+            {
+                "tier": clf.tiers[int(chosen[i])],
+                "rule": router.rule,
+                "min_success": router.min_success,
+                "cost_weight": router.cost_weight,
+                "met_threshold": bool(met[i]),
+                "tiers": [
+                    {
+                        "tier": t,
+                        "probability": round(float(proba[i, j]), 6),
+                        "normalized_cost": round(float(router.costs[j]), 6),
+                        "utility": None
+                        if not router.allowed[j]
+                        else round(float(utility[i, j]), 6),
+                        "allowed": bool(router.allowed[j]),
+                    }
+                    for j, t in enumerate(clf.tiers)
+                ],
+                "prompt_chars": len(prompt),
+                "model_chars": len(prepared[i]),
+                "tokens": len(ids[i]),
+                "truncated": chars_cut or len(ids[i]) >= m.max_tokens,
+                "model": {"name": m.model_name, "version": clf.version},
+            }
+        )
+    return out
+
+
+def _classify(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import replace
+
+    from tierpick import classifier
+    from tierpick.classifier import RoutingPolicy, read_policy
+    from tierpick.classifier.table import format_table
+
+    clf = classifier.load(args.model)
+    policy = read_policy(args.policy) if args.policy else RoutingPolicy()
+    if args.min_success is not None:
+        policy = replace(policy, min_success=args.min_success)
+    if args.cost_weight is not None:
+        policy = replace(policy, cost_weight=args.cost_weight)
+    if args.max_price is not None:
+        policy = replace(policy, max_price=args.max_price)
+    if args.allowed_tiers is not None:
+        tiers = tuple(t.strip() for t in args.allowed_tiers.split(",") if t.strip())
+        policy = replace(policy, allowed_tiers=tiers)
+    for d in explain(clf, list(args.prompts), policy):
+        if args.json:
+            print(json.dumps(d))
+            continue
+        rule = (
+            f"threshold rule, min_success {d['min_success']:g}"
+            + ("" if d["met_threshold"] else " (no allowed tier reached it: the dearest allowed)")
+            if d["rule"] == "threshold"
+            else f"utility rule, cost_weight {d['cost_weight']:g}"
+        )
+        print(f"tier: {d['tier']}   ({rule}; model {d['model']['name']} {d['model']['version']})")
+        rows = [
+            [
+                t["tier"] + (" <-" if t["tier"] == d["tier"] else ""),
+                t["probability"],
+                t["normalized_cost"],
+                "not allowed" if t["utility"] is None else t["utility"],
+            ]
+            for t in d["tiers"]
+        ]
+        print(format_table(["tier", "p(success)", "normalized cost", "utility"], rows))
+        cut = "cut before the model saw it" if d["truncated"] else "not cut"
+        print(
+            f"prompt: {d['prompt_chars']} characters, {d['model_chars']} as the model reads it, "
+            f"{d['tokens']} tokens ({cut})\n"
+        )
+    return 0
+
+
 def register_score(sub: Any) -> None:
     from tierpick.serving.scoring import ScoreOptions
 
@@ -42,7 +155,12 @@ def register_score(sub: Any) -> None:
         type=int,
         help="scoring processes, or Ray actors (default: the CPUs this process may use)",
     )
-    p.add_argument("--engine", choices=["local", "ray"], default="local")
+    p.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="local: a process pool on this machine; ray: a Ray actor pool",
+    )
     p.add_argument(
         "--ray-address",
         help="with --engine ray: the cluster to join (default: $RAY_ADDRESS or a local Ray)",
@@ -56,7 +174,15 @@ def register_score(sub: Any) -> None:
     p.add_argument(
         "--restart", action="store_true", help="discard parts left by a different earlier run"
     )
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument(
+        "--max-error-rate",
+        type=float,
+        help="exit 2 when more than this share of rows are error rows (default: only when "
+        "every row is; the output is written either way)",
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=d.batch_size, help="rows read and scored at a time"
+    )
     p.add_argument("--threads", type=int, default=d.threads, help="ONNX Runtime intra-op threads")
     p.add_argument(
         "--cache-size",
@@ -80,6 +206,8 @@ def _score(args: argparse.Namespace) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if not args.part_mb > 0:
         raise ConfigError(f"--part-mb must be > 0, got {args.part_mb}")
+    if args.max_error_rate is not None and not 0.0 <= args.max_error_rate <= 1.0:
+        raise ConfigError(f"--max-error-rate must be in [0, 1], got {args.max_error_rate}")
     clf = classifier.load(args.model, threads=args.threads)
     opts = ScoreOptions(
         prompt_field=args.prompt_field,
@@ -103,6 +231,20 @@ def _score(args: argparse.Namespace) -> int:
     )
     print(summary.render())
     print(f"model {clf.manifest.model_name} {clf.version} -> {output}")
+    bad = sum(summary.errors.values())
+    limit = args.max_error_rate
+    if summary.rows and (bad == summary.rows or (limit is not None and bad > limit * summary.rows)):
+        worst = ", ".join(f"{reason} ({n})" for reason, n in summary.errors.most_common(3))
+        raise ConfigError(
+            f"{bad} of {summary.rows} rows are error rows ({worst})"
+            + ("" if bad == summary.rows else f", over --max-error-rate {limit:g}")
+            + f"; {output} holds every row with its error"
+            + (
+                f"; is --prompt-field {args.prompt_field!r} right?"
+                if "missing prompt" in worst
+                else ""
+            )
+        )
     return 0
 
 
@@ -177,7 +319,12 @@ def register_tune(sub: Any) -> None:
     p.add_argument(
         "--budget-per-1k", type=float, metavar="USD", help="at most this cost per 1,000 requests"
     )
-    p.add_argument("--rule", choices=["utility", "threshold"], default="utility")
+    p.add_argument(
+        "--rule",
+        choices=["utility", "threshold"],
+        default="utility",
+        help="the knob swept: utility (cost_weight) or threshold (min_success)",
+    )
     p.add_argument(
         "--holdout",
         type=float,
@@ -237,8 +384,8 @@ def register_serve(sub: Any) -> None:
 
     d = ServerConfig()  # the defaults live in one place
     p = sub.add_parser("serve", help="serve a model over gRPC (TierRouter, health, reflection)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every one)")
+    p.add_argument("--port", type=int, default=50051, help="port to bind (0: any free port)")
     p.add_argument("--model", help="model directory or models:/ URI (default: shipped model)")
     p.add_argument("--max-batch", type=int, default=d.max_batch, help="ClassifyBatch maximum")
     p.add_argument(
@@ -344,7 +491,11 @@ def register_bench(sub: Any) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from tierpick.classifier.errors import ConfigError
     from tierpick.serving.bench import run_grpc_bench, run_inprocess_bench
+
+    if args.teacher and not Path(args.teacher).is_file():
+        raise ConfigError(f"--teacher {args.teacher}: no such ONNX file")
 
     if args.gateway:
         from tierpick.serving.bench import run_gateway_bench

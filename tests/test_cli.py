@@ -64,3 +64,74 @@ def test_console_script_runs_default_stats(data_dir: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "12032" in proc.stdout and "Per-tier labels" in proc.stdout
+
+
+def test_version_description_and_every_default_in_help(capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from tierpick import __version__
+    from tierpick.cli import _every_parser, build_parser
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"tierpick {__version__}"
+    parser = build_parser()
+    assert parser.format_help().split("\n\n")[1].startswith("tierpick routes each prompt")
+    missing = []
+    for p in _every_parser(parser):
+        text = "".join(p.format_help().split())  # help wraps long values at hyphens too
+        for a in p._actions:
+            shown = a.help and "".join(str(a.default).split()) in text
+            if a.option_strings and a.default not in (None, False, argparse.SUPPRESS) and not shown:
+                missing.append((p.prog, a.option_strings[0]))
+    assert not missing, missing
+
+
+def test_classify_explains_the_decision(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from tierpick import classifier
+    from tierpick.classifier import RoutingPolicy
+
+    clf = classifier.load()
+    prompts = ["What is 2+2?", "Prove that sqrt(2) is irrational. " * 400]
+    assert main(["classify", "--json", "--cost-weight", "0.3", *prompts]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    expected = clf.route(prompts, RoutingPolicy(cost_weight=0.3))
+    for row, decision in zip(rows, expected, strict=True):
+        assert row["tier"] == decision.tier and row["rule"] == "utility"
+        assert row["cost_weight"] == 0.3 and row["model"]["version"] == clf.version
+        for t in row["tiers"]:
+            assert t["probability"] == pytest.approx(decision.probabilities[t["tier"]], abs=1e-5)
+            assert t["utility"] == pytest.approx(t["probability"] - 0.3 * t["normalized_cost"])
+    assert rows[0]["truncated"] is False and rows[1]["truncated"] is True
+    # the human form, under a threshold policy that restricts the tiers
+    assert main(["classify", "--min-success", "0.99", "--allowed-tiers", "local,mid", "hi"]) == 0
+    out = capsys.readouterr().out
+    assert "threshold rule, min_success 0.99" in out and "not allowed" in out
+    assert "no allowed tier reached it" in out
+    assert main(["classify", "--allowed-tiers", "premium", "hi"]) == 2
+    assert "unknown tier" in capsys.readouterr().err
+
+
+def test_score_exits_2_when_rows_fail_and_missing_files_are_one_line(
+    tmp_path: Path, data_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = data_dir / "prompt-logs" / "arena-hard-v0.1-question.jsonl"
+    out = tmp_path / "scored.jsonl"
+    assert main(["score", str(log), str(out), "--prompt-field", "text"]) == 2
+    err = capsys.readouterr().err
+    assert "500 of 500 rows are error rows (missing prompt (500))" in err
+    assert "is --prompt-field 'text' right?" in err
+    assert len(out.read_text().splitlines()) == 500  # every row is still written, with its error
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"prompt": "What is 2+2?"}\n{"prompt": 5}\n{"prompt": "hi"}\n')
+    assert main(["score", str(mixed), str(tmp_path / "m.jsonl")]) == 0
+    assert main(["score", str(mixed), str(tmp_path / "n.jsonl"), "--max-error-rate", "0.2"]) == 2
+    assert "over --max-error-rate 0.2" in capsys.readouterr().err
+    assert main(["bench", "--prompts", str(tmp_path / "nope.jsonl")]) == 2
+    assert "no such prompt file" in capsys.readouterr().err
+    assert main(["bench", "--teacher", str(tmp_path / "nope.onnx")]) == 2
+    assert "no such ONNX file" in capsys.readouterr().err
+    assert main(["classify", "--model", str(tmp_path / "nomodel"), "hi"]) == 2
+    assert "does not exist" in capsys.readouterr().err

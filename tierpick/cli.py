@@ -12,7 +12,7 @@ import argparse
 import importlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from tierpick.classifier.errors import TierpickError
 
@@ -24,6 +24,7 @@ _GROUPS: dict[str, tuple[str, str | None]] = {
     "promote": ("tierpick.training.cli:register_promote", "train"),
     "export": ("tierpick.training.cli:register_export", "train"),
     "adapt": ("tierpick.training.cli:register_adapt", "train"),
+    "classify": ("tierpick.serving.cli:register_classify", None),
     "score": ("tierpick.serving.cli:register_score", None),
     "report": ("tierpick.serving.cli:register_report", None),
     "tune": ("tierpick.serving.cli:register_tune", None),
@@ -33,14 +34,49 @@ _GROUPS: dict[str, tuple[str, str | None]] = {
 }
 
 
+DESCRIPTION = """\
+tierpick routes each prompt to the cheapest LLM price tier likely to answer it: a learned
+classifier gives every tier a calibrated probability of success, and a policy turns them into a
+tier. Start with `tierpick classify "some prompt"` (the shipped model, in this process), then
+`tierpick serve` (gRPC), `tierpick score` and `tierpick tune` on your prompt logs, and
+`tierpick adapt` on your own eval outcomes. `tierpick COMMAND --help` explains each command."""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default, unless it has none or says it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if (
+            action.option_strings
+            and action.default not in (None, False, argparse.SUPPRESS)
+            and "default" not in text
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _every_parser(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                yield from _every_parser(child)
+
+
 def build_parser(groups: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """Build the argument parser, loading only the named command groups (all when None)."""
-    parser = argparse.ArgumentParser(prog="tierpick", description=__doc__.splitlines()[0])
+    from tierpick import __version__
+
+    parser = argparse.ArgumentParser(prog="tierpick", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"tierpick {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in groups if groups is not None else _GROUPS:
         module_name, function = _GROUPS[name][0].split(":")
         getattr(importlib.import_module(module_name), function)(sub)
+    for p in _every_parser(parser):  # the group modules build their parsers with add_parser
+        p.formatter_class = _HelpFormatter
     return parser
 
 
