@@ -16,6 +16,8 @@ from tierpick.classifier import RoutingPolicy, TierClassifier
 from tierpick.classifier.errors import ConfigError
 from tierpick.classifier.routing import policy_from_mapping, read_policy
 
+POLICY_HEADERS = ("min-success", "allowed-tiers", "cost-weight", "max-price")  # x-tierpick-...
+
 
 @dataclass(frozen=True)
 class Upstream:
@@ -55,6 +57,14 @@ class GatewayConfig:
     listen_port: int = 8080
     admin_port: int = 9901
     upstream_timeout_s: float = 300.0
+    # requests whose body names one of these models (or none) are classified; any other model
+    # is the client's explicit choice and passes through untouched
+    virtual_models: tuple[str, ...] = ("tierpick/auto", "auto")
+    # per-request x-tierpick-* policy headers are off unless granted here: which headers, and
+    # the tiers a request that sets any of them is routed within (empty: every tier)
+    request_policy_enabled: bool = False
+    request_policy_headers: tuple[str, ...] = POLICY_HEADERS
+    request_policy_tiers: tuple[str, ...] = ()
 
     @property
     def processor_address(self) -> str:
@@ -63,6 +73,8 @@ class GatewayConfig:
 
 _KEYS = {
     "processor": {"host", "port", "max_body_bytes"},
+    "virtual_models": None,
+    "request_policy": {"enabled", "headers", "tiers"},
     "model": None,
     "policy": None,  # a mapping of routing.POLICY_KEYS, or the path of a policy file
     "rewrite_model": None,
@@ -132,6 +144,26 @@ def parse_gateway_config(raw: object) -> GatewayConfig:
         policy = policy_from_mapping(pol, "gateway config: policy")
     if unknown := [t for t in policy.allowed_tiers if t not in tiers]:
         raise _fail("policy.allowed_tiers", f"{unknown} are not tiers of {sorted(tiers)}")
+    grant = _section(raw, "request_policy")
+    enabled = grant.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise _fail("request_policy.enabled", f"must be true or false, got {enabled!r}")
+    granted_headers = grant.get("headers", list(POLICY_HEADERS))
+    if not isinstance(granted_headers, list) or any(
+        h not in POLICY_HEADERS for h in granted_headers
+    ):
+        raise _fail(
+            "request_policy.headers",
+            f"must list some of {list(POLICY_HEADERS)}, got {granted_headers!r}",
+        )
+    granted_tiers = grant.get("tiers", [])
+    if not isinstance(granted_tiers, list) or any(t not in tiers for t in granted_tiers):
+        raise _fail(
+            "request_policy.tiers", f"must list tiers of {sorted(tiers)}, got {granted_tiers!r}"
+        )
+    virtual = raw.get("virtual_models", ["tierpick/auto", "auto"])
+    if not isinstance(virtual, list) or not all(isinstance(m, str) and m for m in virtual):
+        raise _fail("virtual_models", f"must be a list of model names, got {virtual!r}")
     mode = fail.get("mode", "open")
     if mode not in ("open", "closed"):
         raise _fail("failure.mode", f"must be open or closed, got {mode!r}")
@@ -163,6 +195,10 @@ def parse_gateway_config(raw: object) -> GatewayConfig:
         upstream_timeout_s=_number(
             env.get("upstream_timeout_s", 300.0), "envoy.upstream_timeout_s", 0.001
         ),
+        virtual_models=tuple(virtual),
+        request_policy_enabled=enabled,
+        request_policy_headers=tuple(granted_headers),
+        request_policy_tiers=tuple(granted_tiers),
     )
 
 

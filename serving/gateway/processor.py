@@ -14,9 +14,9 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from typing import Any
 
-from tierpick.classifier import RoutingPolicy, messages_to_prompt
+from tierpick.classifier import RoutingPolicy, TierClassifier, messages_to_prompt
 from tierpick.classifier.errors import MissingDependencyError, PromptError, TierpickError
-from tierpick.serving.gateway.config import GatewayConfig, check_model_tiers
+from tierpick.serving.gateway.config import POLICY_HEADERS, GatewayConfig, check_model_tiers
 from tierpick.serving.lifecycle import (
     GrpcApp,
     Metrics,
@@ -30,6 +30,15 @@ log = logging.getLogger("tierpick.gateway")
 
 HEADER_PREFIX = "x-tierpick-"
 DECISION_HEADERS = ("tier", "model-version", "probabilities", "status", "reason")
+OUTCOMES = (
+    "classified",
+    "not-classified",
+    "explicit-model",
+    "passthrough",
+    "fallback",
+    "rejected",
+    "bad-request",
+)
 
 
 class BadRequest(TierpickError):
@@ -40,8 +49,8 @@ class NotClassifiable(TierpickError):
     """A body with nothing to classify: passed through untouched."""
 
 
-def prompt_of(body: bytes) -> tuple[str, dict[str, Any]]:
-    """The text to classify in an OpenAI-compatible request body, and the parsed body."""
+def parse_body(body: bytes) -> dict[str, Any]:
+    """An OpenAI-compatible request body as a JSON object."""
     try:
         obj = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -50,6 +59,12 @@ def prompt_of(body: bytes) -> tuple[str, dict[str, Any]]:
         raise NotClassifiable("body is not JSON we read (nested too deeply)") from exc
     if not isinstance(obj, dict):
         raise NotClassifiable("body is not a JSON object")
+    return obj
+
+
+def prompt_of(obj: Mapping[str, Any]) -> str:
+    """The text to classify in a parsed request body: the last user turn of ``messages``
+    (chat/completions), or ``prompt`` (completions)."""
     if "messages" in obj:
         messages = obj["messages"]
         if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
@@ -66,7 +81,7 @@ def prompt_of(body: bytes) -> tuple[str, dict[str, Any]]:
         raise NotClassifiable("no messages or prompt")
     if not text.strip():
         raise NotClassifiable("the prompt is empty")
-    return text, obj
+    return text
 
 
 def request_policy(base: RoutingPolicy, headers: Mapping[str, str]) -> RoutingPolicy:
@@ -108,11 +123,22 @@ class GatewayMetrics(Metrics):
 
         self.decisions = Counter(
             "tierpick_gateway_requests",
-            "Requests seen by the Envoy processor, by outcome "
-            "(classified, not-classified, fallback, rejected, bad-request)",
+            "Requests seen by the Envoy processor, by outcome",
             ["outcome"],
             registry=self.registry,
         )
+        self.policy_headers = Counter(
+            "tierpick_gateway_policy_headers",
+            "Per-request x-tierpick-* policy headers: applied (granted by request_policy), "
+            "ignored (not granted) or rejected (invalid, or asking for a tier not granted)",
+            ["header", "outcome"],
+            registry=self.registry,
+        )
+        for outcome in OUTCOMES:  # every series exists from the start, at 0
+            self.decisions.labels(outcome)
+        for header in POLICY_HEADERS:
+            for outcome in ("applied", "ignored", "rejected"):
+                self.policy_headers.labels(header, outcome)
 
 
 class TierpickProcessor:
@@ -159,13 +185,46 @@ class TierpickProcessor:
         # not asked for by the processing mode; answer so the stream goes on
         return ep.ProcessingResponse(**{kind: _EMPTY[kind](ep)})
 
+    def _policy(self, headers: Mapping[str, str], clf: TierClassifier) -> tuple[Any, list[str]]:
+        """The request's router: the config's policy, with the policy headers the config grants
+        applied (a request that sets any is routed within ``request_policy.tiers``); and the
+        headers ignored because they are not granted. Every header seen is counted."""
+        cfg = self.cfg
+        present = [h for h in POLICY_HEADERS if HEADER_PREFIX + h in headers]
+        granted = [
+            h for h in present if cfg.request_policy_enabled and h in cfg.request_policy_headers
+        ]
+        ignored = [h for h in present if h not in granted]
+        try:
+            policy = request_policy(
+                cfg.policy, {HEADER_PREFIX + h: headers[HEADER_PREFIX + h] for h in granted}
+            )
+            grant = cfg.request_policy_tiers
+            if granted and grant:
+                asked = policy.allowed_tiers or clf.tiers
+                if "allowed-tiers" in granted and (beyond := [t for t in asked if t not in grant]):
+                    raise BadRequest(
+                        f"{HEADER_PREFIX}allowed-tiers: {beyond} not granted; this gateway lets "
+                        f"a request choose among {list(grant)}"
+                    )
+                policy = replace(policy, allowed_tiers=tuple(t for t in asked if t in grant))
+            router = clf.router(policy)
+        except TierpickError:  # BadRequest, PolicyError
+            for h in granted:
+                self.metrics.policy_headers.labels(h, "rejected").inc()
+            raise
+        for h in granted:
+            self.metrics.policy_headers.labels(h, "applied").inc()
+        for h in ignored:
+            self.metrics.policy_headers.labels(h, "ignored").inc()
+        return router, ignored
+
     def _on_body(self, body: bytes, headers: Mapping[str, str]) -> Any:
         cfg = self.cfg
+        clf = self.holder.current
         try:
-            policy = request_policy(cfg.policy, headers)
-            clf = self.holder.current
-            router = clf.router(policy)
-        except TierpickError as exc:  # BadRequest, PolicyError
+            router, ignored = self._policy(headers, clf)
+        except TierpickError as exc:
             self.metrics.decisions.labels("bad-request").inc()
             return self._reject(400, "invalid_request_error", str(exc))
         try:
@@ -174,7 +233,11 @@ class TierpickProcessor:
                     f"body of {len(body)} bytes is over processor.max_body_bytes "
                     f"({cfg.max_body_bytes})"
                 )
-            prompt, obj = prompt_of(body)
+            obj = parse_body(body)
+            model = obj.get("model")
+            if model is not None and model not in cfg.virtual_models:
+                return self._explicit_model(model)
+            prompt = prompt_of(obj)
             decision = clf.route_proba(clf.predict_proba([prompt]), router)[0]
         except (NotClassifiable, PromptError) as exc:
             self.metrics.decisions.labels("not-classified").inc()
@@ -191,6 +254,11 @@ class TierpickProcessor:
             "probabilities": ",".join(f"{t}={p:.4f}" for t, p in decision.probabilities.items()),
             "status": "classified",
         }
+        if ignored:
+            set_headers["reason"] = (
+                f"policy header(s) {', '.join(HEADER_PREFIX + h for h in ignored)} ignored: not "
+                "granted by this gateway's request_policy"
+            )
         new_body = None
         upstream_model = cfg.tiers[decision.tier].model
         if cfg.rewrite_model and upstream_model is not None and obj.get("model") != upstream_model:
@@ -200,6 +268,20 @@ class TierpickProcessor:
         if new_body is not None and "content-length" in headers:
             raw_headers["content-length"] = str(len(new_body))
         return self._body_response(self._common(set_headers, new_body, raw_headers))
+
+    def _explicit_model(self, model: object) -> Any:
+        """A request that names a model of its own: never rewritten. It goes to the tier whose
+        upstream serves that model, else (unknown to the config) to the fallback route."""
+        tier = next((t for t, u in self.cfg.tiers.items() if u.model == model), None)
+        if tier is not None:
+            self.metrics.decisions.labels("explicit-model").inc()
+            return self._body_response(self._common({"tier": tier, "status": "explicit-model"}))
+        self.metrics.decisions.labels("passthrough").inc()
+        reason = (
+            f"model {model!r} is not a tierpick virtual model {list(self.cfg.virtual_models)} "
+            "nor a tier's model: passed through untouched"
+        )
+        return self._body_response(self._common({"status": "passthrough", "reason": reason}))
 
     def _classifier_failed(self, exc: Exception) -> Any:
         cfg = self.cfg

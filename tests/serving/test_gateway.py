@@ -40,6 +40,8 @@ def _config(upstreams: dict[str, Upstream], processor_port: int, **over: Any) ->
         "processor": {"port": processor_port},
         "tiers": {t: {"upstream": u.address, "model": f"{t}-model"} for t, u in upstreams.items()},
         "envoy": {"listen_port": free_port(), "admin_port": free_port()},
+        # the policy-header tests need the grant (off by default: test_gateway_processor.py)
+        "request_policy": {"enabled": True},
     }
     raw.update(over)
     return parse_gateway_config(raw)
@@ -150,7 +152,7 @@ def test_requests_reach_the_tier_tierpick_chose(stack: Stack, tiny_data: Path) -
     # completions-style bodies are classified too
     p, policy_headers = cases["local"][0]
     status, _, body, _ = stack.post(
-        json.dumps({"model": "x", "prompt": p}), policy_headers, path="/v1/completions"
+        json.dumps({"model": "auto", "prompt": p}), policy_headers, path="/v1/completions"
     )
     assert status == 200 and body["upstream"] == "local"  # type: ignore[index]
 
@@ -179,7 +181,7 @@ def test_bad_bodies_pass_through_untouched_and_clients_cannot_pick_a_tier(stack:
         (b"not json at all", "body is not JSON"),
         (b'["a", "list"]', "body is not a JSON object"),
         (b'{"messages": [{"role": "system", "content": "x"}]}', "no user message"),
-        (b'{"model": "m"}', "no messages or prompt"),
+        (b'{"model": "auto"}', "no messages or prompt"),
     ]:
         status, _, body, _ = stack.post(raw)
         assert status == 200 and isinstance(body, dict)

@@ -1,0 +1,180 @@
+"""The gateway's ext_proc processor on real ext_proc messages and the shipped model, without
+Envoy (the end-to-end path through a real Envoy is tests/serving/test_gateway.py): who may set
+a per-request policy, and which requests are routed at all."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+pytest.importorskip("envoy.service.ext_proc.v3", reason="the gateway extra is not installed")
+from tierpick.classifier.errors import ConfigError
+from tierpick.serving.gateway import parse_gateway_config
+from tierpick.serving.gateway.processor import (
+    OUTCOMES,
+    POLICY_HEADERS,
+    GatewayMetrics,
+    TierpickProcessor,
+)
+from tierpick.serving.lifecycle import ModelHolder
+
+TIERS = ("local", "mid", "frontier")
+HARD = "Write a lock-free MPMC queue in C++20 and prove it linearizable."
+
+
+def _processor(**over: Any) -> TierpickProcessor:
+    raw = {
+        "tiers": {
+            t: {"upstream": f"127.0.0.1:{9000 + i}", "model": f"{t}-model"}
+            for i, t in enumerate(TIERS)
+        },
+        **over,
+    }
+    cfg = parse_gateway_config(raw)
+    metrics = GatewayMetrics()
+    return TierpickProcessor(cfg, ModelHolder(None, metrics), metrics)
+
+
+def _send(
+    proc: TierpickProcessor, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes | None]:
+    """(HTTP status if rejected else 200, the x-tierpick-* headers set, the new body if any)."""
+    ep, base = proc.ep, proc.base
+    seen: dict[str, str] = {}
+    values = [base.HeaderValue(key=k, raw_value=v.encode()) for k, v in (headers or {}).items()]
+    proc.respond(
+        ep.ProcessingRequest(
+            request_headers=ep.HttpHeaders(headers=base.HeaderMap(headers=values))
+        ),
+        seen,
+    )
+    resp = proc.respond(
+        ep.ProcessingRequest(
+            request_body=ep.HttpBody(body=json.dumps(body).encode(), end_of_stream=True)
+        ),
+        seen,
+    )
+    if resp.HasField("immediate_response"):
+        imm = resp.immediate_response
+        got = {h.header.key: h.header.raw_value.decode() for h in imm.headers.set_headers}
+        return int(imm.status.code), got, imm.body
+    common = resp.request_body.response
+    got = {h.header.key: h.header.raw_value.decode() for h in common.header_mutation.set_headers}
+    new = common.body_mutation.body if common.HasField("body_mutation") else None
+    return 200, got, new
+
+
+def _chat(prompt: str, model: str | None = "tierpick/auto") -> dict[str, Any]:
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": prompt}]}
+    if model is not None:
+        body["model"] = model
+    return body
+
+
+def _count(proc: TierpickProcessor, name: str, **labels: str) -> float:
+    value = proc.metrics.registry.get_sample_value(name, labels)
+    assert value is not None, (name, labels)
+    return value
+
+
+def test_policy_headers_are_ignored_unless_granted_and_counted() -> None:
+    proc = _processor()  # request_policy not granted: the default
+    clf = proc.holder.current
+    chosen = clf.route([HARD])[0].tier
+    assert chosen != "local"
+    status, got, _ = _send(proc, _chat(HARD), {"x-tierpick-allowed-tiers": "local"})
+    assert status == 200 and got["x-tierpick-tier"] == chosen  # the client cannot pick a tier
+    assert "x-tierpick-allowed-tiers ignored: not granted" in got["x-tierpick-reason"]
+    labels = {"header": "allowed-tiers", "outcome": "ignored"}
+    assert _count(proc, "tierpick_gateway_policy_headers_total", **labels) == 1
+    # every series exists from the start, at 0
+    for outcome in OUTCOMES:
+        assert _count(proc, "tierpick_gateway_requests_total", outcome=outcome) >= 0
+    for header in POLICY_HEADERS:
+        assert (
+            _count(proc, "tierpick_gateway_policy_headers_total", header=header, outcome="applied")
+            == 0
+        )
+
+
+def test_a_grant_limits_which_headers_and_which_tiers() -> None:
+    proc = _processor(
+        request_policy={
+            "enabled": True,
+            "headers": ["allowed-tiers", "min-success"],
+            "tiers": ["local", "mid"],
+        }
+    )
+    # granted and within the granted tiers: applied
+    status, got, _ = _send(proc, _chat(HARD), {"x-tierpick-allowed-tiers": "local"})
+    assert status == 200 and got["x-tierpick-tier"] == "local"
+    # a threshold no tier reaches goes to the dearest tier the grant allows, never frontier
+    status, got, _ = _send(proc, _chat(HARD), {"x-tierpick-min-success": "0.999"})
+    assert got["x-tierpick-tier"] == "mid"
+    # asking for a tier outside the grant: 400 naming it, counted
+    status, got, body = _send(proc, _chat(HARD), {"x-tierpick-allowed-tiers": "frontier"})
+    assert (
+        status == 400
+        and "['frontier'] not granted" in json.loads(body or b"{}")["error"]["message"]
+    )
+    assert (
+        _count(
+            proc,
+            "tierpick_gateway_policy_headers_total",
+            header="allowed-tiers",
+            outcome="rejected",
+        )
+        == 1
+    )
+    # a header the grant does not list is ignored
+    status, got, _ = _send(proc, _chat(HARD), {"x-tierpick-cost-weight": "0"})
+    assert "x-tierpick-cost-weight ignored" in got["x-tierpick-reason"]
+    assert (
+        _count(
+            proc, "tierpick_gateway_policy_headers_total", header="min-success", outcome="applied"
+        )
+        == 1
+    )
+
+
+def test_explicit_models_pass_through_untouched() -> None:
+    proc = _processor()
+    # a virtual model (or none): classified, and the model rewritten to the tier's
+    for model in ("tierpick/auto", "auto", None):
+        status, got, new = _send(proc, _chat("What is 2+2?", model))
+        assert got["x-tierpick-status"] == "classified"
+        assert json.loads(new or b"{}")["model"] == f"{got['x-tierpick-tier']}-model"
+    # a tier's own model: sent to that tier, body untouched
+    status, got, new = _send(proc, _chat(HARD, "local-model"))
+    assert (got["x-tierpick-status"], got["x-tierpick-tier"], new) == (
+        "explicit-model",
+        "local",
+        None,
+    )
+    # any other model: untouched, to the fallback route, said so
+    status, got, new = _send(proc, _chat(HARD, "gemini-1.5-pro"))
+    assert status == 200
+    assert (
+        got["x-tierpick-status"] == "passthrough" and "x-tierpick-tier" not in got and new is None
+    )
+    assert "'gemini-1.5-pro' is not a tierpick virtual model" in got["x-tierpick-reason"]
+    assert _count(proc, "tierpick_gateway_requests_total", outcome="passthrough") == 1
+    assert _count(proc, "tierpick_gateway_requests_total", outcome="explicit-model") == 1
+    # the virtual names are configurable
+    proc = _processor(virtual_models=["router"])
+    _, got, _ = _send(proc, _chat("What is 2+2?", "auto"))
+    assert got["x-tierpick-status"] == "passthrough"
+
+
+def test_grant_and_virtual_model_config_errors_name_the_key() -> None:
+    for over, key in [
+        ({"request_policy": {"enabled": "yes"}}, "request_policy.enabled"),
+        ({"request_policy": {"headers": ["x-forwarded-for"]}}, "request_policy.headers"),
+        ({"request_policy": {"tiers": ["premium"]}}, "request_policy.tiers"),
+        ({"request_policy": {"api_keys": []}}, "request_policy: unknown key"),
+        ({"virtual_models": "auto"}, "virtual_models"),
+    ]:
+        with pytest.raises(ConfigError, match=key):
+            _processor(**over)
