@@ -18,7 +18,7 @@ import csv
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from tierpick.classifier.errors import ConfigError, MissingDependencyError, Tier
 from tierpick.classifier.files import open_text
 from tierpick.classifier.routing import threshold_choice
 from tierpick.serving.scoring import ScoreOptions, expand_inputs, kind_of
+from tierpick.serving.scoring.options import MODEL_VERSION
 
 THRESHOLDS = np.round(np.linspace(0.0, 1.0, 51), 2)
 
@@ -42,6 +43,16 @@ class ScoredLog:
     proba: npt.NDArray[np.float32]  # (n, tiers); NaN for error rows
     tier: npt.NDArray[np.int64]  # index of the routed tier; -1 for error rows
     files: int
+    versions: set[str] = field(default_factory=set)  # model versions that scored it (if said)
+
+    def check_model(self, clf: TierClassifier, where: Path | str) -> None:
+        """Refuse a model other than the one that scored the log (a log scored before scoring
+        recorded the version is taken as it is)."""
+        if self.versions and self.versions != {clf.version}:
+            raise TierpickError(
+                f"{where} was scored by model version {sorted(self.versions)}, not by "
+                f"{clf.version} (--model): give the model that scored it, or score it again"
+            )
 
 
 def read_scored(
@@ -57,9 +68,15 @@ def read_scored(
     chars: list[int] = []
     proba: list[list[float]] = []
     routed: list[int] = []
+    versions: set[str] = set()
     files, _ = expand_inputs([path])  # a file, or every scored file under a directory
+    version_col = f"{prefix}{MODEL_VERSION}"
     for f in files:
-        for text, probs, tier, where in _rows(f, prompt_field, cols, f"{prefix}tier"):
+        for text, probs, tier, version, where in _rows(
+            f, prompt_field, cols, f"{prefix}tier", version_col
+        ):
+            if isinstance(version, str) and version:
+                versions.add(version)
             if tier is None:
                 chars.append(0)
                 proba.append([math.nan] * len(cols))
@@ -77,14 +94,17 @@ def read_scored(
         np.array(proba, dtype=np.float32).reshape(-1, len(cols)),
         np.array(routed, dtype=np.int64),
         len(files),
+        versions,
     )
 
 
-Record = tuple[object, list[object], str | None, str]
+Record = tuple[object, list[object], str | None, object, str]
 
 
-def _rows(path: Path, prompt_field: str, cols: list[str], tier_col: str) -> Iterator[Record]:
-    """(prompt, probabilities, tier, location) per row of one scored file."""
+def _rows(
+    path: Path, prompt_field: str, cols: list[str], tier_col: str, version_col: str
+) -> Iterator[Record]:
+    """(prompt, probabilities, tier, model version, location) per row of one scored file."""
     kind = kind_of(path)
     needed = [prompt_field, tier_col, *cols]
     if kind == ".parquet":
@@ -99,13 +119,16 @@ def _rows(path: Path, prompt_field: str, cols: list[str], tier_col: str) -> Iter
                 f"{path}: no column(s) {missing}: not scored by this model, or not a scored log"
             )
         row = 0
-        for rb in pf.iter_batches(columns=needed):
+        has_version = version_col in pf.schema_arrow.names
+        for rb in pf.iter_batches(columns=needed + ([version_col] if has_version else [])):
             data = rb.to_pydict()
+            versions = data[version_col] if has_version else [None] * rb.num_rows
             for i in range(rb.num_rows):
                 yield (
                     data[prompt_field][i],
                     [data[c][i] for c in cols],
                     data[tier_col][i],
+                    versions[i],
                     f"{path} row {row + i}",
                 )
             row += rb.num_rows
@@ -118,7 +141,8 @@ def _rows(path: Path, prompt_field: str, cols: list[str], tier_col: str) -> Iter
                 raise TierpickError(f"{path}: no column(s) {missing}: not a scored log")
             for rec in reader:
                 probs: list[object] = [float(rec[c]) if rec[c] else None for c in cols]
-                yield rec[prompt_field], probs, rec[tier_col] or None, f"{path}:{reader.line_num}"
+                where = f"{path}:{reader.line_num}"
+                yield rec[prompt_field], probs, rec[tier_col] or None, rec.get(version_col), where
             return
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
@@ -133,6 +157,7 @@ def _rows(path: Path, prompt_field: str, cols: list[str], tier_col: str) -> Iter
                 obj.get(prompt_field),
                 [obj.get(c) for c in cols],
                 obj[tier_col],
+                obj.get(version_col),
                 f"{path}:{lineno}",
             )
 
@@ -213,6 +238,7 @@ def build_report(
         curve.append({"threshold": float(t), **s})
     return {
         "model": {"name": clf.manifest.model_name, "version": clf.version},
+        "scored_by": sorted(log.versions),
         "rows": len(log.tier),
         "routed_rows": n_ok,
         "error_rows": len(log.tier) - n_ok,
@@ -330,6 +356,7 @@ def write_report(
     """Write report.md, report.json and cost_curve.png; returns the report, its Markdown and
     a note when the PNG could not be drawn."""
     log = read_scored(scored, clf.tiers, prompt_field, prefix)
+    log.check_model(clf, scored)
     report = build_report(log, clf, output_tokens, chars_per_token)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=1))

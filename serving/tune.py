@@ -407,6 +407,7 @@ def run_tune(
         else:
             path = score_log(inputs, clf, opts, workers, engine, Path(work))
         log = read_scored(path, clf.tiers, opts.prompt_field, opts.output_prefix)
+        log.check_model(clf, path)
     costs = Costs.of(log, clf, output_tokens, chars_per_token)
     result = tune(costs, clf, constraint, rule, base, holdout, seed)
     source = ", ".join(inputs) if len(inputs) <= 3 else f"{inputs[0]} and {len(inputs) - 1} more"

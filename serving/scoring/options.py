@@ -20,6 +20,7 @@ BOOKKEEPING = "_tierpick"  # under a work directory: plan, records of finished p
 MAX_EXAMPLES = 5  # bad rows reported by location in the summary
 
 
+MODEL_VERSION = "model_version"  # the version of the model that scored the row
 EXTRA = "extra_fields"  # Parquet output of JSON rows: fields that do not fit the file's columns
 
 
@@ -53,9 +54,17 @@ class ScoreOptions:
 
 
 def output_columns(opts: ScoreOptions, tiers: Sequence[str]) -> list[str]:
-    """The columns scoring adds to every row (``extra_fields`` for Parquet output too)."""
+    """The columns scoring adds to every row: the tier, a probability per tier, the error, the
+    version of the model that scored it (``tierpick report`` and ``tune`` check it), and
+    ``extra_fields`` (Parquet output of JSON rows)."""
     p = opts.output_prefix
-    return [f"{p}tier", *[f"{p}p_{t}" for t in tiers], f"{p}error", f"{p}{EXTRA}"]
+    return [
+        f"{p}tier",
+        *[f"{p}p_{t}" for t in tiers],
+        f"{p}error",
+        f"{p}{MODEL_VERSION}",
+        f"{p}{EXTRA}",
+    ]
 
 
 def check_no_clash(fields: Iterable[str], added: Sequence[str], where: str) -> None:

@@ -118,7 +118,7 @@ def score_part(
     src = Path(part.source)
     tmp = work / BOOKKEEPING / "tmp" / f"{part.index:05d}{opts.out_kind}"
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    writer = Writer(tmp, opts.out_kind, output_columns(opts, clf.tiers))
+    writer = Writer(tmp, opts.out_kind, output_columns(opts, clf.tiers), clf.version)
     try:
         if kind_of(src) == ".parquet":
             _score_parquet(clf, part, opts, cache, writer, summary)

@@ -80,10 +80,11 @@ class Writer:
     each is converted once to what the output kind needs.
     """
 
-    def __init__(self, path: Path, kind: str, added: list[str]) -> None:
+    def __init__(self, path: Path, kind: str, added: list[str], model_version: str) -> None:
         """``added``: the names of the columns scoring adds (:func:`output_columns`)."""
         self.path, self.kind, self.added = path, kind, added
-        self.tier_col, *self.prob_cols, self.error_col, self.extra_col = added
+        self.tier_col, *self.prob_cols, self.error_col, self.version_col, self.extra_col = added
+        self.model_version = model_version
         self._fh: IO[str] | None = None
         self._csv: csv.DictWriter[str] | None = None
         self._pq: Any = None
@@ -99,6 +100,7 @@ class Writer:
         for j, name in enumerate(self.prob_cols):
             cols[name] = [None if np.isnan(v) else float(v) for v in proba[:, j]]
         cols[self.error_col] = list(errors)
+        cols[self.version_col] = [self.model_version] * len(tiers)
         return cols
 
     def write_rows(
@@ -113,7 +115,11 @@ class Writer:
         if self.kind == ".parquet":
             import pyarrow as pa
 
-            fixed = {self.tier_col: pa.string(), self.error_col: pa.string()}
+            fixed = {
+                self.tier_col: pa.string(),
+                self.error_col: pa.string(),
+                self.version_col: pa.string(),
+            }
             fixed.update((name, pa.float32()) for name in self.prob_cols)
             schema = self._pq.schema if self._pq is not None else None
             self._write_table(rows_to_table(out, schema, fixed, self.extra_col))

@@ -111,3 +111,30 @@ def test_repeated_prompts_use_the_cache_and_agree(clf, tmp_path: Path) -> None: 
     b = [json.loads(x) for x in (tmp_path / "b.jsonl").read_text().splitlines()]
     assert [r["tier"] for r in a] == [r["tier"] for r in b]
     assert [r["p_mid"] for r in a] == pytest.approx([r["p_mid"] for r in b], abs=1e-6)
+
+
+def test_scored_rows_record_their_model_and_report_refuses_another(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    clf = classifier.load()
+    src = tmp_path / "log.jsonl"
+    src.write_text('{"prompt": "What is 2+2?"}\n{"prompt": 7}\n')
+    for out in (tmp_path / "s.jsonl", tmp_path / "s.csv", tmp_path / "s.parquet"):
+        assert main(["score", str(src), str(out)]) == 0
+        assert main(["report", str(out), "--out", str(tmp_path / f"r{out.suffix}")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "s.jsonl").read_text().splitlines()]
+    assert [r["model_version"] for r in rows] == [clf.version, clf.version]  # error rows too
+    # another model (a copy with another version) is refused by report and tune
+    other = tmp_path / "other"
+    shutil.copytree(clf.model_dir, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["model_version"] = "other-version"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "s.parquet"), "--model", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert f"was scored by model version ['{clf.version}'], not by other-version" in err
+    tune = ["tune", str(tmp_path / "s.csv"), "--scored", "--max-share", "frontier=0.5"]
+    assert main([*tune, "--model", str(other)]) == 2
