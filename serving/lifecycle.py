@@ -71,25 +71,24 @@ class ServerConfig:
 
 
 class Metrics:
-    """Prometheus metrics in their own registry (several servers may live in one process)."""
+    """Prometheus metrics in their own registry (several servers may live in one process): the
+    process and Python runtime collectors operators already alert on, and what every tierpick
+    server shares (the model served, reloads, prompts routed per tier). Every labelled series
+    exists from the start, at 0, so the first event shows in ``increase()``."""
 
     def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+        from prometheus_client import (
+            GC_COLLECTOR,
+            PLATFORM_COLLECTOR,
+            PROCESS_COLLECTOR,
+            CollectorRegistry,
+            Counter,
+            Info,
+        )
 
         self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "tierpick_requests",
-            "RPCs by method and status code",
-            ["method", "code"],
-            registry=self.registry,
-        )
-        self.latency = Histogram(
-            "tierpick_request_seconds",
-            "RPC handling time by method",
-            ["method"],
-            buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 5e-2, 0.25, 1.0),
-            registry=self.registry,
-        )
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            self.registry.register(collector)
         self.tiers = Counter(
             "tierpick_routed", "Prompts routed, by tier", ["tier"], registry=self.registry
         )
@@ -97,7 +96,8 @@ class Metrics:
         self.reloads = Counter(
             "tierpick_reloads", "Model reloads by outcome", ["outcome"], registry=self.registry
         )
-        self.in_flight = Gauge("tierpick_in_flight", "RPCs being handled", registry=self.registry)
+        for outcome in ("ok", "refused"):
+            self.reloads.labels(outcome)
 
     def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
         """Expose /metrics on ``port`` (0 = any free port); returns the bound port."""
@@ -139,6 +139,8 @@ class ModelHolder:
     def _publish(self) -> None:
         m = self.current.manifest
         self.metrics.model.info({"name": m.model_name, "version": m.model_version})
+        for tier in m.tier_names:
+            self.metrics.tiers.labels(tier)
 
     def _manifest_stamp(self) -> tuple[float, int] | None:
         try:
@@ -393,15 +395,22 @@ def run_app(app: GrpcApp, banner: str, metrics_port: int | None, host: str) -> i
     if metrics_port is not None:
         bound = app.metrics.serve_http(metrics_port, host)
         app.logger.info("metrics on http://%s:%d/metrics (plain HTTP)", host, bound)
-    print(f"{banner} on {host}:{app.port} (pid {os.getpid()})", flush=True)
-    run_until_signalled(app.holder.reload, app.logger)
+    # the banner says "ready": printed once SIGTERM is handled, so a supervisor that stops the
+    # server as soon as it reads it still gets a graceful stop
+    line = f"{banner} on {host}:{app.port} (pid {os.getpid()})"
+    run_until_signalled(app.holder.reload, app.logger, ready=lambda: print(line, flush=True))
     app.logger.info("draining: up to %.0f s for in-flight calls", app.config.drain_timeout)
     app.shutdown()
     return 0
 
 
-def run_until_signalled(reload: Callable[[], object], logger: logging.Logger = log) -> None:
-    """Block until SIGTERM or SIGINT; SIGHUP calls ``reload`` (in a thread) meanwhile."""
+def run_until_signalled(
+    reload: Callable[[], object],
+    logger: logging.Logger = log,
+    ready: Callable[[], object] | None = None,
+) -> None:
+    """Block until SIGTERM or SIGINT; SIGHUP calls ``reload`` (in a thread) meanwhile.
+    ``ready`` is called once the handlers are in place."""
     done = threading.Event()
 
     def on_term(signum: int, _frame: Any) -> None:
@@ -411,4 +420,6 @@ def run_until_signalled(reload: Callable[[], object], logger: logging.Logger = l
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=reload).start())
+    if ready is not None:
+        ready()
     done.wait()

@@ -38,6 +38,48 @@ log = logging.getLogger("tierpick.serve")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TierRouter"].full_name
 
 
+class ServiceMetrics(Metrics):
+    """The shared metrics, plus the gRPC server's under the names the common interceptors use
+    (go-grpc-prometheus, py-grpc-prometheus): ``grpc_server_started_total``,
+    ``grpc_server_handled_total{grpc_type,grpc_service,grpc_method,grpc_code}`` (every code of
+    every TierRouter method from the start, at 0) and ``grpc_server_handling_seconds``; health
+    checks and reflection are not counted in them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from prometheus_client import Counter, Gauge, Histogram
+
+        labels = ["grpc_type", "grpc_service", "grpc_method"]
+        self.started = Counter(
+            "grpc_server_started", "RPCs started on the server", labels, registry=self.registry
+        )
+        self.handled = Counter(
+            "grpc_server_handled",
+            "RPCs completed on the server, regardless of success or failure",
+            [*labels, "grpc_code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "grpc_server_handling_seconds",
+            "Response latency of RPCs handled by the server",
+            labels,
+            buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 5e-2, 0.25, 1.0),
+            registry=self.registry,
+        )
+        self.in_flight = Gauge("tierpick_in_flight", "RPCs being handled", registry=self.registry)
+        for method in pb.DESCRIPTOR.services_by_name["TierRouter"].methods:
+            key = ("unary", SERVICE_NAME, method.name)
+            self.started.labels(*key)
+            self.latency.labels(*key)
+            for code in grpc.StatusCode:
+                self.handled.labels(*key, code.name)
+
+    def count(self, method: str, code: grpc.StatusCode, seconds: float) -> None:
+        key = ("unary", SERVICE_NAME, method)
+        self.handled.labels(*key, code.name).inc()
+        self.latency.labels(*key).observe(seconds)
+
+
 class TierRouterServicer(pb_grpc.TierRouterServicer):
     """Thin: conversion lives in :mod:`serving._convert`, errors in :class:`ErrorInterceptor`.
 
@@ -50,7 +92,7 @@ class TierRouterServicer(pb_grpc.TierRouterServicer):
         self,
         holder: ModelHolder,
         config: ServerConfig,
-        metrics: Metrics,
+        metrics: ServiceMetrics,
         pool: futures.ThreadPoolExecutor,
         policy: RoutingPolicy | None = None,
     ) -> None:
@@ -108,7 +150,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     INVALID_ARGUMENT, anything else -> INTERNAL with the message logged), deadlines are
     honoured, and every outcome is counted by method and code."""
 
-    def __init__(self, metrics: Metrics, max_concurrency: int) -> None:
+    def __init__(self, metrics: ServiceMetrics, max_concurrency: int) -> None:
         self.metrics = metrics
         self.max_concurrency = max_concurrency
         self.in_flight = 0  # touched only on the event loop
@@ -133,6 +175,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             start = time.perf_counter()
             code = grpc.StatusCode.OK
             counted = False
+            self.metrics.started.labels("unary", SERVICE_NAME, method).inc()
             try:
                 if isinstance(request, _Malformed):
                     code = grpc.StatusCode.INVALID_ARGUMENT
@@ -168,8 +211,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 if counted:
                     self.in_flight -= 1
                     self.metrics.in_flight.dec()
-                self.metrics.requests.labels(method, code.name).inc()
-                self.metrics.latency.labels(method).observe(time.perf_counter() - start)
+                self.metrics.count(method, code, time.perf_counter() - start)
 
         return grpc.unary_unary_rpc_method_handler(
             wrapped,
@@ -200,7 +242,7 @@ def create_server(
     config = config or ServerConfig()
     if isinstance(tls, tuple):
         tls = TLS(*tls)
-    metrics = Metrics()
+    metrics = ServiceMetrics()
     policy = policy or RoutingPolicy()
 
     def fits(clf: TierClassifier) -> None:  # the policy must fit every model served

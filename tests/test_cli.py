@@ -135,3 +135,28 @@ def test_score_exits_2_when_rows_fail_and_missing_files_are_one_line(
     assert "no such ONNX file" in capsys.readouterr().err
     assert main(["classify", "--model", str(tmp_path / "nomodel"), "hi"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_log_format_json_and_log_level() -> None:
+    import json
+    import signal
+
+    cmd = [sys.executable, "-m", "tierpick.cli", "--log-format", "json", "serve", "--port", "0"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and "tierpick serving on" in proc.stdout.readline()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    records = [json.loads(line) for line in err.splitlines() if line.strip()]
+    assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    assert any(r["logger"] == "tierpick.serve" and "serving" in r["message"] for r in records)
+    assert any(r["message"] == "stopped" for r in records)
+    quiet = subprocess.run(
+        [sys.executable, "-m", "tierpick.cli", "--log-level", "error", "classify", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert quiet.returncode == 0 and quiet.stderr == "" and "tier:" in quiet.stdout

@@ -70,6 +70,18 @@ def build_parser(groups: Sequence[str] | None = None) -> argparse.ArgumentParser
 
     parser = argparse.ArgumentParser(prog="tierpick", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"tierpick {__version__}")
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="log messages at this level and above, to stderr",
+    )
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="json: one JSON object per line (time, level, logger, message, exception)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in groups if groups is not None else _GROUPS:
@@ -80,21 +92,60 @@ def build_parser(groups: Sequence[str] | None = None) -> argparse.ArgumentParser
     return parser
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per log record, for log pipelines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import datetime as dt
+        import json
+
+        entry = {
+            "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def _group(args: Sequence[str]) -> str | None:
+    """The command group named by the first argument that is not a top-level option."""
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in ("--log-level", "--log-format"):
+            skip = True
+        elif not arg.startswith("-"):
+            return arg if arg in _GROUPS else None
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``tierpick`` command line; returns the process exit code."""
     args_list = list(sys.argv[1:] if argv is None else argv)
-    wanted = [a for a in args_list[:1] if a in _GROUPS]
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    group = _group(args_list)
     try:
-        parser = build_parser(wanted or None)
+        parser = build_parser([group] if group else None)
     except ImportError as exc:  # an optional extra is missing for this group
-        extra = _GROUPS[wanted[0]][1] if wanted else None
+        extra = _GROUPS[group][1] if group else None
         hint = f" (pip install 'tierpick[{extra}]')" if extra else ""
         print(f"tierpick: cannot load this command: {exc}{hint}", file=sys.stderr)
         return 2
     args = parser.parse_args(args_list)
+    configure_logging(args.log_level, args.log_format)
     try:
         code: int = args.func(args)
     except TierpickError as exc:

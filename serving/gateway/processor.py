@@ -119,8 +119,14 @@ class GatewayMetrics(Metrics):
 
     def __init__(self) -> None:
         super().__init__()
-        from prometheus_client import Counter
+        from prometheus_client import Counter, Histogram
 
+        self.latency = Histogram(
+            "tierpick_gateway_processing_seconds",
+            "Time the processor takes on one request body (parse, classify, rewrite)",
+            buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 5e-2, 0.25, 1.0),
+            registry=self.registry,
+        )
         self.decisions = Counter(
             "tierpick_gateway_requests",
             "Requests seen by the Envoy processor, by outcome",
@@ -180,7 +186,7 @@ class TierpickProcessor:
         if kind == "request_body":
             start = time.perf_counter()
             out = self._on_body(req.request_body.body, headers)
-            self.metrics.latency.labels("ext_proc").observe(time.perf_counter() - start)
+            self.metrics.latency.observe(time.perf_counter() - start)
             return out
         # not asked for by the processing mode; answer so the stream goes on
         return ep.ProcessingResponse(**{kind: _EMPTY[kind](ep)})

@@ -178,3 +178,27 @@ def test_grant_and_virtual_model_config_errors_name_the_key() -> None:
     ]:
         with pytest.raises(ConfigError, match=key):
             _processor(**over)
+
+
+def test_every_dashboard_query_names_a_metric_the_servers_export() -> None:
+    import re
+
+    from prometheus_client import generate_latest
+
+    from tests.conftest import REPO
+    from tierpick.serving.service import ServiceMetrics
+
+    exported: set[str] = set()
+    service = ServiceMetrics()
+    ModelHolder(None, service)  # publishes the model info and the tiers' series
+    for registry in (service.registry, _processor().metrics.registry):
+        for line in generate_latest(registry).decode().splitlines():
+            if line and not line.startswith("#"):
+                exported.add(re.split(r"[{ ]", line, maxsplit=1)[0])
+    dashboard = json.loads((REPO / "serving" / "deploy" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert len(exprs) >= 9
+    # metric names, with label matchers and `by (...)` lists taken out first
+    bare = [re.sub(r"by \([^)]*\)", "", re.sub(r"\{[^}]*\}", "", e)) for e in exprs]
+    named = {m for e in bare for m in re.findall(r"\b((?:tierpick|grpc|process)_[a-z_]+)\b", e)}
+    assert named and not named - exported, sorted(named - exported)

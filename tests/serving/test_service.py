@@ -244,12 +244,9 @@ def test_resource_exhausted_over_concurrency_limit(model_copy: Path) -> None:
                     codes.append(exc.code())
             assert grpc.StatusCode.OK in codes
             assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes
-        # every refusal is counted (they once never reached tierpick_requests_total)
+        # every refusal is counted (they once never reached the handled counter)
         refused = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
-        assert (
-            f'tierpick_requests_total{{code="RESOURCE_EXHAUSTED",method="ClassifyBatch"}} '
-            f"{float(refused)}"
-        ) in _metrics_text(app)
+        assert _handled(app, "ClassifyBatch", "RESOURCE_EXHAUSTED") == refused
     finally:
         app.shutdown(grace=1)
 
@@ -260,21 +257,41 @@ def _metrics_text(app) -> str:  # type: ignore[no-untyped-def]
     return generate_latest(app.metrics.registry).decode()
 
 
+def _handled(app, method: str, code: str) -> float:  # type: ignore[no-untyped-def]
+    """``grpc_server_handled_total`` of one TierRouter method and status code."""
+    labels = {
+        "grpc_type": "unary",
+        "grpc_service": SERVICE_NAME,
+        "grpc_method": method,
+        "grpc_code": code,
+    }
+    value = app.metrics.registry.get_sample_value("grpc_server_handled_total", labels)
+    assert value is not None, labels
+    return float(value)
+
+
 def test_metrics_count_requests_and_tiers(app, client: TierpickClient) -> None:  # type: ignore[no-untyped-def]
+    ok, bad = _handled(app, "Classify", "OK"), _handled(app, "Classify", "INVALID_ARGUMENT")
+    health = client.health_status()
     client.classify("count me")
     with pytest.raises(grpc.RpcError):
         client.classify("")
+    assert _handled(app, "Classify", "OK") == ok + 1
+    assert _handled(app, "Classify", "INVALID_ARGUMENT") == bad + 1
+    assert (
+        health is not None and _handled(app, "GetModelInfo", "UNAVAILABLE") == 0
+    )  # at 0 from start
     text = _metrics_text(app)
-    assert 'tierpick_requests_total{code="OK",method="Classify"}' in text
-    assert 'tierpick_requests_total{code="INVALID_ARGUMENT",method="Classify"}' in text
+    assert "grpc.health" not in text  # health checks are not counted with TierRouter's calls
     assert "tierpick_routed_total{tier=" in text
-    assert "tierpick_request_seconds_bucket" in text
+    assert "grpc_server_handling_seconds_bucket" in text and "grpc_server_started_total" in text
     assert "tierpick_model_info{name=" in text
+    assert "process_resident_memory_bytes" in text and "python_gc_objects_collected_total" in text
     port = app.metrics.serve_http(0)
     import urllib.request
 
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        assert b"tierpick_requests_total" in r.read()
+        assert b"grpc_server_handled_total" in r.read()
 
 
 def _self_signed(tmp_path: Path) -> tuple[bytes, bytes]:
@@ -387,13 +404,7 @@ def test_corrupt_messages_are_invalid_argument_and_counted(app, client: Tierpick
             raw(body, timeout=5)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, body
         assert "not a valid Classify message" in info.value.details()
-    text = _metrics_text(app)
-    line = next(
-        ln
-        for ln in text.splitlines()
-        if ln.startswith('tierpick_requests_total{code="INVALID_ARGUMENT",method="Classify"}')
-    )
-    assert float(line.split()[-1]) >= 3
+    assert _handled(app, "Classify", "INVALID_ARGUMENT") >= 3
     assert client.classify("the server is fine").tier
 
 
