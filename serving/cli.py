@@ -538,6 +538,32 @@ def register_gateway(sub: Any) -> None:
         help="the same Envoy without the ext_proc filter (everything to the fallback tier)",
     )
     env.set_defaults(func=_gateway_envoy_config)
+    demo = gsub.add_parser(
+        "demo-upstreams",
+        help="serve a fake OpenAI-compatible upstream on each tier's address of a gateway config "
+        "(answers as the tier, echoing the model and x-tierpick-* headers): for trying the "
+        "gateway without real models",
+    )
+    demo.add_argument("--config", required=True, help="gateway YAML")
+    demo.set_defaults(func=_gateway_demo_upstreams)
+
+
+def _gateway_demo_upstreams(args: argparse.Namespace) -> int:
+    from tierpick.serving.gateway import load_gateway_config
+    from tierpick.serving.gateway.local_envoy import Upstream
+    from tierpick.serving.lifecycle import run_until_signalled
+
+    cfg = load_gateway_config(args.config)
+    started = []
+    try:
+        for tier, up in cfg.tiers.items():
+            started.append(Upstream(tier, up.host, up.port))
+        lines = [f"demo upstream {u.name} on {u.address}" for u in started]
+        run_until_signalled(lambda: None, ready=lambda: print("\n".join(lines), flush=True))
+    finally:
+        for u in started:
+            u.close()
+    return 0
 
 
 def _gateway_config(args: argparse.Namespace) -> Any:

@@ -30,8 +30,8 @@ class Upstream:
     """An OpenAI-compatible chat/completions server on loopback that answers as ``name``,
     echoing the model it was asked for and the ``x-tierpick-*`` headers it received."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    def __init__(self, name: str, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.name, self.host = name, host
         self.requests = 0
         outer = self
 
@@ -91,7 +91,10 @@ class Upstream:
             def log_message(self, *args: Any) -> None:  # quiet
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        try:
+            self.server = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:
+            raise TierpickError(f"cannot bind {host}:{port} for upstream {name}: {exc}") from exc
         self.server.daemon_threads = True
         self.port = int(self.server.server_address[1])
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -99,7 +102,7 @@ class Upstream:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def close(self) -> None:
         self.server.shutdown()

@@ -202,3 +202,35 @@ def test_every_dashboard_query_names_a_metric_the_servers_export() -> None:
     bare = [re.sub(r"by \([^)]*\)", "", re.sub(r"\{[^}]*\}", "", e)) for e in exprs]
     named = {m for e in bare for m in re.findall(r"\b((?:tierpick|grpc|process)_[a-z_]+)\b", e)}
     assert named and not named - exported, sorted(named - exported)
+
+
+def test_demo_upstreams_answer_on_each_tiers_address(tmp_path: Any) -> None:
+    import http.client
+    import signal
+    import subprocess
+    import sys
+
+    from tierpick.serving.gateway.local_envoy import free_port
+
+    ports = {t: free_port() for t in TIERS}
+    config = tmp_path / "gateway.yaml"
+    tiers = "".join(f"  {t}: {{upstream: '127.0.0.1:{p}'}}\n" for t, p in ports.items())
+    config.write_text("tiers:\n" + tiers)
+    cmd = [sys.executable, "-m", "tierpick.cli", "gateway", "demo-upstreams"]
+    with subprocess.Popen(
+        [*cmd, "--config", str(config)], stdout=subprocess.PIPE, text=True
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            lines = "".join(proc.stdout.readline() for _ in TIERS)
+            assert all(f"demo upstream {t} on 127.0.0.1:{ports[t]}" in lines for t in TIERS)
+            for tier, port in ports.items():
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                conn.request("POST", "/v1/chat/completions", body=json.dumps({"model": "m"}))
+                answer = json.loads(conn.getresponse().read())
+                assert answer["upstream"] == tier and answer["model"] == "m"
+                conn.close()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+        finally:
+            proc.kill()
