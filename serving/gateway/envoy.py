@@ -11,6 +11,47 @@ from tierpick.serving.gateway.config import GatewayConfig
 from tierpick.serving.gateway.processor import DECISION_HEADERS, HEADER_PREFIX
 
 
+def _lua_pattern(text: str) -> str:
+    """``text`` as a literal Lua pattern."""
+    return "".join("%" + c if c in "^$()%.[]*+-?" else c for c in text)
+
+
+def _lua_string(text: str) -> str:
+    """``text`` as a Lua string literal."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+def _fallback_model_lua(cfg: GatewayConfig) -> str | None:
+    """A Lua filter for requests that reach Envoy's router without ``x-tierpick-tier``: the
+    processor was down or over its time budget (fail-open), or the body could not be
+    classified. They go to the fallback tier, so a virtual model name in the body (which a real
+    provider rejects) becomes the fallback tier's model, without the processor. Explicit models
+    are left alone (they are not virtual names)."""
+    model = cfg.tiers[cfg.fallback_tier].model
+    if not cfg.rewrite_model or model is None or not cfg.virtual_models:
+        return None
+    names = ", ".join(_lua_string(_lua_pattern(v)) for v in cfg.virtual_models)
+    replacement = _lua_string('%1"' + model.replace("%", "%%") + '"')
+    return f"""
+local virtual = {{{names}}}
+function envoy_on_request(handle)
+  if handle:headers():get("{HEADER_PREFIX}tier") ~= nil then return end
+  local body = handle:body()
+  if body == nil or body:length() == 0 then return end
+  local raw = body:getBytes(0, body:length())
+  for _, name in ipairs(virtual) do
+    local new, n = string.gsub(raw, '("model"%s*:%s*)"' .. name .. '"', {replacement}, 1)
+    if n > 0 then
+      body:setBytes(new)
+      handle:headers():replace("content-length", tostring(#new))
+      return
+    end
+  end
+end
+"""
+
+
 def render_envoy_config(
     cfg: GatewayConfig, with_processor: bool = True, processor_port: int | None = None
 ) -> str:
@@ -81,6 +122,17 @@ def render_envoy_config(
         if cfg.failure_mode == "closed":
             ext_proc["status_on_error"] = {"code": 503}
         filters.append({"name": "envoy.filters.http.ext_proc", "typed_config": ext_proc})
+    lua = _fallback_model_lua(cfg)
+    if lua is not None:
+        filters.append(
+            {
+                "name": "envoy.filters.http.lua",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                    "default_source_code": {"inline_string": lua},
+                },
+            }
+        )
     filters.append(
         {
             "name": "envoy.filters.http.router",

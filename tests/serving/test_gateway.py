@@ -177,6 +177,7 @@ def test_per_request_policy_headers(stack: Stack) -> None:
 
 
 def test_bad_bodies_pass_through_untouched_and_clients_cannot_pick_a_tier(stack: Stack) -> None:
+    fallback_model = stack.cfg.tiers[stack.cfg.fallback_tier].model
     for raw, reason in [
         (b"not json at all", "body is not JSON"),
         (b'["a", "list"]', "body is not a JSON object"),
@@ -185,10 +186,18 @@ def test_bad_bodies_pass_through_untouched_and_clients_cannot_pick_a_tier(stack:
     ]:
         status, _, body, _ = stack.post(raw)
         assert status == 200 and isinstance(body, dict)
-        assert body["body"].encode() == raw  # untouched
+        # untouched, but for a virtual model name: the fallback tier's upstream gets its model
+        expected = raw.replace(b'"auto"', f'"{fallback_model}"'.encode())
+        assert body["body"].encode() == expected
         assert body["tierpick_headers"]["x-tierpick-status"] == "not-classified"
         assert reason in body["tierpick_headers"]["x-tierpick-reason"]
         assert body["upstream"] == stack.cfg.fallback_tier
+    # a model of the client's own that no tier serves: to the fallback route, body untouched
+    raw_own = json.dumps({"model": "someone-elses-model", "prompt": "hi"}).encode()
+    status, _, body, _ = stack.post(raw_own)
+    assert status == 200 and isinstance(body, dict) and body["body"].encode() == raw_own
+    assert body["tierpick_headers"]["x-tierpick-status"] == "passthrough"
+    assert body["upstream"] == stack.cfg.fallback_tier
     # a client's own decision header is stripped before the processor and the routes see it
     clf = stack.gateway.holder.current  # type: ignore[union-attr]
     prompt = "What is 2 + 2?"
@@ -245,10 +254,14 @@ def test_fallback_while_the_processor_is_stopped(stack: Stack) -> None:
     assert stack.gateway is not None
     stack.gateway.shutdown(0)
     before = stack.envoy.stat("http.tierpick_gateway.ext_proc.tierpick.failure_mode_allowed")
+    fallback_model = stack.cfg.tiers[stack.cfg.fallback_tier].model
     for _ in range(5):
         status, headers, body, _ = stack.post(_chat("Explain quicksort."))
         assert status == 200 and body["upstream"] == stack.cfg.fallback_tier  # type: ignore[index]
         assert headers["x-tierpick-status"] == "fallback"
+        # the upstream gets the fallback tier's model, not the virtual name (Envoy's Lua filter)
+        assert body["model"] == fallback_model  # type: ignore[index]
+        assert json.loads(body["body"])["model"] == fallback_model  # type: ignore[index]
     after = stack.envoy.stat("http.tierpick_gateway.ext_proc.tierpick.failure_mode_allowed")
     assert after - before == 5
     stack.gateway = create_gateway(stack.cfg)  # same port: Envoy reconnects
