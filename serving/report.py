@@ -311,6 +311,15 @@ def render_markdown(report: dict[str, Any], source: str) -> str:
     return "\n".join(lines)
 
 
+def usd(x: float) -> str:
+    """A dollar amount with the digits that matter: $1,234, $12.50, $0.25, $0.0042."""
+    if abs(x) >= 100:
+        return f"${x:,.0f}"
+    if abs(x) >= 1 or x == 0:
+        return f"${x:,.2f}"
+    return f"${x:.2g}"
+
+
 def plot_curve(report: dict[str, Any], path: Path) -> None:
     try:
         import matplotlib
@@ -330,7 +339,7 @@ def plot_curve(report: dict[str, Any], path: Path) -> None:
             r["cost_usd"],
             ls="--" if name != "as scored" else ":",
             color=f"C{i + 1}",
-            label=f"{name} (${r['cost_usd']:,.0f})",
+            label=f"{name} ({usd(r['cost_usd'])})",
         )
     ax.set_xlabel("threshold t (cheapest tier with probability >= t)")
     ax.set_ylabel("projected cost (USD)")

@@ -149,7 +149,7 @@ def _adapt(args: argparse.Namespace) -> int:
                 experiment=args.experiment,
                 registered_name=name,
                 params={
-                    "config": str(args.config),
+                    "config": Path(args.config).name,
                     "adapted_from": parent,
                     "model_version": result.version,
                     "data_fingerprint": ds.fingerprint,
@@ -163,6 +163,7 @@ def _adapt(args: argparse.Namespace) -> int:
                 model_dir=out,
                 report_dir=report,
                 tags={"data_fingerprint": ds.fingerprint, "adapted_from": parent},
+                run_name=f"adapt {parent} on {ds.fingerprint[:8]}",
             )
         print(f"\nMLflow run {run_id}: registered {name} version {version} as @challenger")
     print(f"adapted model -> {out}")
@@ -295,7 +296,7 @@ def _train(args: argparse.Namespace) -> int:
     if client is not None:
         name = args.register_name or f"tierpick-{config.train.model_name}"
         params = {
-            "config": str(args.config),
+            "config": Path(args.config).name,  # no local absolute paths in params
             "data_fingerprint": result.report["data_fingerprint"],
             "model_version": result.report["model_version"],
             **_flatten("train", dataclasses.asdict(config.train)),
@@ -310,6 +311,7 @@ def _train(args: argparse.Namespace) -> int:
             model_dir=out,
             report_dir=result.report_dir,
             tags={"data_fingerprint": result.report["data_fingerprint"]},
+            run_name=f"train {result.report['data_fingerprint'][:8]}",
         )
         print(f"\nMLflow run {run_id}: registered {name} version {version} as @challenger")
     return 0
@@ -381,7 +383,7 @@ def run_loso(config: Any, ds: Any, workdir: Path, families: str | None) -> dict[
 def _promote(args: argparse.Namespace) -> int:
     from tierpick.training import tracking
 
-    client = tracking.connect(args.tracking_uri)
+    client = tracking.connect(args.tracking_uri, must_exist=True)
     promoted, table = tracking.promote(client, args.name, args.version, args.force)
     print(table)
     return 0 if promoted else 1

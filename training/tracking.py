@@ -22,14 +22,23 @@ def tracking_uri(uri: str | None = None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
-def connect(uri: str | None = None) -> Any:
-    """Point MLflow at the tracking store and check it answers; a clear error when it does not."""
+def connect(uri: str | None = None, must_exist: bool = False) -> Any:
+    """Point MLflow at the tracking store and check it answers; a clear error when it does not.
+    ``must_exist``: a local store (sqlite file) that does not exist yet is an error instead of
+    being created (commands that only read, like ``tierpick promote``)."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     import mlflow
     from mlflow.tracking import MlflowClient
 
     resolved = tracking_uri(uri)
+    if must_exist and resolved.startswith("sqlite:///"):
+        db = Path(resolved.removeprefix("sqlite:///"))
+        if not db.is_file():
+            raise ConfigError(
+                f"no MLflow store at {db} (nothing was logged there): give --tracking-uri or "
+                "$MLFLOW_TRACKING_URI of the store the model was registered in"
+            )
     mlflow.set_tracking_uri(resolved)
     mlflow.set_registry_uri(resolved)
     client = MlflowClient(resolved, resolved)
@@ -38,6 +47,23 @@ def connect(uri: str | None = None) -> Any:
     except Exception as exc:  # MlflowException, requests and sqlalchemy errors alike
         raise ConfigError(f"MLflow tracking store {resolved} is unreachable: {exc}") from exc
     return client
+
+
+def git_commit() -> str | None:
+    """The commit of the checkout this package runs from (None when installed, or not git)."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def log_training_run(
@@ -50,8 +76,10 @@ def log_training_run(
     model_dir: Path,
     report_dir: Path,
     tags: dict[str, str],
+    run_name: str | None = None,
 ) -> tuple[str, str]:
-    """Log one run and register its model as a new version with alias ``challenger``.
+    """Log one run and register its model as a new version with alias ``challenger``. The run
+    is tagged with the git commit of the code that made it, when run from a checkout.
 
     Returns:
         (run id, registered model version).
@@ -59,8 +87,9 @@ def log_training_run(
     import mlflow
 
     mlflow.set_experiment(experiment)
-    with mlflow.start_run() as run:
-        mlflow.set_tags(tags)
+    with mlflow.start_run(run_name=run_name) as run:
+        commit = git_commit()
+        mlflow.set_tags({**tags, **({"git_commit": commit} if commit else {})})
         mlflow.log_params(params)
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
         mlflow.log_artifacts(str(report_dir), artifact_path="report")

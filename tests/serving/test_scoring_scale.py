@@ -249,3 +249,15 @@ def test_savings_report(clf, tmp_path: Path, capsys) -> None:  # type: ignore[no
     assert (tmp_path / "parts-report" / "report.json").is_file()
     assert main(["report", str(src), "--model", str(clf.model_dir)]) == 2
     assert "not a scored row" in capsys.readouterr().err
+
+
+def test_dollar_amounts_keep_the_digits_that_matter() -> None:
+    from tierpick.serving.report import usd
+
+    assert [usd(x) for x in (0.0, 0.25, 0.0042, 12.5, 1234.4)] == [
+        "$0.00",
+        "$0.25",
+        "$0.0042",
+        "$12.50",
+        "$1,234",
+    ]

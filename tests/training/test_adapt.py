@@ -155,6 +155,19 @@ def test_adapt_command_registers_a_challenger(
     assert "| adapted |" in printed and "registered tierpick-trivia-adapted version 1" in printed
     assert main(["promote", "--name", "tierpick-trivia-adapted", "--tracking-uri", store]) == 0
     assert "promoted version 1 to champion" in capsys.readouterr().out
+    # the run says what it is: its name, the commit of the code, no local absolute paths
+    from mlflow.tracking import MlflowClient
+
+    (run,) = MlflowClient(store).search_runs(
+        [MlflowClient(store).get_experiment_by_name("tierpick-adapt").experiment_id]
+    )
+    assert run.info.run_name.startswith("adapt ") and len(run.data.tags["git_commit"]) == 40
+    assert run.data.params["config"] == "trivia.yaml"
+    assert not any(str(tmp_path) in v for v in run.data.params.values())
+    # promote against a store that does not exist: one line, and no empty store created
+    missing = tmp_path / "nowhere.db"
+    assert main(["promote", "--name", "x", "--tracking-uri", f"sqlite:///{missing}"]) == 2
+    assert "no MLflow store at" in capsys.readouterr().err and not missing.exists()
     assert classifier.load(out).manifest.lineage["folds"] == 5
 
 
