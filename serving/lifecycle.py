@@ -319,7 +319,12 @@ class GrpcApp:
             # still answering while health checkers notice NOT_SERVING and stop sending
             time.sleep(self.config.drain_seconds)
         timeout = self.config.drain_timeout if grace is None else grace
-        self._loop.run(self.server.stop(timeout))
+
+        async def stop() -> None:
+            await self.server.stop(timeout)
+            await asyncio.sleep(0.05)  # the loop finishes its last completions before it stops
+
+        self._loop.run(stop())
         self._loop.close()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
