@@ -247,7 +247,8 @@ def adapt(
     cv = CrossFit(data, in_fold, costs, tiers, weight)
     before, after = cv.evaluate(parent), cv.evaluate(calibration_only)
     method, graph = "calibration", None
-    head_tiers = [t for j, t in enumerate(tiers) if (data.mask[:, j] > 0).sum() >= min_head]
+    # a head row is refitted only where the calibration is refitted too (same logit scale)
+    head_tiers = [t for t in adapted if (data.mask[:, tiers.index(t)] > 0).sum() >= min_head]
     if head_tiers:
         head = Head(Path(clf.model_dir) / clf.manifest.graph)
         feats = head.features(clf, data.prompts)
