@@ -31,12 +31,12 @@ check: $(STAMP)
 	$(BIN)/mypy
 
 test: check
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -m "not slow" --durations=10
 
 # Tests marked `slow`: a real Envoy, an MLflow server, a local Ray, the wheel installed into fresh
 # virtual environments on Python 3.11 and 3.13 (CI runs them after `make test`).
 test-slow: $(STAMP)
-	$(BIN)/pytest -m slow
+	$(BIN)/pytest -m slow --durations=10
 
 data: $(STAMP)
 	$(BIN)/tierpick data build --config training/configs/default.yaml --out build/dataset

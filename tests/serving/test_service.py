@@ -563,6 +563,7 @@ def test_serve_command_refuses_bad_tls_and_busy_ports_in_one_line(
             assert ("does not match" in last) if what == "mismatched key" else ("in use" in last)
 
 
+@pytest.mark.slow  # two 4,000-prompt batches of long prompts (about 35 s)
 def test_drain_timeout_is_the_grace_in_flight_calls_get(model_copy: Path) -> None:
     """A call still running when the server stops finishes within the drain timeout, and is
     cancelled past it."""
