@@ -167,8 +167,6 @@ class TierClassifier:
         """
         if isinstance(prompts, str):
             raise TypeError("predict_* take a sequence of prompts, not one string")
-        if not prompts:
-            return np.zeros((0, len(self.tiers)), dtype=np.float32)
         return self.infer(self.token_ids(prompts, prepared=prepared))
 
     def infer(
@@ -182,6 +180,8 @@ class TierClassifier:
         student's head features this way)."""
         session = session or self._session
         names = None if output is None else [output]
+        if not ids_list:  # the width of another output is not known without a row
+            return np.zeros((0, len(self.tiers) if output is None else 0), dtype=np.float32)
         if len(ids_list) == 1:  # the serving hot path: no sorting, no chunks
             ids, mask = self.pad(ids_list)
             first: npt.NDArray[np.float32] = session.run(
@@ -197,8 +197,7 @@ class TierClassifier:
             if out is None:
                 out = np.zeros((len(ids_list), part.shape[1]), dtype=np.float32)
             out[rows] = part
-        assert out is not None
-        return out
+        return out  # type: ignore[return-value]  # set by the first chunk: ids_list is not empty
 
     def calibrate(self, logits: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float32]:
         """Apply the manifest's per-tier calibration to logits."""

@@ -36,7 +36,7 @@ def explain(clf: Any, prompts: list[str], policy: Any) -> list[dict[str, Any]]:
     router = clf.router(policy)
     prepared = clf.prepare(prompts)
     ids = clf.token_ids(prepared, prepared=True)
-    proba = clf.predict_proba(prepared, prepared=True)
+    proba = clf.calibrate(clf.infer(ids))  # the ids just counted, not a second tokenization
     chosen, met = router.choose(proba)
     utility = router.utilities(proba)
     m = clf.manifest

@@ -216,16 +216,23 @@ def adapt(
         raise DatasetError(f"{n} prompts with outcomes: too few to adapt and evaluate")
     a_parent = np.array(clf.manifest.calibration.get("a", [1.0] * len(tiers)), dtype=float)
     b_parent = np.array(clf.manifest.calibration.get("b", [0.0] * len(tiers)), dtype=float)
-    z = clf.predict_logits(data.prompts).astype(np.float64)
+    labelled = (data.mask > 0).sum(axis=0)
+    head = feats = None
+    if (labelled >= min_head).any():  # a head refit may follow: one pass gives both
+        head = Head(Path(clf.model_dir) / clf.manifest.graph)
+        feats = head.features(clf, data.prompts)
+        z = feats @ head.weight.T + head.bias  # the graph's logits, from the head's input
+    else:
+        z = clf.predict_logits(data.prompts).astype(np.float64)
     a_new, b_new, adapted, kept, notes = _calibrate(
         z, data, tiers, a_parent, b_parent, min_outcomes
     )
     if not adapted:
-        labelled = {t: int((data.mask[:, j] > 0).sum()) for j, t in enumerate(tiers)}
+        per_tier = {t: int(n) for t, n in zip(tiers, labelled, strict=True)}
         raise DatasetError(
             "nothing to adapt: no tier has enough outcomes ("
             + "; ".join(f"{t}: {why}" for t, why in kept.items())
-            + f"; labelled prompts per tier: {labelled}). Add outcomes, or lower "
+            + f"; labelled prompts per tier: {per_tier}). Add outcomes, or lower "
             "--min-outcomes (at least 20)"
         )
     specs = tuple(TierSpec(t.name, t.price_input, t.price_output) for t in config.tiers)
@@ -248,10 +255,8 @@ def adapt(
     before, after = cv.evaluate(parent), cv.evaluate(calibration_only)
     method, graph = "calibration", None
     # a head row is refitted only where the calibration is refitted too (same logit scale)
-    head_tiers = [t for t in adapted if (data.mask[:, tiers.index(t)] > 0).sum() >= min_head]
-    if head_tiers:
-        head = Head(Path(clf.model_dir) / clf.manifest.graph)
-        feats = head.features(clf, data.prompts)
+    head_tiers = [t for t in adapted if labelled[tiers.index(t)] >= min_head]
+    if head_tiers and head is not None and feats is not None:
         cols = [tiers.index(t) for t in head_tiers]
 
         def head_and_calibration(rest: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
