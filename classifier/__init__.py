@@ -16,7 +16,13 @@ from tierpick.classifier.errors import (
 )
 from tierpick.classifier.routing import Router, RoutingPolicy, read_policy, write_policy
 from tierpick.classifier.runtime import Decision, TierClassifier, load, prepare_prompt
-from tierpick.classifier.text import messages_to_prompt, normalize_prompt, prompt_key
+from tierpick.classifier.text import (
+    last_user_text,
+    messages_to_prompt,
+    normalize_prompt,
+    prompt_key,
+    strip_harness,
+)
 
 __all__ = [
     "ArtifactError",
@@ -31,6 +37,7 @@ __all__ = [
     "TierClassifier",
     "TierSpec",
     "TierpickError",
+    "last_user_text",
     "load",
     "messages_to_prompt",
     "normalize_prompt",
@@ -38,5 +45,6 @@ __all__ = [
     "prompt_key",
     "read_manifest",
     "read_policy",
+    "strip_harness",
     "write_policy",
 ]

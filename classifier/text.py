@@ -84,6 +84,80 @@ def messages_to_prompt(messages: Iterable[Mapping[str, object]]) -> str:
     return last
 
 
+# Text an agent harness injects into user turns: plumbing, not what a person asked. Claude Code's
+# reminders and slash-command echoes, Codex's environment and instruction blocks.
+HARNESS_TAGS = (
+    "system-reminder",
+    "environment_context",
+    "user_instructions",
+    "environments_instructions",
+    "recommended_plugins",
+    "command-name",
+    "command-message",
+    "command-args",
+    "local-command-stdout",
+    "local-command-stderr",
+    "local-command-caveat",
+)
+_HARNESS_BLOCK = re.compile(
+    r"<(" + "|".join(re.escape(t) for t in HARNESS_TAGS) + r")\b[^>]*>.*?</\1\s*>"
+    r"|# AGENTS\.md instructions for [^\n]*\n.*?</INSTRUCTIONS>",
+    re.DOTALL | re.IGNORECASE,
+)
+
+
+def strip_harness(text: str) -> str:
+    """``text`` without complete agent-harness blocks (:data:`HARNESS_TAGS`, Codex's AGENTS.md
+    instructions); an unclosed tag is left in place (it may be prose about the tag)."""
+    return _HARNESS_BLOCK.sub("", text).strip()
+
+
+def last_user_text(messages: object) -> str:
+    """The text classified for a served chat request (OpenAI ``messages``): the last user turn
+    that holds text of its own.
+
+    Stricter than :func:`messages_to_prompt`, which reads training data: system prompts,
+    assistant turns and tool results are skipped, agent-harness blocks are removed from user
+    turns (:func:`strip_harness`), and a user turn left with no text (a reminder only, a tool
+    result carried in a user turn, an image) is skipped, so an agent loop is classified on the
+    task its user gave.
+
+    Raises:
+        ValueError: naming the problem: ``messages`` is not a list of objects, a content part is
+            not an object, a text part's ``text`` is not a string, or no user turn has text.
+    """
+    if not isinstance(messages, list):
+        raise ValueError(f"messages must be a list, got {type(messages).__name__}")
+    last: str | None = None
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            raise ValueError(f"messages[{i}] must be an object, got {type(message).__name__}")
+        if message.get("role") != "user":
+            continue
+        content = message.get("content")
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                where = f"messages[{i}].content[{j}]"
+                if not isinstance(part, Mapping):
+                    raise ValueError(f"{where} must be an object, got {type(part).__name__}")
+                if part.get("type") == "text" and not isinstance(part.get("text"), str):
+                    raise ValueError(f"{where}.text must be a string, got {part.get('text')!r}")
+        elif content is not None and not isinstance(content, str):
+            raise ValueError(
+                f"messages[{i}].content must be a string or a list of parts, "
+                f"got {type(content).__name__}"
+            )
+        text = _content_text(content)
+        if text is not None and (text := strip_harness(text)):
+            last = text
+    if last is None:
+        raise ValueError(
+            "no user message with text to classify (only system, assistant or tool messages, "
+            "non-text parts, or agent-harness blocks)"
+        )
+    return last
+
+
 def _content_text(content: object) -> str | None:
     if isinstance(content, str):
         return content

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tierpick.classifier import RoutingPolicy, TierClassifier, messages_to_prompt
+from tierpick.classifier import RoutingPolicy, TierClassifier, last_user_text
 from tierpick.classifier.errors import TierpickError
 from tierpick.serving._proto.tierpick.v1 import tierpick_pb2 as pb
 
@@ -16,12 +16,13 @@ class RequestError(TierpickError):
 
 
 def request_prompt(req: pb.ClassifyRequest) -> str:
-    """The text to classify: ``prompt``, or the last user turn of ``messages``."""
+    """The text to classify: ``prompt``, or the last user turn of ``messages`` with text of its
+    own (:func:`~tierpick.classifier.last_user_text`)."""
     if req.prompt and req.messages:
         raise RequestError("give prompt or messages, not both")
     if req.messages:
         try:
-            text = messages_to_prompt({"role": m.role, "content": m.content} for m in req.messages)
+            text = last_user_text([{"role": m.role, "content": m.content} for m in req.messages])
         except ValueError as exc:
             raise RequestError(f"messages: {exc}") from exc
     else:

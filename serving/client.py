@@ -124,3 +124,47 @@ class TierpickClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class AsyncTierpickClient:
+    """The asyncio twin of :class:`TierpickClient` (``grpc.aio``), for gateways that run on an
+    event loop (the LiteLLM plug-in). Create it inside the loop that will use it."""
+
+    def __init__(
+        self,
+        target: str,
+        timeout: float = 1.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, object]] = (),
+    ) -> None:
+        opts = list(options)
+        self.channel = (
+            grpc.aio.secure_channel(target, credentials, options=opts)
+            if credentials
+            else grpc.aio.insecure_channel(target, options=opts)
+        )
+        self.stub = pb_grpc.TierRouterStub(self.channel)
+        self.timeout = timeout
+
+    async def classify(
+        self,
+        prompt: str = "",
+        *,
+        messages: Iterable[Mapping[str, str]] = (),
+        routing: pb.RoutingPolicy | None = None,
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> pb.ClassifyResponse:
+        resp: pb.ClassifyResponse = await self.stub.Classify(
+            request(prompt, messages, routing, request_id), timeout=timeout or self.timeout
+        )
+        return resp
+
+    async def model_info(self, timeout: float | None = None) -> pb.ModelInfo:
+        info: pb.ModelInfo = await self.stub.GetModelInfo(
+            pb.GetModelInfoRequest(), timeout=timeout or self.timeout
+        )
+        return info
+
+    async def close(self) -> None:
+        await self.channel.close()

@@ -427,4 +427,9 @@ def run_until_signalled(
     signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=reload).start())
     if ready is not None:
         ready()
-    done.wait()
+    # Python runs a handler in the main thread once that thread runs Python code again. A
+    # signal the kernel hands to another thread (the server has many) does not wake a main
+    # thread blocked in an untimed wait: seen with SIGTERM sent right after SIGCONT, which the
+    # server then never handled. Waking twice a second bounds that delay.
+    while not done.wait(0.5):
+        pass

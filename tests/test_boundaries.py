@@ -97,6 +97,7 @@ def test_public_surface_of_classifier() -> None:
         "TierClassifier",
         "TierSpec",
         "TierpickError",
+        "last_user_text",
         "load",
         "messages_to_prompt",
         "normalize_prompt",
@@ -104,6 +105,7 @@ def test_public_surface_of_classifier() -> None:
         "prompt_key",
         "read_manifest",
         "read_policy",
+        "strip_harness",
         "write_policy",
     ]
 

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from typing import Any
 
-from tierpick.classifier import RoutingPolicy, TierClassifier, messages_to_prompt
+from tierpick.classifier import RoutingPolicy, TierClassifier, last_user_text
 from tierpick.classifier.errors import MissingDependencyError, PromptError, TierpickError
 from tierpick.serving.gateway.config import POLICY_HEADERS, GatewayConfig, check_model_tiers
 from tierpick.serving.lifecycle import (
@@ -63,14 +63,12 @@ def parse_body(body: bytes) -> dict[str, Any]:
 
 
 def prompt_of(obj: Mapping[str, Any]) -> str:
-    """The text to classify in a parsed request body: the last user turn of ``messages``
-    (chat/completions), or ``prompt`` (completions)."""
+    """The text to classify in a parsed request body: the last user turn of ``messages`` with
+    text of its own (chat/completions; :func:`~tierpick.classifier.last_user_text`), or
+    ``prompt`` (completions)."""
     if "messages" in obj:
-        messages = obj["messages"]
-        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-            raise NotClassifiable("messages is not a list of objects")
         try:
-            text = messages_to_prompt(messages)
+            text = last_user_text(obj["messages"])
         except ValueError as exc:
             raise NotClassifiable(str(exc)) from exc
     elif isinstance(obj.get("prompt"), str):

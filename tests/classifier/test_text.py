@@ -33,3 +33,39 @@ def test_messages_to_prompt_takes_last_user_turn() -> None:
 def test_messages_without_user_turn_is_an_error() -> None:
     with pytest.raises(ValueError, match="no user message"):
         messages_to_prompt([{"role": "system", "content": "x"}])
+
+
+def test_last_user_text_skips_harness_text_and_names_bad_parts() -> None:
+    import pytest
+
+    from tierpick.classifier import last_user_text, strip_harness
+
+    codex = (
+        "# AGENTS.md instructions for /repo\n\n<INSTRUCTIONS>\nRun make test.\n</INSTRUCTIONS>\n"
+        "<environment_context>\n  <cwd>/repo</cwd>\n</environment_context>\n"
+        "Rename the function parse to load."
+    )
+    assert strip_harness(codex) == "Rename the function parse to load."
+    # an unclosed tag is prose about the tag, not a block
+    assert strip_harness("what does <system-reminder> mean?") == "what does <system-reminder> mean?"
+    chat = [
+        {"role": "system", "content": "You are a coding agent."},
+        {"role": "user", "content": [{"type": "text", "text": codex}]},
+        {"role": "assistant", "content": None, "tool_calls": []},
+        {"role": "tool", "content": "file contents"},
+        {"role": "user", "content": "<system-reminder>todo list is empty</system-reminder>"},
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+    ]
+    assert last_user_text(chat) == "Rename the function parse to load."
+    for bad, where in [
+        ("not a list", "messages must be a list"),
+        ([1], "messages[0] must be an object"),
+        ([{"role": "user", "content": ["hi"]}], "messages[0].content[0] must be an object"),
+        ([{"role": "user", "content": [{"type": "text", "text": 1}]}], "content[0].text"),
+        ([{"role": "user", "content": 5}], "messages[0].content must be a string"),
+        ([{"role": "system", "content": "x"}], "no user message with text"),
+        (chat[4:], "no user message with text"),
+    ]:
+        with pytest.raises(ValueError) as err:
+            last_user_text(bad)
+        assert where in str(err.value), bad

@@ -1,0 +1,634 @@
+"""LiteLLM plug-in: LiteLLM's complexity router routes each request to the model group of the
+tier tierpick chooses.
+
+Extension point: the complexity router's custom classifier (``classifier_type: custom``,
+``classifier_plugin``), which LiteLLM provides for exactly this: a classifier names the tier,
+LiteLLM maps the tier to a model group of its own ``model_list``, applies the time budget
+(``classifier_plugin_timeout_ms``) and its ``fallback_tier``, and records the routing decision
+in its spend logs. It runs in the proxy and in the Python ``Router`` alike. The same object is
+also a LiteLLM callback (:class:`~litellm.integrations.custom_logger.CustomLogger`); on the
+proxy it adds what a classifier alone cannot do:
+
+- ``async_pre_call_hook``: a request for a tierpick model group is classified here, before
+  routing, so that a bad per-request policy is answered with an OpenAI-style 400 naming the
+  field, ``failure.mode: closed`` can reject with 503, and the decision is stored in the
+  request's metadata (``tierpick_decision``, and ``spend_logs_metadata`` for spend reports);
+  the classifier then returns the stored tier;
+- ``async_post_call_response_headers_hook``: ``x-tierpick-tier``, ``-probabilities``,
+  ``-model-version``, ``-status``, ``-reason`` on the response.
+
+With the Python ``Router`` (no proxy hooks) the classifier classifies itself: a bad policy or
+a classifier failure goes to the fallback tier, counted and logged.
+
+What is classified: the last user turn with text of its own
+(:func:`~tierpick.classifier.last_user_text`): system prompts, assistant turns and tool
+results are skipped, agent-harness blocks (``<system-reminder>``, Codex's environment and
+AGENTS.md blocks, ...) are removed, and a user turn left empty is skipped.
+
+Settings: a ``tierpick:`` section of the LiteLLM config file (LiteLLM ignores it), or the YAML
+file named by ``$TIERPICK_LITELLM_CONFIG``::
+
+    tierpick:
+      service: 127.0.0.1:50051     # the tierpick gRPC service; or model: DIR|default
+                                   # (classify in process)
+      timeout_ms: 50               # one decision's budget (the gRPC deadline)
+      failure: {mode: open}        # open: the fallback tier; closed: 503 (proxy)
+      policy: {cost_weight: 0.2}   # the base policy (or a policy file)
+      request_policy: {enabled: true, fields: [cost_weight], tiers: [local, mid]}
+
+The proxy config names ``tierpick.serving.litellm_plugin.plugin`` as the complexity router's
+``classifier_plugin`` and in ``litellm_settings.callbacks``; at start-up the plug-in checks the
+config (every tier of the model maps to a model group of ``model_list``) and refuses to start
+otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+
+from tierpick import classifier
+from tierpick.classifier import Router, RoutingPolicy, TierClassifier, last_user_text
+from tierpick.classifier.errors import (
+    ConfigError,
+    MissingDependencyError,
+    PromptError,
+    TierpickError,
+)
+from tierpick.classifier.routing import POLICY_KEYS, policy_from_mapping, read_policy
+
+try:
+    from litellm.integrations.custom_logger import CustomLogger
+except ImportError as exc:  # pragma: no cover - the extra is missing
+    raise MissingDependencyError(
+        f"the LiteLLM plug-in needs LiteLLM (pip install 'tierpick[litellm]'): {exc}"
+    ) from exc
+
+log = logging.getLogger("tierpick.litellm")
+
+CONFIG_ENV = "TIERPICK_LITELLM_CONFIG"
+POLICY_KEY = "tierpick"  # request metadata: the per-request policy
+DECISION_KEY = "tierpick_decision"  # request metadata: the decision (set by the plug-in only)
+ROUTER_MODEL = "auto_router/complexity_router"
+HEADER_PREFIX = "x-tierpick-"
+OUTCOMES = ("classified", "not-classified", "fallback", "rejected", "bad-request")
+
+
+class BadRequest(TierpickError):
+    """A per-request policy that cannot be applied: HTTP 400 on the proxy."""
+
+
+class NotClassified(TierpickError):
+    """A request with nothing to classify: the fallback tier, with the reason."""
+
+
+class Decision(dict[str, Any]):
+    """The decision on one request, kept in its metadata: ``tier`` (None: LiteLLM's
+    ``fallback_tier``), ``status`` (one of :data:`OUTCOMES`), ``reason``, ``probabilities``,
+    ``model_version``, ``ms``. A dict, so LiteLLM logs it as it is; its own type, so a client
+    cannot forge one in JSON metadata."""
+
+
+# ---------------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class PluginConfig:
+    """The plug-in's settings; :func:`parse_plugin_config` reads and validates them."""
+
+    service: str | None = "127.0.0.1:50051"
+    model: str | None = None  # classify in process instead of calling the service
+    timeout_ms: int = 50
+    failure_mode: str = "open"  # open | closed
+    policy: RoutingPolicy = field(default_factory=RoutingPolicy)
+    # per-request policy (metadata.tierpick) is off unless granted: which fields, and the
+    # tiers a request that sets any of them is routed within (empty: every tier)
+    request_policy_enabled: bool = False
+    request_policy_fields: tuple[str, ...] = POLICY_KEYS
+    request_policy_tiers: tuple[str, ...] = ()
+
+
+_KEYS = {"service", "model", "timeout_ms", "failure", "policy", "request_policy"}
+
+
+def parse_plugin_config(raw: object, where: str = "tierpick") -> PluginConfig:
+    """Validate the ``tierpick`` settings; every problem names its key."""
+    if raw is None:
+        return PluginConfig()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: must be a mapping")
+    if unknown := sorted(set(raw) - _KEYS):
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(_KEYS)}")
+    model, service = raw.get("model"), raw.get("service")
+    if model is not None and service is not None:
+        raise ConfigError(f"{where}: give service (host:port) or model (a directory), not both")
+    for key, value in (("model", model), ("service", service)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ConfigError(f"{where}.{key}: must be a string, got {value!r}")
+    timeout = raw.get("timeout_ms", 50)
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or not 1 <= timeout <= 60_000:
+        raise ConfigError(f"{where}.timeout_ms: must be an integer in [1, 60000], got {timeout!r}")
+    failure = raw.get("failure") or {}
+    if not isinstance(failure, dict) or set(failure) - {"mode"}:
+        raise ConfigError(f"{where}.failure: a mapping with one key, mode, got {failure!r}")
+    mode = failure.get("mode", "open")
+    if mode not in ("open", "closed"):
+        raise ConfigError(f"{where}.failure.mode: must be open or closed, got {mode!r}")
+    pol = raw.get("policy")
+    policy = (
+        read_policy(pol) if isinstance(pol, str) else policy_from_mapping(pol, where + ".policy")
+    )
+    grant = raw.get("request_policy") or {}
+    if not isinstance(grant, dict) or (
+        unknown := sorted(set(grant) - {"enabled", "fields", "tiers"})
+    ):
+        raise ConfigError(f"{where}.request_policy: a mapping of enabled, fields, tiers")
+    enabled = grant.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"{where}.request_policy.enabled: must be true or false, got {enabled!r}")
+    fields = grant.get("fields", list(POLICY_KEYS))
+    if not isinstance(fields, list) or any(f not in POLICY_KEYS for f in fields):
+        raise ConfigError(
+            f"{where}.request_policy.fields: must list some of {list(POLICY_KEYS)}, got {fields!r}"
+        )
+    tiers = grant.get("tiers", [])
+    if not isinstance(tiers, list) or not all(isinstance(t, str) for t in tiers):
+        raise ConfigError(f"{where}.request_policy.tiers: must be a list of tiers, got {tiers!r}")
+    return PluginConfig(
+        service=None if model is not None else (service or PluginConfig.service),
+        model=model,
+        timeout_ms=timeout,
+        failure_mode=mode,
+        policy=policy,
+        request_policy_enabled=enabled,
+        request_policy_fields=tuple(fields),
+        request_policy_tiers=tuple(tiers),
+    )
+
+
+@dataclass(frozen=True)
+class RoutedGroup:
+    """A model group of LiteLLM's ``model_list`` routed by this plug-in."""
+
+    name: str
+    tiers: dict[str, list[str]]  # tier -> model groups
+    fallback_tier: str | None
+
+
+def _names(value: object) -> list[str]:
+    """A complexity-router tier's model group names (a string, an object, or a list of them)."""
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for item in items:
+        name = item.get("model_name") if isinstance(item, dict) else item
+        if isinstance(name, str):
+            out.append(name)
+    return out
+
+
+def check_model_list(
+    model_list: Sequence[Mapping[str, Any]], model_tiers: Sequence[str] | None = None
+) -> list[RoutedGroup]:
+    """The complexity-router entries of a LiteLLM ``model_list`` that use a tierpick
+    classifier, checked: every tier names model groups that exist in ``model_list``, there is a
+    ``fallback_tier``, and (when ``model_tiers`` is given) the tiers are the model's.
+
+    Raises:
+        ConfigError: naming the entry and the key.
+    """
+    names = {m.get("model_name") for m in model_list if isinstance(m, Mapping)}
+    out = []
+    for entry in model_list:
+        params = entry.get("litellm_params") if isinstance(entry, Mapping) else None
+        if not isinstance(params, Mapping) or params.get("model") != ROUTER_MODEL:
+            continue
+        cfg = params.get("complexity_router_config") or {}
+        plugin = cfg.get("classifier_plugin")
+        if not (isinstance(plugin, Plugin) or (isinstance(plugin, str) and "tierpick" in plugin)):
+            continue
+        where = f"model_list[{entry.get('model_name')!r}].litellm_params.complexity_router_config"
+        if cfg.get("classifier_type") != "custom":
+            raise ConfigError(f"{where}.classifier_type: must be custom for a tierpick plug-in")
+        tiers = cfg.get("tiers")
+        if not isinstance(tiers, Mapping) or not tiers:
+            raise ConfigError(f"{where}.tiers: a mapping of tier -> model group")
+        groups = {str(t): _names(v) for t, v in tiers.items()}
+        for tier, group_names in groups.items():
+            if not group_names:
+                raise ConfigError(f"{where}.tiers.{tier}: names no model group")
+            if missing := [g for g in group_names if g not in names]:
+                raise ConfigError(
+                    f"{where}.tiers.{tier}: model group(s) {missing} are not a model_name of "
+                    "model_list"
+                )
+        if model_tiers is not None and set(groups) != set(model_tiers):
+            raise ConfigError(
+                f"{where}.tiers: {sorted(groups)} must be the tierpick model's tiers "
+                f"{list(model_tiers)}"
+            )
+        fallback = cfg.get("fallback_tier")
+        if fallback not in groups:
+            raise ConfigError(
+                f"{where}.fallback_tier: must name one of {sorted(groups)} (where a request goes "
+                f"when tierpick cannot classify it), got {fallback!r}"
+            )
+        out.append(RoutedGroup(str(entry.get("model_name")), groups, fallback))
+    return out
+
+
+# ---------------------------------------------------------------------------------- plug-in
+
+
+class Plugin(CustomLogger):
+    """tierpick as LiteLLM's complexity-router classifier (``classify``) and callback."""
+
+    def __init__(self, config: PluginConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or PluginConfig()
+        self.counts: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
+        self.routed: dict[str, RoutedGroup] = {}  # model group name -> its tiers (proxy)
+        self._clf: TierClassifier | None = None
+        self._info: Any = None  # the service's ModelInfo, fetched once
+        self._clients: dict[int, Any] = {}  # one grpc.aio channel per event loop
+        if self.config.model is not None:  # "default": the shipped model
+            model = self.config.model
+            self._clf = classifier.load(None if model == "default" else model)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Plugin:
+        """The plug-in itself: LiteLLM's ``Router`` deep-copies its ``model_list``, and the
+        plug-in (a loaded model, open channels, its counts) is one shared object."""
+        return self
+
+    # ------------------------------------------------------------- set-up
+
+    def model_tiers(self) -> list[str] | None:
+        """The tiers of the model that will classify, or None when the service cannot be
+        reached now (it is asked again at the first request)."""
+        if self._clf is not None:
+            return list(self._clf.tiers)
+        from tierpick.serving.client import TierpickClient
+
+        assert self.config.service is not None
+        try:
+            with TierpickClient(self.config.service, timeout=2.0) as client:
+                self._info = client.model_info()
+        except grpc.RpcError as exc:
+            log.warning(
+                "tierpick service %s not reachable at start-up (%s): tiers checked at the "
+                "first request",
+                self.config.service,
+                exc.code().name,
+            )
+            return None
+        return [t.name for t in self._info.tiers]
+
+    def check(self, model_list: Sequence[Mapping[str, Any]]) -> list[RoutedGroup]:
+        """Check a LiteLLM ``model_list`` against this plug-in's model (see
+        :func:`check_model_list`) and remember the groups it routes."""
+        groups = check_model_list(model_list, self.model_tiers())
+        for t in self.config.request_policy_tiers + self.config.policy.allowed_tiers:
+            if groups and t not in groups[0].tiers:
+                raise ConfigError(f"tierpick: tier {t!r} is not one of {sorted(groups[0].tiers)}")
+        self.routed = {g.name: g for g in groups}
+        return groups
+
+    # ------------------------------------------------------------- the decision
+
+    def request_policy(self, raw: object) -> tuple[RoutingPolicy, list[str]]:
+        """The config's policy with the request's granted fields (``metadata.tierpick``) over
+        it, and the fields ignored because they are not granted.
+
+        Raises:
+            BadRequest: a value out of range or of the wrong type, or a tier not granted.
+        """
+        cfg = self.config
+        if raw is None or (isinstance(raw, Mapping) and not raw):
+            return cfg.policy, []
+        where = f"metadata.{POLICY_KEY}"
+        if not isinstance(raw, dict):
+            raise BadRequest(f"{where}: must be an object of {list(POLICY_KEYS)}")
+        try:
+            asked = policy_from_mapping(raw, where)
+        except ConfigError as exc:
+            raise BadRequest(str(exc)) from None
+        enabled = cfg.request_policy_enabled
+        granted = [k for k in raw if enabled and k in cfg.request_policy_fields]
+        ignored = [k for k in raw if k not in granted]
+        policy = cfg.policy
+        for key in granted:
+            policy = replace(policy, **{key: getattr(asked, key)})
+        grant = cfg.request_policy_tiers
+        if granted and grant:
+            tiers = policy.allowed_tiers or tuple(self._tiers())
+            if "allowed_tiers" in granted and (beyond := [t for t in tiers if t not in grant]):
+                raise BadRequest(
+                    f"{where}.allowed_tiers: {beyond} not granted; a request may choose among "
+                    f"{list(grant)}"
+                )
+            policy = replace(policy, allowed_tiers=tuple(t for t in tiers if t in grant))
+        return policy, ignored
+
+    def _tiers(self) -> list[str]:
+        if self._clf is not None:
+            return list(self._clf.tiers)
+        return [t.name for t in self._info.tiers] if self._info is not None else []
+
+    def _router(self, policy: RoutingPolicy) -> Router:
+        """``policy`` validated against the model's tiers (:class:`BadRequest` if it fails)."""
+        try:
+            if self._clf is not None:
+                return self._clf.router(policy)
+            info = self._info
+            return Router.for_tiers(policy, list(info.tiers), info.default_cost_weight)
+        except TierpickError as exc:
+            raise BadRequest(f"metadata.{POLICY_KEY}: {exc}") from None
+
+    async def decide(self, messages: object, raw_policy: object) -> Decision:
+        """Classify a chat request: never raises but :class:`BadRequest`. A request with nothing
+        to classify, or a classifier that fails or runs over ``timeout_ms`` (the whole
+        decision, the service's round trip included), gets a decision with ``tier`` None
+        (LiteLLM's fallback tier) and the reason; with ``failure.mode: closed`` a failure is
+        ``status: rejected``."""
+        start = time.perf_counter()
+        try:
+            tier, proba, version, note = await asyncio.wait_for(
+                self._classify(messages, raw_policy), self.config.timeout_ms / 1000
+            )
+        except BadRequest:
+            self._count("bad-request")
+            raise
+        except (NotClassified, PromptError) as exc:
+            return self._done(Decision(tier=None, status="not-classified", reason=str(exc)), start)
+        except Exception as exc:  # the service is down, hung, or the model failed
+            return self._failed(exc, start)
+        decision = Decision(
+            tier=tier, status="classified", probabilities=proba, model_version=version, reason=note
+        )
+        return self._done(decision, start)
+
+    async def _classify(
+        self, messages: object, raw_policy: object
+    ) -> tuple[str, dict[str, float], str, str]:
+        if self._clf is None and self._info is None:
+            await self._fetch_info()
+        policy, ignored = self.request_policy(raw_policy)
+        router = self._router(policy)
+        note = (
+            f"metadata.{POLICY_KEY} field(s) {ignored} ignored: not granted by "
+            "tierpick.request_policy"
+            if ignored
+            else ""
+        )
+        try:
+            prompt = last_user_text(messages)
+        except ValueError as exc:
+            raise NotClassified(str(exc)) from None
+        if self._clf is not None:  # ~0.3 ms: on the loop, as the gateway's processor does
+            clf = self._clf
+            d = clf.route_proba(clf.predict_proba([prompt]), router)[0]
+            proba = {t: round(p, 4) for t, p in d.probabilities.items()}
+            return d.tier, proba, clf.version, note
+        from tierpick.serving.client import policy as pb_policy
+
+        try:
+            resp = await self._client().classify(
+                prompt,
+                routing=pb_policy(
+                    policy.min_success, policy.allowed_tiers, policy.max_price, policy.cost_weight
+                ),
+            )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:  # the policy was checked: the prompt
+                raise NotClassified(exc.details() or "invalid prompt") from None
+            raise
+        proba = {s.tier: round(s.success_probability, 4) for s in resp.scores}
+        return resp.tier, proba, resp.model_version, note
+
+    async def _fetch_info(self) -> None:
+        """The service's model (tiers, prices), once; checked against the routed groups."""
+        info = await self._client().model_info()
+        tiers = sorted(t.name for t in info.tiers)
+        for group in self.routed.values():
+            if sorted(group.tiers) != tiers:
+                raise ConfigError(
+                    f"the tierpick service's model has tiers {tiers}, LiteLLM's "
+                    f"{group.name!r} routes {sorted(group.tiers)}"
+                )
+        self._info = info
+
+    def _client(self) -> Any:
+        from tierpick.serving.client import AsyncTierpickClient
+
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(id(loop))
+        if client is None:
+            assert self.config.service is not None
+            client = AsyncTierpickClient(
+                self.config.service,
+                self.config.timeout_ms / 1000,
+                # a restarted service is found again within a second, not after gRPC's
+                # default backoff (up to two minutes of fallbacks)
+                options=[
+                    ("grpc.initial_reconnect_backoff_ms", 100),
+                    ("grpc.max_reconnect_backoff_ms", 1000),
+                ],
+            )
+            self._clients[id(loop)] = client
+        return client
+
+    def _failed(self, exc: BaseException, start: float) -> Decision:
+        reason = (
+            f"classifier over its {self.config.timeout_ms} ms budget"
+            if isinstance(exc, asyncio.TimeoutError)
+            else f"classifier error: {type(exc).__name__}: {_short(exc)}"
+        )
+        status = "rejected" if self.config.failure_mode == "closed" else "fallback"
+        log.warning("tierpick %s: %s", status, reason)
+        return self._done(Decision(tier=None, status=status, reason=reason), start)
+
+    def _done(self, decision: Decision, start: float) -> Decision:
+        decision["ms"] = round((time.perf_counter() - start) * 1000, 3)
+        self._count(decision["status"])
+        return decision
+
+    def _count(self, outcome: str) -> None:
+        self.counts[outcome] += 1
+        _metric().labels(outcome).inc()
+
+    # ------------------------------------------------------------- LiteLLM: classifier
+
+    async def classify(self, context: Any) -> str | None:
+        """LiteLLM's ``ClassifierPlugin``: the tier's name, or None to let the complexity
+        router's ``fallback_tier`` decide. On the proxy the pre-call hook has decided already."""
+        metadata = context.metadata or {}
+        decision = metadata.get(DECISION_KEY)
+        if not isinstance(decision, Decision):  # the Python Router: no proxy hook ran
+            messages = list(context.structured_messages or context.raw_messages or [])
+            try:
+                decision = await self.decide(messages, metadata.get(POLICY_KEY))
+            except BadRequest as exc:  # no way to answer 400 from here: the fallback tier
+                log.warning("tierpick bad-request (fallback tier): %s", exc)
+                return None
+        tier = decision.get("tier")
+        return tier if isinstance(tier, str) else None
+
+    # ------------------------------------------------------------- LiteLLM: proxy hooks
+
+    async def async_pre_call_hook(
+        self, user_api_key_dict: Any, cache: Any, data: dict[str, Any], call_type: Any
+    ) -> dict[str, Any]:
+        """Classify a request for a tierpick model group before routing (see the module)."""
+        metadata = data.get("metadata")
+        if isinstance(metadata, dict):
+            metadata.pop(DECISION_KEY, None)  # only the plug-in sets it
+        group = self.routed.get(data.get("model"))  # type: ignore[arg-type]
+        if group is None:  # another model, named explicitly: untouched
+            return data
+        if not isinstance(metadata, dict):
+            metadata = data["metadata"] = {}
+        try:
+            decision = await self.decide(data.get("messages"), metadata.get(POLICY_KEY))
+        except BadRequest as exc:
+            raise _http_error(400, str(exc), "invalid_request_error") from None
+        if decision["status"] == "rejected":
+            raise _http_error(503, f"tierpick: {decision['reason']}", "tierpick_unavailable")
+        if decision["tier"] is None:
+            decision["routed_tier"] = group.fallback_tier
+        metadata[DECISION_KEY] = decision
+        spend = metadata.get("spend_logs_metadata")
+        spend = dict(spend) if isinstance(spend, dict) else {}
+        spend.update(
+            {
+                "tierpick_tier": decision.get("tier") or group.fallback_tier,
+                "tierpick_status": decision["status"],
+                "tierpick_model_version": decision.get("model_version", ""),
+            }
+        )
+        metadata["spend_logs_metadata"] = spend
+        return data
+
+    async def async_post_call_response_headers_hook(
+        self,
+        data: dict[str, Any],
+        user_api_key_dict: Any,
+        response: Any,
+        request_headers: dict[str, str] | None = None,
+        litellm_call_info: dict[str, Any] | None = None,
+    ) -> dict[str, str] | None:
+        """The decision as ``x-tierpick-*`` response headers."""
+        metadata = data.get("metadata")
+        decision = metadata.get(DECISION_KEY) if isinstance(metadata, dict) else None
+        if not isinstance(decision, Decision):
+            return None
+        return decision_headers(decision)
+
+
+def decision_headers(decision: Mapping[str, Any]) -> dict[str, str]:
+    """The ``x-tierpick-*`` headers of a decision."""
+    out = {
+        "tier": decision.get("tier") or decision.get("routed_tier") or "",
+        "status": decision["status"],
+    }
+    if decision.get("probabilities"):
+        out["probabilities"] = ",".join(
+            f"{t}={p:.4f}" for t, p in decision["probabilities"].items()
+        )
+    if decision.get("model_version"):
+        out["model-version"] = decision["model_version"]
+    if decision.get("reason"):
+        out["reason"] = str(decision["reason"])[:300]
+    return {HEADER_PREFIX + k: v for k, v in out.items() if v}
+
+
+def _short(exc: BaseException) -> str:
+    if isinstance(exc, grpc.aio.AioRpcError):
+        return f"{exc.code().name} {exc.details() or ''}".strip()
+    return str(exc)[:200]
+
+
+def _http_error(code: int, message: str, kind: str) -> Exception:
+    """An HTTP error LiteLLM's proxy answers as ``{"error": {...}}``."""
+    from fastapi import HTTPException
+
+    return HTTPException(status_code=code, detail={"error": message, "type": kind})
+
+
+_METRIC: Any = None
+
+
+def _metric() -> Any:
+    """``tierpick_litellm_requests_total{outcome}`` on prometheus_client's default registry
+    (the one LiteLLM's ``/metrics`` serves), every outcome from 0."""
+    global _METRIC
+    if _METRIC is None:
+        from prometheus_client import Counter
+
+        _METRIC = Counter(
+            "tierpick_litellm_requests",
+            "Requests decided by the tierpick LiteLLM plug-in",
+            ["outcome"],
+        )
+        for outcome in OUTCOMES:
+            _METRIC.labels(outcome)
+    return _METRIC
+
+
+# ---------------------------------------------------------------------------------- the proxy
+
+
+def _proxy_config_path() -> str | None:
+    import sys
+
+    proxy = sys.modules.get("litellm.proxy.proxy_server")
+    path = getattr(proxy, "user_config_file_path", None) if proxy is not None else None
+    return path or os.environ.get("CONFIG_FILE_PATH")
+
+
+def from_litellm_config(path: str | Path | None) -> Plugin:
+    """The plug-in for a LiteLLM proxy config: settings from its ``tierpick`` section (or
+    ``$TIERPICK_LITELLM_CONFIG``), checked against its ``model_list``."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"LiteLLM config {path}: {exc}") from exc
+    settings = raw.get("tierpick")
+    where = "tierpick"
+    if settings is None and (own := os.environ.get(CONFIG_ENV)):
+        try:
+            settings = yaml.safe_load(Path(own).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{CONFIG_ENV}={own}: {exc}") from exc
+        where = own
+    plugin = Plugin(parse_plugin_config(settings, where))
+    plugin.check(raw.get("model_list") or [])
+    return plugin
+
+
+_PLUGIN: Plugin | None = None
+
+
+def __getattr__(name: str) -> Any:
+    """``tierpick.serving.litellm_plugin.plugin``: the proxy's instance, built (and checked
+    against the proxy's config) the first time LiteLLM resolves it."""
+    global _PLUGIN
+    if name != "plugin":
+        raise AttributeError(name)
+    if _PLUGIN is None:
+        _PLUGIN = from_litellm_config(_proxy_config_path())
+        log.info(
+            "tierpick LiteLLM plug-in: %s, routing %s",
+            _PLUGIN.config.model or _PLUGIN.config.service,
+            sorted(_PLUGIN.routed),
+        )
+    return _PLUGIN
