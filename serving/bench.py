@@ -480,3 +480,128 @@ def run_gateway_bench(model: str | None, prompts_path: Path, calls: int = 2000) 
         for u in upstreams.values():
             u.close()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_litellm_bench(model: str | None, prompts_path: Path, calls: int = 500) -> str:
+    """Latency the tierpick plug-in adds to a LiteLLM proxy, against the same proxy config
+    without it, on real prompts as OpenAI chat requests. The proxies (plug-in calling the
+    tierpick service, plug-in classifying in process, the reference without the plug-in, and
+    the plug-in with its service stopped) run side by side in front of the same upstreams and
+    the requests alternate between them, so all see the same machine state."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tierpick.serving.gateway.local_envoy import Upstream, free_port
+    from tierpick.serving.local_litellm import LiteLLMProxy, litellm_config
+
+    prompts = read_prompts(prompts_path)
+    upstreams = {t: Upstream(t) for t in ("local", "mid", "frontier")}
+    addresses = {t: u.address for t, u in upstreams.items()}
+    cmd = [sys.executable, "-m", "tierpick.cli", "serve", "--port", "0"]
+    service = subprocess.Popen(
+        [*cmd, "--model", model] if model else cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    proxies: list[LiteLLMProxy] = []
+    try:
+        assert service.stdout is not None
+        line = service.stdout.readline()
+        if "serving on" not in line:
+            raise RuntimeError(f"the tierpick service did not start: {line!r}")
+        port = int(line.split("serving on ")[1].split()[0].rsplit(":", 1)[1])
+        timeout = {"timeout_ms": 200}
+        paths = [
+            (
+                "LiteLLM + tierpick plug-in -> tierpick service (gRPC)",
+                litellm_config(addresses, {"service": f"127.0.0.1:{port}", **timeout}),
+                "tierpick/auto",
+            ),
+            (
+                "LiteLLM + tierpick plug-in, in process",
+                litellm_config(addresses, {"model": model or "default", **timeout}),
+                "tierpick/auto",
+            ),
+            ("same LiteLLM, no plug-in (reference)", litellm_config(addresses, None), "mid-llm"),
+            (
+                "LiteLLM + plug-in, service stopped (fail-open)",
+                litellm_config(addresses, {"service": f"127.0.0.1:{free_port()}", **timeout}),
+                "tierpick/auto",
+            ),
+        ]
+        with ThreadPoolExecutor(len(paths)) as pool:
+            futures = [pool.submit(LiteLLMProxy, cfg, free_port()) for _, cfg, _ in paths]
+            errors = []
+            for f in futures:
+                try:
+                    proxies.append(f.result())
+                except Exception as exc:  # close the others, then report
+                    errors.append(exc)
+            if errors:
+                raise errors[0]
+        conns = [http.client.HTTPConnection("127.0.0.1", p.port, timeout=60) for p in proxies]
+        bodies = [[{"role": "user", "content": p}] for p in prompts]
+
+        def call(k: int, i: int) -> tuple[float, str, int]:
+            body = {"model": paths[k][2], "messages": bodies[i % len(bodies)]}
+            t0 = time.perf_counter()
+            status, headers, _ = proxies[k].chat(body, conn=conns[k])
+            return time.perf_counter() - t0, headers.get("x-tierpick-status", ""), status
+
+        for i in range(50):  # warm-up: connections, caches, the plug-in's channel
+            for k in range(len(paths)):
+                call(k, i)
+        samples: list[list[float]] = [[] for _ in paths]
+        outcomes: list[dict[str, int]] = [{} for _ in paths]
+        order = list(range(len(paths)))
+        for i in range(calls):
+            for k in order if i % 2 == 0 else order[::-1]:
+                dt, tier_status, status = call(k, i)
+                samples[k].append(dt)
+                key = f"{status} {tier_status or '-'}"
+                outcomes[k][key] = outcomes[k].get(key, 0) + 1
+        p = [_percentiles(s) for s in samples]
+        ref = 2
+        rows = [
+            [
+                paths[k][0],
+                p[k][0],
+                p[k][1],
+                p[k][0] - p[ref][0],
+                p[k][1] - p[ref][1],
+                ", ".join(f"{s} {n}" for s, n in sorted(outcomes[k].items())),
+            ]
+            for k in range(len(paths))
+        ]
+        return (
+            format_table(
+                [
+                    "path",
+                    "p50 us",
+                    "p99 us",
+                    "p50 added us",
+                    "p99 added us",
+                    "HTTP x-tierpick-status",
+                ],
+                rows,
+                f"LiteLLM proxy {_litellm_version()} latency per request, {calls} alternating "
+                f"calls per path on {len(prompts)} real prompts (OpenAI chat bodies); upstreams "
+                "answer at once; the reference asks for the mid tier's model group directly",
+            )
+            + "\n"
+        )
+    finally:
+        for proxy in proxies:
+            proxy.close()
+        service.terminate()
+        service.wait(timeout=60)
+        if service.stdout is not None:
+            service.stdout.close()
+        for u in upstreams.values():
+            u.close()
+
+
+def _litellm_version() -> str:
+    from importlib.metadata import version
+
+    return version("litellm")

@@ -487,6 +487,12 @@ def register_bench(sub: Any) -> None:
         help="benchmark the latency Envoy + the tierpick ext_proc filter adds over Envoy alone "
         "(--calls per path)",
     )
+    p.add_argument(
+        "--litellm",
+        action="store_true",
+        help="benchmark the latency the tierpick plug-in adds to a LiteLLM proxy over the same "
+        "proxy without it (--calls per path; 500 take a few minutes)",
+    )
     p.set_defaults(func=_bench)
 
 
@@ -497,7 +503,11 @@ def _bench(args: argparse.Namespace) -> int:
     if args.teacher and not Path(args.teacher).is_file():
         raise ConfigError(f"--teacher {args.teacher}: no such ONNX file")
 
-    if args.gateway:
+    if args.litellm:
+        from tierpick.serving.bench import run_litellm_bench
+
+        sys.stdout.write(run_litellm_bench(args.model, Path(args.prompts), args.calls))
+    elif args.gateway:
         from tierpick.serving.bench import run_gateway_bench
 
         sys.stdout.write(run_gateway_bench(args.model, Path(args.prompts), args.calls))

@@ -390,3 +390,13 @@ def test_from_litellm_config_reads_its_section(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(litellm_config(ups, {"model": "default", "timeout_ms": 7})))
     plugin = from_litellm_config(path)
     assert plugin.config.timeout_ms == 7 and list(plugin.routed) == ["tierpick/auto"]
+
+
+def test_shipped_example_config_passes_the_start_up_check() -> None:
+    plugin = from_litellm_config(REPO / "serving" / "deploy" / "litellm.yaml")
+    assert plugin.config.service == "127.0.0.1:50051" and not plugin.config.request_policy_enabled
+    assert plugin.routed["tierpick/auto"].tiers == {
+        "local": ["local-llm"],
+        "mid": ["mid-llm"],
+        "frontier": ["frontier-llm"],
+    }
