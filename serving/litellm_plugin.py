@@ -183,7 +183,7 @@ class RoutedGroup:
 
     name: str
     tiers: dict[str, list[str]]  # tier -> model groups
-    fallback_tier: str | None
+    fallback_tier: str
 
 
 def _names(value: object) -> list[str]:
@@ -243,7 +243,7 @@ def check_model_list(
                 f"{where}.fallback_tier: must name one of {sorted(groups)} (where a request goes "
                 f"when tierpick cannot classify it), got {fallback!r}"
             )
-        out.append(RoutedGroup(str(entry.get("model_name")), groups, fallback))
+        out.append(RoutedGroup(str(entry.get("model_name")), groups, str(fallback)))
     return out
 
 
@@ -519,7 +519,7 @@ class Plugin(CustomLogger):
         # straight to the tier's model group: the complexity router's own pipeline (session
         # affinity, compaction, its decision record) costs ~3 ms more per request on this
         # machine (measured by `tierpick bench --litellm`), for nothing the decision needs
-        data["model"] = group.tiers[decision.get("tier") or group.fallback_tier][0]
+        data["model"] = group.tiers[str(decision.get("tier") or group.fallback_tier)][0]
         return data
 
     async def async_post_call_response_headers_hook(
