@@ -135,14 +135,14 @@ def _adapt(args: argparse.Namespace) -> int:
             )
             metrics = {
                 # for `tierpick promote`: the cross-fitted N-tier APGR on the user's data
-                "test_student_apgr": result.adapted["n_tier_apgr"],
-                "parent_test_student_apgr": result.parent["n_tier_apgr"],
+                "test/student/apgr": result.adapted["n_tier_apgr"],
+                "parent/test/student/apgr": result.parent["n_tier_apgr"],
                 **{
-                    f"cross_fitted_ece_{t}": v
+                    f"cross_fitted/ece/{t}": v
                     for t, v in result.adapted["ece"].items()
                     if v is not None
                 },
-                **{f"parent_ece_{t}": v for t, v in result.parent["ece"].items() if v is not None},
+                **{f"parent/ece/{t}": v for t, v in result.parent["ece"].items() if v is not None},
             }
             run_id, version = tracking.log_training_run(
                 client,
@@ -160,6 +160,7 @@ def _adapt(args: argparse.Namespace) -> int:
                     "method": result.method,
                 },
                 metrics={k: float(v) for k, v in metrics.items() if v is not None},
+                compared={"test_student_apgr": float(result.adapted["n_tier_apgr"])},
                 model_dir=out,
                 report_dir=report,
                 tags={"data_fingerprint": ds.fingerprint, "adapted_from": parent},
@@ -278,7 +279,7 @@ def _stats(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from tierpick.training import tracking
     from tierpick.training.config import load_config
-    from tierpick.training.pipeline import run_training
+    from tierpick.training.pipeline import flat_metrics, run_training
 
     config = load_config(args.config, data_root=args.data_root)
     client = None if args.no_mlflow else tracking.connect(args.tracking_uri)  # fail fast
@@ -307,7 +308,8 @@ def _train(args: argparse.Namespace) -> int:
             experiment=args.experiment,
             registered_name=name,
             params=params,
-            metrics=result.metrics,
+            metrics=flat_metrics(result.report, tuple(config.tier_names), sep="/"),
+            compared=result.metrics,
             model_dir=out,
             report_dir=result.report_dir,
             tags={"data_fingerprint": result.report["data_fingerprint"]},
@@ -349,7 +351,20 @@ def _evaluate(args: argparse.Namespace) -> int:
         import mlflow
 
         mlflow.set_experiment(args.experiment)
-        with mlflow.start_run() as run:
+        registered = tracking.registered_version(client, str(args.model)) if args.model else None
+        what = report.get("model_version", "loso") if args.model else "loso"
+        with mlflow.start_run(run_name=f"evaluate {what} on {ds.fingerprint[:8]}") as run:
+            commit = tracking.git_commit()
+            mlflow.set_tags(
+                {
+                    **({"git_commit": commit} if commit else {}),
+                    **(
+                        {"registered_model": registered[0], "registered_version": registered[1]}
+                        if registered
+                        else {}
+                    ),
+                }
+            )
             mlflow.log_params(
                 {
                     "model": str(args.model),
@@ -358,8 +373,12 @@ def _evaluate(args: argparse.Namespace) -> int:
                     "loso": bool(args.loso),
                 }
             )
-            mlflow.log_metrics(flat_metrics(report, ds.tiers))
+            mlflow.log_metrics(flat_metrics(report, ds.tiers, sep="/"))
             mlflow.log_artifacts(str(out), artifact_path="report")
+        if registered:  # the version points back at its evaluations, one tag per dataset
+            client.set_model_version_tag(
+                registered[0], registered[1], f"evaluate_run_{ds.fingerprint[:8]}", run.info.run_id
+            )
         print(f"\nMLflow run {run.info.run_id}")
     return 0
 

@@ -428,9 +428,23 @@ def _plots(report: dict[str, Any], out_dir: Path, tiers: Sequence[str]) -> list[
     for split, res in report.get("splits", {}).items():
         if res.get("curves"):
             fig, ax = plt.subplots(figsize=(6.5, 4.5))
-            for name, c in res["curves"].items():
+            # the model under evaluation drawn last, thick and on top: with eight references
+            # on one plot it was hidden under them
+            curves = sorted(res["curves"].items(), key=lambda kv: kv[0] == "student")
+            for name, c in curves:
+                if name == "student":
+                    ax.plot(
+                        c["cost"],
+                        c["quality"],
+                        "-",
+                        color="black",
+                        lw=2.6,
+                        zorder=10,
+                        label="student (this model)",
+                    )
+                    continue
                 style = "--" if name in ("random", "oracle", "best_fixed_mix") else "-"
-                ax.plot(c["cost"], c["quality"], style, label=name, lw=1.4)
+                ax.plot(c["cost"], c["quality"], style, label=name, lw=1.0, alpha=0.75)
             ax.set_xlabel("normalized cost (0 = cheapest tier, 1 = dearest)")
             ax.set_ylabel("mean success")
             ax.set_title(f"Routing quality vs cost ({split})")

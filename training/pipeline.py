@@ -519,26 +519,34 @@ def evaluate_model(model_dir: Path, ds: BuiltDataset, seed: int = 0) -> dict[str
     return report
 
 
-def flat_metrics(report: dict[str, Any], tiers: tuple[str, ...]) -> dict[str, float]:
-    """The headline numbers as flat MLflow metric names, e.g. ``test_student_apgr``."""
+def flat_metrics(
+    report: dict[str, Any], tiers: tuple[str, ...], sep: str = "_"
+) -> dict[str, float]:
+    """The headline numbers under flat names, e.g. ``test_student_apgr`` (the manifest's
+    ``evaluation``, registered versions' tags); with ``sep="/"`` grouped as MLflow shows them
+    (``test/student/apgr``, ``loso/chat/student/apgr``)."""
+
+    def key(*parts: str) -> str:
+        return sep.join(parts)
+
     out: dict[str, float] = {}
     for split, res in report["splits"].items():
         for router, per in res["per_tier"].items():
             aucs = [per[t]["auc"] for t in tiers if per[t]["auc"] is not None]
             for t in tiers:
-                for key in ("auc", "ece", "brier"):
-                    if per[t][key] is not None:
-                        out[f"{split}_{router}_{key}_{t}"] = float(per[t][key])
+                for k in ("auc", "ece", "brier"):
+                    if per[t][k] is not None:
+                        out[key(split, router, k, t)] = float(per[t][k])
             if aucs:
-                out[f"{split}_{router}_mean_auc"] = float(np.mean(aucs))
+                out[key(split, router, "mean_auc")] = float(np.mean(aucs))
         for router, s in res.get("routing", {}).items():
-            for key in ("apgr", "cpt50", "cpt80", "cost_at_95pct_top"):
-                if s.get(key) is not None:
-                    out[f"{split}_{router}_{key}"] = float(s[key])
+            for k in ("apgr", "cpt50", "cpt80", "cost_at_95pct_top"):
+                if s.get(k) is not None:
+                    out[key(split, router, k)] = float(s[k])
     for router, value in report.get("loso", {}).get("mean_apgr", {}).items():
-        out[f"loso_{router}_mean_apgr"] = float(value)
+        out[key("loso", router, "mean_apgr")] = float(value)
     for fam, res in report.get("loso", {}).get("families", {}).items():
         for router in ("student", "best_fixed_mix", "knn"):
             if router in res["routing"]:
-                out[f"loso_{fam}_{router}_apgr"] = float(res["routing"][router]["apgr"])
+                out[key("loso", fam, router, "apgr")] = float(res["routing"][router]["apgr"])
     return out

@@ -66,6 +66,18 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def registered_version(client: Any, uri: str) -> tuple[str, str] | None:
+    """``(name, version)`` of a ``models:/name@alias`` or ``models:/name/N`` URI, else None."""
+    if not uri.startswith("models:/"):
+        return None
+    ref = uri[len("models:/") :]
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return name, str(client.get_model_version_by_alias(name, alias).version)
+    name, _, number = ref.rpartition("/")
+    return (name, number) if name and number.isdigit() else None
+
+
 def log_training_run(
     client: Any,
     *,
@@ -77,9 +89,14 @@ def log_training_run(
     report_dir: Path,
     tags: dict[str, str],
     run_name: str | None = None,
+    compared: dict[str, float] | None = None,
 ) -> tuple[str, str]:
     """Log one run and register its model as a new version with alias ``challenger``. The run
     is tagged with the git commit of the code that made it, when run from a checkout.
+
+    ``metrics`` are logged as named (grouped: ``test/student/apgr``); the version is tagged with
+    the :data:`COMPARED` ones of ``compared`` (flat names, as ``promote`` reads them), or of
+    ``metrics`` when not given.
 
     Returns:
         (run id, registered model version).
@@ -101,7 +118,7 @@ def log_training_run(
             registered_model_name=registered_name,
         )
         version = str(info.registered_model_version)
-        for key, value in metrics.items():
+        for key, value in (compared if compared is not None else metrics).items():
             if key in COMPARED:
                 client.set_model_version_tag(registered_name, version, key, str(value))
         client.set_model_version_tag(registered_name, version, "run_id", run.info.run_id)

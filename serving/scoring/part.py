@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import os
 import resource
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -110,8 +111,10 @@ def score_part(
     work: Path,
     opts: ScoreOptions,
     cache: PredictionCache | None = None,
+    on_rows: Callable[[int], None] | None = None,
 ) -> ScoreSummary:
-    """Score one part into ``work/part.name``, commit it and record its counts."""
+    """Score one part into ``work/part.name``, commit it and record its counts; ``on_rows`` is
+    told of each batch's rows as it is written (the run's progress within a part)."""
     summary = ScoreSummary(parts=1)
     cache = cache or PredictionCache(opts.cache_size)
     hits, misses = cache.hits, cache.misses
@@ -121,7 +124,7 @@ def score_part(
     writer = Writer(tmp, opts.out_kind, output_columns(opts, clf.tiers), clf.version)
     try:
         if kind_of(src) == ".parquet":
-            _score_parquet(clf, part, opts, cache, writer, summary)
+            _score_parquet(clf, part, opts, cache, writer, summary, on_rows)
         else:
             reader = csv_rows if kind_of(src) == ".csv" else jsonl_rows
             for batch in batched(reader(part, summary), opts.batch_size):
@@ -136,6 +139,8 @@ def score_part(
                 errors = [pre or err for (_, pre, _), err in zip(batch, errors, strict=True)]
                 writer.write_rows([row for row, _, _ in batch], proba, tiers, errors)
                 _count(summary, tiers, errors, [f"{src}:{line}" for _, _, line in batch])
+                if on_rows is not None:
+                    on_rows(len(batch))
     finally:
         writer.close()
     out = work / part.name
@@ -154,6 +159,7 @@ def _score_parquet(
     cache: PredictionCache,
     writer: Writer,
     summary: ScoreSummary,
+    on_rows: Callable[[int], None] | None = None,
 ) -> None:
     import pyarrow.parquet as pq
 
@@ -179,6 +185,8 @@ def _score_parquet(
         _count(
             summary, tiers, errors, [f"{part.source} row {row0 + i}" for i in range(len(values))]
         )
+        if on_rows is not None:
+            on_rows(len(values))
 
 
 def _count(

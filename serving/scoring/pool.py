@@ -20,12 +20,19 @@ from tierpick.serving.scoring.part import PredictionCache, score_part
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(model_dir: str, opts: ScoreOptions) -> None:
+def _init_worker(model_dir: str, opts: ScoreOptions, rows: Any = None) -> None:
     from tierpick import classifier
 
     _die_with_parent()
     _WORKER["clf"] = classifier.load(model_dir, threads=opts.threads)
     _WORKER["cache"] = PredictionCache(opts.cache_size)
+    _WORKER["rows"] = rows  # a shared counter of rows scored, for the run's progress
+
+
+def _add_rows(n: int) -> None:
+    counter = _WORKER["rows"]
+    with counter.get_lock():
+        counter.value += n
 
 
 def _die_with_parent() -> None:
@@ -50,7 +57,8 @@ def _die_with_parent() -> None:
 
 
 def _score_in_worker(part: Part, work: str, opts: ScoreOptions) -> ScoreSummary:
-    return score_part(_WORKER["clf"], part, Path(work), opts, _WORKER["cache"])
+    on_rows = _add_rows if _WORKER.get("rows") is not None else None
+    return score_part(_WORKER["clf"], part, Path(work), opts, _WORKER["cache"], on_rows)
 
 
 def score_in_pool(
@@ -60,15 +68,17 @@ def score_in_pool(
     opts: ScoreOptions,
     workers: int,
     meter: Callable[[ScoreSummary], ScoreSummary],
+    rows: Any = None,
 ) -> dict[int, ScoreSummary]:
     """Parts scored by spawned processes (never forked: onnxruntime and tokenizers start
-    threads, which a fork would copy in an undefined state)."""
+    threads, which a fork would copy in an undefined state). ``rows``: a
+    ``multiprocessing.Value`` (spawn context) the workers add each batch's rows to."""
     import multiprocessing
 
     out: dict[int, ScoreSummary] = {}
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(
-        workers, mp_context=ctx, initializer=_init_worker, initargs=(str(model_dir), opts)
+        workers, mp_context=ctx, initializer=_init_worker, initargs=(str(model_dir), opts, rows)
     ) as pool:
         futures = {pool.submit(_score_in_worker, p, str(work), opts): p for p in parts}
         try:

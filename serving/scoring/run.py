@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -145,7 +146,9 @@ def _score_parts(
     workers = workers or len(os.sched_getaffinity(0))
     n = max(1, min(workers, len(todo)))
     show = sys.stderr.isatty() if progress is None else progress
-    meter = _Progress(sum(s.rows for s in done.values()), start, show)
+    meter = _Progress(
+        sum(s.rows for s in done.values()), start, show, estimate_rows(todo), PROGRESS_EVERY
+    )
     if engine == "ray":
         from tierpick.serving.scoring.on_ray import score_parts_on_ray
 
@@ -154,9 +157,13 @@ def _score_parts(
         cache = PredictionCache(opts.cache_size)
         fresh = {}
         for part in todo:
-            fresh[part.index] = meter(score_part(clf, part, work, opts, cache))
+            fresh[part.index] = meter(score_part(clf, part, work, opts, cache, meter.add))
     else:
-        fresh = score_in_pool(todo, work, clf.model_dir, opts, n, meter)
+        import multiprocessing
+
+        counter = multiprocessing.get_context("spawn").Value("q", 0)
+        meter.watch(counter)
+        fresh = score_in_pool(todo, work, clf.model_dir, opts, n, meter, counter)
     meter.close()
     summary = ScoreSummary(parts=len(parts), parts_resumed=len(done), workers=n)
     for part in parts:
@@ -174,23 +181,112 @@ def _score_parts(
     return summary
 
 
-class _Progress:
-    """Counts finished rows as parts complete; prints a progress line when asked to."""
+PROGRESS_EVERY = 1.0  # seconds between progress lines
 
-    def __init__(self, rows: int, start: float, show: bool) -> None:
-        self.rows, self.start, self.show = rows, start, show
+
+class _Progress:
+    """The run's progress on stderr, when asked to: rows scored (within parts too: a batch at a
+    time), the rate, and the time left against an estimate of the rows to score
+    (:func:`estimate_rows`), at most once per ``every`` seconds."""
+
+    def __init__(
+        self, rows: int, start: float, show: bool, expected: int | None, every: float = 1.0
+    ) -> None:
+        self.base, self.start, self.show = rows, start, show
+        self.expected, self.every = expected, every
+        self.live = 0  # rows scored by this run so far (batches, in this process)
+        self.parted = 0  # rows of this run's finished parts
+        self.counter: Any = None  # the workers' shared count, with a pool
+        self._last = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def __call__(self, summary: ScoreSummary) -> ScoreSummary:
-        self.rows += summary.rows
-        if self.show:
-            rate = self.rows / max(time.perf_counter() - self.start, 1e-9)
-            sys.stderr.write(f"\r{self.rows:,} rows  {rate:,.0f} rows/s")
-            sys.stderr.flush()
+        """A part finished."""
+        self.parted += summary.rows
+        self._print(force=True)
         return summary
 
-    def close(self) -> None:
+    def add(self, rows: int) -> None:
+        """A batch of ``rows`` was scored in this process."""
+        self.live += rows
+        self._print()
+
+    def watch(self, counter: Any) -> None:
+        """Read the workers' shared count every ``every`` seconds."""
+        self.counter = counter
         if self.show:
+            self._thread = threading.Thread(target=self._poll, daemon=True, name="progress")
+            self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.every):
+            self._print()
+
+    def rows(self) -> int:
+        """Rows scored so far: before this run (resumed parts) and by it."""
+        counted = self.counter.value if self.counter is not None else self.live
+        return self.base + max(counted, self.parted)
+
+    def line(self) -> str:
+        done = self.rows()
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        rate = (done - self.base) / elapsed
+        text = f"{done:,} rows  {rate:,.0f} rows/s"
+        if self.expected:
+            total = max(self.expected + self.base, done)
+            left = (total - done) / rate if rate > 0 else float("inf")
+            eta = "?" if left == float("inf") else _duration(left)
+            text = (
+                f"{done:,} of ~{total:,} rows ({done / total:.0%})  {rate:,.0f} rows/s  ETA {eta}"
+            )
+        return text
+
+    def _print(self, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not self.show or (not force and now - self._last < self.every):
+            return
+        self._last = now
+        sys.stderr.write("\r" + self.line() + "  ")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        if self.show:
+            self._print(force=True)
             sys.stderr.write("\n")
+
+
+def _duration(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def estimate_rows(parts: Sequence[Part], sample_bytes: int = 1 << 20) -> int | None:
+    """About how many rows ``parts`` hold: exact for Parquet (row-group metadata); for JSONL and
+    CSV, each part's bytes over the mean line length of the first MiB of its file."""
+    import pyarrow.parquet as pq
+
+    total = 0.0
+    per_line: dict[str, float] = {}
+    for part in parts:
+        path = Path(part.source)
+        try:
+            if kind_of(path) == ".parquet":
+                meta = pq.ParquetFile(path).metadata
+                total += sum(meta.row_group(g).num_rows for g in range(part.start, part.stop))
+                continue
+            if part.source not in per_line:
+                with path.open("rb") as fh:
+                    head = fh.read(sample_bytes)
+                per_line[part.source] = len(head) / max(head.count(b"\n"), 1)
+            stop = part.stop if part.stop >= 0 else path.stat().st_size
+            total += max(stop - part.start, 0) / per_line[part.source]
+        except OSError:
+            return None
+    return round(total)
 
 
 def score_file(

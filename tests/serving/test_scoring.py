@@ -138,3 +138,30 @@ def test_scored_rows_record_their_model_and_report_refuses_another(
     assert f"was scored by model version ['{clf.version}'], not by other-version" in err
     tune = ["tune", str(tmp_path / "s.csv"), "--scored", "--max-share", "frontier=0.5"]
     assert main([*tune, "--model", str(other)]) == 2
+
+
+def test_progress_within_a_part_with_an_eta(  # type: ignore[no-untyped-def]
+    clf, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """One part scored in this process reports every batch: rows, out of an estimate of the
+    rows (the file's bytes over its mean line length), and the time left."""
+    import re
+
+    from tierpick.serving.scoring import run
+    from tierpick.serving.scoring.options import Part
+
+    monkeypatch.setattr(run, "PROGRESS_EVERY", 0.0)
+    rows = _arena(500)
+    src = tmp_path / "log.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    score_file(clf, src, tmp_path / "out.parquet", batch_size=50, progress=True)
+    lines = [x.strip() for x in capsys.readouterr().err.split("\r") if x.strip()]
+    done = [int(m.group(1).replace(",", "")) for x in lines if (m := re.match(r"([\d,]+) of", x))]
+    assert len(done) >= 10 and done == sorted(done) and done[-1] == 500  # within the part
+    assert all("ETA" in x and "rows/s" in x for x in lines)
+    total = int(re.search(r"of ~([\d,]+)", lines[0]).group(1).replace(",", ""))  # type: ignore[union-attr]
+    assert 0.8 * 500 <= total <= 1.25 * 500  # the estimate, made before any row was read
+    # Parquet: the estimate is the row groups' row count
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "log.parquet", row_group_size=128)
+    part = Part(0, str(tmp_path / "log.parquet"), 1, 4, 0, "p")
+    assert run.estimate_rows([part]) == 500 - 128

@@ -118,7 +118,7 @@ def test_train_register_promote_against_server(
     assert client.get_model_version_by_alias("tiny-router", "challenger").version == v1
     run = client.get_run(client.get_model_version("tiny-router", v1).tags["run_id"])
     assert run.data.params["data_fingerprint"] and run.data.params["train.seed"] == "0"
-    assert "test_student_apgr" in run.data.metrics
+    assert "test/student/apgr" in run.data.metrics  # grouped in MLflow
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
     assert "report/report.md" in arts and "report/routing_test.png" in arts
 
@@ -159,6 +159,20 @@ def test_train_register_promote_against_server(
     assert list(frame.columns) == ["p_local", "p_mid", "p_frontier", "tier"]
     assert frame["p_mid"][0] == pytest.approx(float(clf.predict_proba(["What is 2 + 2?"])[0, 1]))
     assert frame["tier"][0] == clf.route(["What is 2 + 2?"])[0].tier
+
+    # an evaluation of a registered version is linked both ways: the run names the version,
+    # the version names the run (one tag per evaluated dataset)
+    cfg = write_tiny_config(tmp_path, tiny_data, seed=0)
+    uri = "models:/tiny-router@champion"
+    args = ["evaluate", "--model", uri, "--config", str(cfg), "--out", str(tmp_path / "ev")]
+    assert main([*args, "--tracking-uri", mlflow_server]) == 0
+    run_id = capsys.readouterr().out.rsplit("MLflow run ", 1)[1].split()[0]
+    run = client.get_run(run_id)
+    assert run.data.tags["registered_model"] == "tiny-router"
+    assert run.data.tags["registered_version"] == v2
+    assert run.info.run_name.startswith("evaluate ") and "test/student/apgr" in run.data.metrics
+    tags = client.get_model_version("tiny-router", v2).tags
+    assert run_id in {v for k, v in tags.items() if k.startswith("evaluate_run_")}
 
 
 def test_sqlite_store_without_server(
