@@ -5,6 +5,7 @@ loaded model's tiers."""
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,15 @@ class Upstream:
 
 
 @dataclass(frozen=True)
+class Grant:
+    """Which per-request policy headers apply, and the tiers a request that sets any of them is
+    routed within (empty: every tier)."""
+
+    headers: tuple[str, ...] = POLICY_HEADERS
+    tiers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     """The gateway's settings; :func:`load_gateway_config` reads and validates them."""
 
@@ -65,6 +75,10 @@ class GatewayConfig:
     request_policy_enabled: bool = False
     request_policy_headers: tuple[str, ...] = POLICY_HEADERS
     request_policy_tiers: tuple[str, ...] = ()
+    # per API key: the sha256 (hex) of the key a request carries in `request_policy_key_header`
+    # ("Bearer " dropped) -> that key's own grant, in place of the one above
+    request_policy_keys: dict[str, Grant] = field(default_factory=dict)
+    request_policy_key_header: str = "authorization"
 
     @property
     def processor_address(self) -> str:
@@ -74,7 +88,7 @@ class GatewayConfig:
 _KEYS = {
     "processor": {"host", "port", "max_body_bytes"},
     "virtual_models": None,
-    "request_policy": {"enabled", "headers", "tiers"},
+    "request_policy": {"enabled", "headers", "tiers", "api_key_header", "api_keys"},
     "model": None,
     "policy": None,  # a mapping of routing.POLICY_KEYS, or the path of a policy file
     "rewrite_model": None,
@@ -108,6 +122,18 @@ def _section(raw: Mapping[str, Any], name: str) -> dict[str, Any]:
     if unknown := sorted(set(value) - allowed):
         raise _fail(name, f"unknown key(s) {unknown}; allowed: {sorted(allowed)}")
     return value
+
+
+def _grant(raw: Mapping[str, Any], where: str, tiers: list[str]) -> Grant:
+    headers = raw.get("headers", list(POLICY_HEADERS))
+    if not isinstance(headers, list) or any(h not in POLICY_HEADERS for h in headers):
+        raise _fail(
+            f"{where}.headers", f"must list some of {list(POLICY_HEADERS)}, got {headers!r}"
+        )
+    granted = raw.get("tiers", [])
+    if not isinstance(granted, list) or any(t not in tiers for t in granted):
+        raise _fail(f"{where}.tiers", f"must list tiers of {tiers}, got {granted!r}")
+    return Grant(tuple(headers), tuple(granted))
 
 
 def parse_gateway_config(raw: object) -> GatewayConfig:
@@ -148,19 +174,31 @@ def parse_gateway_config(raw: object) -> GatewayConfig:
     enabled = grant.get("enabled", False)
     if not isinstance(enabled, bool):
         raise _fail("request_policy.enabled", f"must be true or false, got {enabled!r}")
-    granted_headers = grant.get("headers", list(POLICY_HEADERS))
-    if not isinstance(granted_headers, list) or any(
-        h not in POLICY_HEADERS for h in granted_headers
-    ):
-        raise _fail(
-            "request_policy.headers",
-            f"must list some of {list(POLICY_HEADERS)}, got {granted_headers!r}",
-        )
-    granted_tiers = grant.get("tiers", [])
-    if not isinstance(granted_tiers, list) or any(t not in tiers for t in granted_tiers):
-        raise _fail(
-            "request_policy.tiers", f"must list tiers of {sorted(tiers)}, got {granted_tiers!r}"
-        )
+    default_grant = _grant(grant, "request_policy", sorted(tiers))
+    key_header = grant.get("api_key_header", "authorization")
+    if not isinstance(key_header, str) or not key_header:
+        raise _fail("request_policy.api_key_header", f"must be a header name, got {key_header!r}")
+    keys_raw = grant.get("api_keys", [])
+    if not isinstance(keys_raw, list):
+        raise _fail("request_policy.api_keys", "a list of {sha256, headers, tiers}")
+    keys: dict[str, Grant] = {}
+    for i, entry in enumerate(keys_raw):
+        where = f"request_policy.api_keys[{i}]"
+        if not isinstance(entry, dict) or (
+            unknown := sorted(set(entry) - {"sha256", "headers", "tiers"})
+        ):
+            raise _fail(
+                where,
+                "a mapping of sha256 (the key's, hex), headers, tiers"
+                + (f"; unknown key(s) {unknown}" if isinstance(entry, dict) else ""),
+            )
+        digest = entry.get("sha256")
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise _fail(
+                f"{where}.sha256",
+                f'the hex sha256 of the API key (printf %s "$KEY" | sha256sum), got {digest!r}',
+            )
+        keys[digest] = _grant(entry, where, sorted(tiers))
     virtual = raw.get("virtual_models", ["tierpick/auto", "auto"])
     if not isinstance(virtual, list) or not all(isinstance(m, str) and m for m in virtual):
         raise _fail("virtual_models", f"must be a list of model names, got {virtual!r}")
@@ -197,8 +235,10 @@ def parse_gateway_config(raw: object) -> GatewayConfig:
         ),
         virtual_models=tuple(virtual),
         request_policy_enabled=enabled,
-        request_policy_headers=tuple(granted_headers),
-        request_policy_tiers=tuple(granted_tiers),
+        request_policy_headers=default_grant.headers,
+        request_policy_tiers=default_grant.tiers,
+        request_policy_keys=keys,
+        request_policy_key_header=key_header.lower(),
     )
 
 

@@ -6,6 +6,7 @@ the RPC service's."""
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import logging
 import math
@@ -16,7 +17,12 @@ from typing import Any
 
 from tierpick.classifier import RoutingPolicy, TierClassifier, last_user_text
 from tierpick.classifier.errors import MissingDependencyError, PromptError, TierpickError
-from tierpick.serving.gateway.config import POLICY_HEADERS, GatewayConfig, check_model_tiers
+from tierpick.serving.gateway.config import (
+    POLICY_HEADERS,
+    GatewayConfig,
+    Grant,
+    check_model_tiers,
+)
 from tierpick.serving.lifecycle import (
     GrpcApp,
     Metrics,
@@ -191,19 +197,23 @@ class TierpickProcessor:
 
     def _policy(self, headers: Mapping[str, str], clf: TierClassifier) -> tuple[Any, list[str]]:
         """The request's router: the config's policy, with the policy headers the config grants
-        applied (a request that sets any is routed within ``request_policy.tiers``); and the
-        headers ignored because they are not granted. Every header seen is counted."""
+        applied (a request that sets any is routed within the grant's tiers); and the headers
+        ignored because they are not granted. The grant is the request's API key's
+        (``request_policy.api_keys``), else ``request_policy``'s. Every header seen is counted."""
         cfg = self.cfg
         present = [h for h in POLICY_HEADERS if HEADER_PREFIX + h in headers]
-        granted = [
-            h for h in present if cfg.request_policy_enabled and h in cfg.request_policy_headers
-        ]
+        by_key = self._key_grant(headers) if present and cfg.request_policy_keys else None
+        if by_key is not None:
+            enabled, allowed, grant = True, by_key.headers, by_key.tiers
+        else:
+            enabled = cfg.request_policy_enabled
+            allowed, grant = cfg.request_policy_headers, cfg.request_policy_tiers
+        granted = [h for h in present if enabled and h in allowed]
         ignored = [h for h in present if h not in granted]
         try:
             policy = request_policy(
                 cfg.policy, {HEADER_PREFIX + h: headers[HEADER_PREFIX + h] for h in granted}
             )
-            grant = cfg.request_policy_tiers
             if granted and grant:
                 asked = policy.allowed_tiers or clf.tiers
                 if "allowed-tiers" in granted and (beyond := [t for t in asked if t not in grant]):
@@ -222,6 +232,16 @@ class TierpickProcessor:
         for h in ignored:
             self.metrics.policy_headers.labels(h, "ignored").inc()
         return router, ignored
+
+    def _key_grant(self, headers: Mapping[str, str]) -> Grant | None:
+        """The grant of the API key the request carries (``request_policy.api_keys``), if any."""
+        value = headers.get(self.cfg.request_policy_key_header)
+        if not value:
+            return None
+        if value[:7].lower() == "bearer ":
+            value = value[7:]
+        digest = hashlib.sha256(value.strip().encode("utf-8")).hexdigest()
+        return self.cfg.request_policy_keys.get(digest)
 
     def _on_body(self, body: bytes, headers: Mapping[str, str]) -> Any:
         cfg = self.cfg

@@ -173,11 +173,17 @@ def test_grant_and_virtual_model_config_errors_name_the_key() -> None:
         ({"request_policy": {"enabled": "yes"}}, "request_policy.enabled"),
         ({"request_policy": {"headers": ["x-forwarded-for"]}}, "request_policy.headers"),
         ({"request_policy": {"tiers": ["premium"]}}, "request_policy.tiers"),
-        ({"request_policy": {"api_keys": []}}, "request_policy: unknown key"),
+        ({"request_policy": {"keys": []}}, "request_policy: unknown key"),
+        ({"request_policy": {"api_keys": [{"sha256": "abc"}]}}, "api_keys[0].sha256"),
+        (
+            {"request_policy": {"api_keys": [{"sha256": "0" * 64, "tiers": ["gold"]}]}},
+            "request_policy.api_keys[0].tiers",
+        ),
         ({"virtual_models": "auto"}, "virtual_models"),
     ]:
-        with pytest.raises(ConfigError, match=key):
+        with pytest.raises(ConfigError) as err:
             _processor(**over)
+        assert key in str(err.value), over
 
 
 def test_every_dashboard_query_names_a_metric_the_servers_export() -> None:
@@ -234,3 +240,41 @@ def test_demo_upstreams_answer_on_each_tiers_address(tmp_path: Any) -> None:
             assert proc.wait(timeout=30) == 0
         finally:
             proc.kill()
+
+
+def test_a_grant_per_api_key() -> None:
+    """An API key listed under request_policy.api_keys (by its sha256) gets its own grant; other
+    keys, and requests without one, get the gateway's (here: none)."""
+    import hashlib
+
+    team = "sk-team-a-0123456789"
+    proc = _processor(
+        request_policy={
+            "api_keys": [
+                {
+                    "sha256": hashlib.sha256(team.encode()).hexdigest(),
+                    "headers": ["allowed-tiers"],
+                    "tiers": ["local", "mid"],
+                }
+            ]
+        }
+    )
+    chosen = proc.holder.current.route([HARD])[0].tier
+    assert chosen != "local"
+    ask = {"x-tierpick-allowed-tiers": "local"}
+    _, got, _ = _send(proc, _chat(HARD), {**ask, "authorization": f"Bearer {team}"})
+    assert got["x-tierpick-tier"] == "local" and "x-tierpick-reason" not in got
+    for other in ({"authorization": "Bearer sk-someone-else"}, {}):
+        _, got, _ = _send(proc, _chat(HARD), {**ask, **other})
+        assert got["x-tierpick-tier"] == chosen and "not granted" in got["x-tierpick-reason"]
+    # the key's grant holds it to its tiers, and to its headers
+    status, _, body = _send(
+        proc,
+        _chat(HARD),
+        {"x-tierpick-allowed-tiers": "frontier", "authorization": f"Bearer {team}"},
+    )
+    assert status == 400 and "not granted" in json.loads(body or b"{}")["error"]["message"]
+    _, got, _ = _send(
+        proc, _chat(HARD), {"x-tierpick-cost-weight": "0", "authorization": f"Bearer {team}"}
+    )
+    assert "x-tierpick-cost-weight ignored" in got["x-tierpick-reason"]
