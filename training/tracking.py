@@ -8,6 +8,7 @@ working directory): no server is needed, and any server works.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,40 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+# what tierpick.classifier imports at run time (pyproject's base dependencies it uses), and
+# pandas for the pyfunc's DataFrame
+RUNTIME_REQUIREMENTS = [
+    "numpy>=1.26",
+    "onnxruntime>=1.20",
+    "tokenizers>=0.20",
+    "pyyaml>=6",
+    "pandas",
+]
+
+
+def runtime_code(folder: Path) -> Path:
+    """``folder/tierpick``: the runtime (``tierpick.classifier``) under a package shim whose
+    ``__path__`` extends to an installed tierpick, if any (so ``tierpick.serving`` still imports
+    in a process that loaded the model first)."""
+    import shutil
+
+    import tierpick.classifier
+
+    pkg = folder / "tierpick"
+    shutil.copytree(
+        Path(tierpick.classifier.__file__).parent,
+        pkg / "classifier",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    (pkg / "__init__.py").write_text(
+        '"""The tierpick runtime, shipped with an MLflow model (see training/tracking.py)."""\n'
+        "from pkgutil import extend_path\n\n"
+        "__path__ = extend_path(__path__, __name__)\n",
+        encoding="utf-8",
+    )
+    return pkg
+
+
 def registered_version(client: Any, uri: str) -> tuple[str, str] | None:
     """``(name, version)`` of a ``models:/name@alias`` or ``models:/name/N`` URI, else None."""
     if not uri.startswith("models:/"):
@@ -110,13 +145,17 @@ def log_training_run(
         mlflow.log_params(params)
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
         mlflow.log_artifacts(str(report_dir), artifact_path="report")
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(Path(__file__).with_name("mlflow_model.py")),  # models from code
-            artifacts={"model": str(model_dir)},
-            pip_requirements=["onnxruntime", "tokenizers", "numpy", "pandas"],
-            registered_model_name=registered_name,
-        )
+        with tempfile.TemporaryDirectory() as tmp:
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(Path(__file__).with_name("mlflow_model.py")),  # models from code
+                artifacts={"model": str(model_dir)},
+                # the runtime's own code goes with the model, so `mlflow models serve` runs in
+                # a fresh environment that has only these requirements (tierpick is not on PyPI)
+                code_paths=[str(runtime_code(Path(tmp)))],
+                pip_requirements=RUNTIME_REQUIREMENTS,
+                registered_model_name=registered_name,
+            )
         version = str(info.registered_model_version)
         for key, value in (compared if compared is not None else metrics).items():
             if key in COMPARED:

@@ -174,6 +174,64 @@ def test_train_register_promote_against_server(
     tags = client.get_model_version("tiny-router", v2).tags
     assert run_id in {v for k, v in tags.items() if k.startswith("evaluate_run_")}
 
+    # `mlflow models serve` builds a fresh virtualenv from the model's requirements (tierpick is
+    # not installed there: its runtime goes with the model) and answers as the runtime does
+    _serve_in_fresh_env(mlflow_server, uri, clf, tmp_path)
+
+
+def _serve_in_fresh_env(
+    tracking: str, uri: str, clf: classifier.TierClassifier, tmp_path: Path
+) -> None:
+    import json
+    import os
+    import signal
+
+    port = _free_port()
+    bin_dir = Path(sys.executable).parent
+    pyenv = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv")) / "bin"
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": tracking,
+        "PATH": f"{bin_dir}:{pyenv}:{os.environ.get('PATH', '')}",
+    }
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [
+                *(str(bin_dir / "mlflow"), "models", "serve", "-m", uri, "-p", str(port)),
+                *("--env-manager", "virtualenv"),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 900  # the first run installs the environment
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(2)
+        prompts = ["What is 2 + 2?", "Prove that there are infinitely many primes."]
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps({"inputs": prompts}).encode(),
+            headers={"content-type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            got = json.loads(resp.read())["predictions"]
+        expected = clf.predict_proba(prompts)
+        for row, p, d in zip(got, expected, clf.route(prompts), strict=True):
+            assert [row[f"p_{t}"] for t in clf.tiers] == pytest.approx(p.tolist(), abs=1e-5)
+            assert row["tier"] == d.tier
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+
 
 def test_sqlite_store_without_server(
     tiny_config: Path,
