@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -43,6 +44,19 @@ def request(
     return req
 
 
+def _channel(
+    api: Any,
+    target: str,
+    credentials: grpc.ChannelCredentials | None,
+    options: Sequence[tuple[str, object]],
+) -> Any:
+    """A channel from ``api`` (``grpc``, or ``grpc.aio``): TLS with ``credentials``, else plain."""
+    opts = list(options)
+    if credentials:
+        return api.secure_channel(target, credentials, options=opts)
+    return api.insecure_channel(target, options=opts)
+
+
 class TierpickClient:
     """A channel to a tierpick server with a default per-call timeout (seconds)."""
 
@@ -53,12 +67,7 @@ class TierpickClient:
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, object]] = (),
     ) -> None:
-        opts = list(options)
-        self.channel = (
-            grpc.secure_channel(target, credentials, options=opts)
-            if credentials
-            else grpc.insecure_channel(target, options=opts)
-        )
+        self.channel = _channel(grpc, target, credentials, options)
         self.stub = pb_grpc.TierRouterStub(self.channel)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.timeout = timeout
@@ -137,12 +146,7 @@ class AsyncTierpickClient:
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, object]] = (),
     ) -> None:
-        opts = list(options)
-        self.channel = (
-            grpc.aio.secure_channel(target, credentials, options=opts)
-            if credentials
-            else grpc.aio.insecure_channel(target, options=opts)
-        )
+        self.channel = _channel(grpc.aio, target, credentials, options)
         self.stub = pb_grpc.TierRouterStub(self.channel)
         self.timeout = timeout
 

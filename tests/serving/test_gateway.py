@@ -81,14 +81,6 @@ def _chat(prompt: str, **extra: Any) -> str:
 
 
 @pytest.fixture(scope="module")
-def upstreams() -> Iterator[dict[str, Upstream]]:
-    ups = {t: Upstream(t) for t in TIERS}
-    yield ups
-    for u in ups.values():
-        u.close()
-
-
-@pytest.fixture(scope="module")
 def stack(upstreams: dict[str, Upstream]) -> Iterator[Stack]:
     cfg = _config(upstreams, free_port())
     gw = create_gateway(cfg)

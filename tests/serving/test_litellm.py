@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,14 +91,6 @@ def _router_model_list(upstreams: dict[str, Upstream], plugin: Plugin) -> list[d
     entry = cfg["model_list"][0]["litellm_params"]["complexity_router_config"]
     entry["classifier_plugin"] = plugin  # the Python Router takes the instance itself
     return list(cfg["model_list"])
-
-
-@pytest.fixture(scope="module")
-def upstreams() -> Iterator[dict[str, Upstream]]:
-    ups = {t: Upstream(t) for t in TIERS}
-    yield ups
-    for u in ups.values():
-        u.close()
 
 
 # ------------------------------------------------------------------------------- settings
