@@ -266,11 +266,12 @@ def _duration(seconds: float) -> str:
 
 def estimate_rows(parts: Sequence[Part], sample_bytes: int = 1 << 20) -> int | None:
     """About how many rows ``parts`` hold: exact for Parquet (row-group metadata); for JSONL and
-    CSV, each part's bytes over the mean line length of the first MiB of its file."""
+    CSV, each part's bytes times the lines per byte of the first MiB of its file (gzip: lines of
+    the first MiB decompressed per compressed byte read); None if a file cannot be read."""
     import pyarrow.parquet as pq
 
     total = 0.0
-    per_line: dict[str, float] = {}
+    per_byte: dict[str, float] = {}
     for part in parts:
         path = Path(part.source)
         try:
@@ -278,15 +279,30 @@ def estimate_rows(parts: Sequence[Part], sample_bytes: int = 1 << 20) -> int | N
                 meta = pq.ParquetFile(path).metadata
                 total += sum(meta.row_group(g).num_rows for g in range(part.start, part.stop))
                 continue
-            if part.source not in per_line:
-                with path.open("rb") as fh:
-                    head = fh.read(sample_bytes)
-                per_line[part.source] = len(head) / max(head.count(b"\n"), 1)
+            if part.source not in per_byte:
+                per_byte[part.source] = _lines_per_byte(path, sample_bytes)
             stop = part.stop if part.stop >= 0 else path.stat().st_size
-            total += max(stop - part.start, 0) / per_line[part.source]
-        except OSError:
+            total += max(stop - part.start, 0) * per_byte[part.source]
+        except (OSError, EOFError):
             return None
     return round(total)
+
+
+def _lines_per_byte(path: Path, sample_bytes: int) -> float:
+    import gzip
+
+    with path.open("rb") as raw:
+        if path.name.endswith(".gz"):
+            with gzip.GzipFile(fileobj=raw) as fh:
+                head = fh.read(sample_bytes)
+            used = raw.tell()
+        else:
+            head = raw.read(sample_bytes)
+            used = len(head)
+    if not head:
+        return 0.0
+    lines = head.count(b"\n") + (0 if head.endswith(b"\n") else 1)
+    return lines / max(used, 1)
 
 
 def score_file(

@@ -165,3 +165,12 @@ def test_progress_within_a_part_with_an_eta(  # type: ignore[no-untyped-def]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "log.parquet", row_group_size=128)
     part = Part(0, str(tmp_path / "log.parquet"), 1, 4, 0, "p")
     assert run.estimate_rows([part]) == 500 - 128
+    # gzip: lines of the decompressed head per compressed byte; an empty file: none
+    import gzip
+
+    with gzip.open(tmp_path / "log.jsonl.gz", "wt") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "empty.jsonl").write_text("")
+    whole = [Part(0, str(tmp_path / "log.jsonl.gz"), 0, -1, 1, "g")]
+    assert 0.8 * 500 <= (run.estimate_rows(whole) or 0) <= 1.25 * 500
+    assert run.estimate_rows([Part(0, str(tmp_path / "empty.jsonl"), 0, -1, 1, "e")]) == 0
