@@ -50,7 +50,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -260,7 +260,7 @@ class Plugin(CustomLogger):
         self.routed: dict[str, RoutedGroup] = {}  # model group name -> its tiers (proxy)
         self._clf: TierClassifier | None = None
         self._info: Any = None  # the service's ModelInfo, fetched once
-        self._clients: dict[int, Any] = {}  # one grpc.aio channel per event loop
+        self._clients: dict[int, tuple[Any, Any]] = {}  # one grpc.aio channel per event loop
         if self.config.model is not None:  # "default": the shipped model
             model = self.config.model
             self._clf = classifier.load(None if model == "default" else model)
@@ -354,17 +354,23 @@ class Plugin(CustomLogger):
         except TierpickError as exc:
             raise BadRequest(f"metadata.{POLICY_KEY}: {exc}") from None
 
-    async def decide(self, messages: object, raw_policy: object) -> Decision:
+    async def decide(
+        self, messages: object, raw_policy: object, routable: Collection[str] | None = None
+    ) -> Decision:
         """Classify a chat request: never raises but :class:`BadRequest`. A request with nothing
         to classify, or a classifier that fails or runs over ``timeout_ms`` (the whole
         decision, the service's round trip included), gets a decision with ``tier`` None
         (LiteLLM's fallback tier) and the reason; with ``failure.mode: closed`` a failure is
-        ``status: rejected``."""
+        ``status: rejected``. A tier outside ``routable`` (the tiers LiteLLM has model groups
+        for) is a failure too."""
         start = time.perf_counter()
         try:
             tier, proba, version, note = await asyncio.wait_for(
                 self._classify(messages, raw_policy), self.config.timeout_ms / 1000
             )
+            if routable is not None and tier not in routable:
+                # the service's model changed its tiers under a running proxy
+                raise ConfigError(f"the model's tier {tier!r} has no model group")
         except BadRequest:
             self._count("bad-request")
             raise
@@ -431,8 +437,8 @@ class Plugin(CustomLogger):
         from tierpick.serving.client import AsyncTierpickClient
 
         loop = asyncio.get_running_loop()
-        client = self._clients.get(id(loop))
-        if client is None:
+        owner, client = self._clients.get(id(loop), (None, None))
+        if owner is not loop:  # a new loop (an id can be reused once a loop is gone)
             assert self.config.service is not None
             client = AsyncTierpickClient(
                 self.config.service,
@@ -444,7 +450,7 @@ class Plugin(CustomLogger):
                     ("grpc.max_reconnect_backoff_ms", 1000),
                 ],
             )
-            self._clients[id(loop)] = client
+            self._clients[id(loop)] = (loop, client)
         return client
 
     def _failed(self, exc: BaseException, start: float) -> Decision:
@@ -498,7 +504,9 @@ class Plugin(CustomLogger):
         if not isinstance(metadata, dict):
             metadata = data["metadata"] = {}
         try:
-            decision = await self.decide(data.get("messages"), metadata.get(POLICY_KEY))
+            decision = await self.decide(
+                data.get("messages"), metadata.get(POLICY_KEY), routable=group.tiers
+            )
         except BadRequest as exc:
             raise _http_error(400, str(exc), "invalid_request_error") from None
         if decision["status"] == "rejected":

@@ -391,3 +391,14 @@ def test_shipped_example_config_passes_the_start_up_check() -> None:
         "mid": ["mid-llm"],
         "frontier": ["frontier-llm"],
     }
+
+
+def test_a_tier_litellm_cannot_route_is_a_counted_failure() -> None:
+    """A model whose tiers changed under a running proxy: the decision falls back, once."""
+    plugin = Plugin(PluginConfig(service=None, model="default", timeout_ms=1000))
+    hard = [{"role": "user", "content": "Prove that there are infinitely many primes."}]
+    assert asyncio.run(plugin.decide(hard, None))["tier"] == "frontier"
+    decision = asyncio.run(plugin.decide(hard, None, routable={"local", "mid"}))
+    assert decision["status"] == "fallback" and decision["tier"] is None
+    assert "'frontier' has no model group" in decision["reason"]
+    assert plugin.counts["classified"] == 1 and plugin.counts["fallback"] == 1
