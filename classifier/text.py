@@ -99,17 +99,37 @@ HARNESS_TAGS = (
     "local-command-stderr",
     "local-command-caveat",
 )
-_HARNESS_BLOCK = re.compile(
-    r"<(" + "|".join(re.escape(t) for t in HARNESS_TAGS) + r")\b[^>]*>.*?</\1\s*>"
-    r"|# AGENTS\.md instructions for [^\n]*\n.*?</INSTRUCTIONS>",
-    re.DOTALL | re.IGNORECASE,
+# An opening tag, or the heading of Codex's AGENTS.md block; bounded, so text full of openings
+# that never close costs linear time, not quadratic (it arrives from clients).
+_HARNESS_OPEN = re.compile(
+    r"<(" + "|".join(re.escape(t) for t in HARNESS_TAGS) + r")\b[^>\n]{0,200}>"
+    r"|# AGENTS\.md instructions for [^\n]{0,500}\n",
+    re.IGNORECASE,
 )
 
 
 def strip_harness(text: str) -> str:
     """``text`` without complete agent-harness blocks (:data:`HARNESS_TAGS`, Codex's AGENTS.md
-    instructions); an unclosed tag is left in place (it may be prose about the tag)."""
-    return _HARNESS_BLOCK.sub("", text).strip()
+    instructions); an unclosed tag is left in place (it may be prose about the tag).
+
+    Linear in the text: each kind of closing tag that is missing is searched for once."""
+    out: list[str] = []
+    pos = start = 0
+    missing: set[str] = set()
+    while (m := _HARNESS_OPEN.search(text, start)) is not None:
+        closer = f"</{m.group(1)}" if m.group(1) else "</INSTRUCTIONS"
+        key = closer.lower()
+        found = None
+        if key not in missing:
+            found = re.compile(re.escape(closer) + r"\s*>", re.IGNORECASE).search(text, m.end())
+        if found is None:
+            missing.add(key)
+            start = m.end()
+            continue
+        out.append(text[pos : m.start()])
+        pos = start = found.end()
+    out.append(text[pos:])
+    return "".join(out).strip()
 
 
 def last_user_text(messages: object) -> str:

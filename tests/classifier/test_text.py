@@ -48,6 +48,10 @@ def test_last_user_text_skips_harness_text_and_names_bad_parts() -> None:
     assert strip_harness(codex) == "Rename the function parse to load."
     # an unclosed tag is prose about the tag, not a block
     assert strip_harness("what does <system-reminder> mean?") == "what does <system-reminder> mean?"
+    # many openings that never close (hostile input) are left as they are, in linear time
+    hostile = "<system-reminder>" * 2000 + "<command-name x" * 2000 + "tail"
+    assert strip_harness(hostile) == hostile
+    assert strip_harness("<SYSTEM-REMINDER>a</system-reminder >b") == "b"
     chat = [
         {"role": "system", "content": "You are a coding agent."},
         {"role": "user", "content": [{"type": "text", "text": codex}]},
