@@ -198,6 +198,7 @@ class _Progress:
         self.parted = 0  # rows of this run's finished parts
         self.counter: Any = None  # the workers' shared count, with a pool
         self._last = 0.0
+        self._lock = threading.Lock()  # the poller and the main thread both print
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -246,9 +247,10 @@ class _Progress:
         now = time.perf_counter()
         if not self.show or (not force and now - self._last < self.every):
             return
-        self._last = now
-        sys.stderr.write("\r" + self.line() + "  ")
-        sys.stderr.flush()
+        with self._lock:
+            self._last = now
+            sys.stderr.write("\r" + self.line() + "  ")
+            sys.stderr.flush()
 
     def close(self) -> None:
         self._stop.set()
