@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -169,6 +169,30 @@ class Router:
         return value
 
 
+def within_grant(
+    policy: RoutingPolicy,
+    tiers: Sequence[str],
+    grant: Sequence[str],
+    chose_tiers: bool,
+    where: str,
+) -> RoutingPolicy:
+    """``policy`` held to the tiers an operator grants a request that sets its own policy
+    (``grant``; empty: every tier of ``tiers``), for the gateway and the LiteLLM plug-in alike.
+
+    Raises:
+        PolicyError: the request chose tiers itself (``chose_tiers``) outside the grant; the
+            message starts with ``where``.
+    """
+    if not grant:
+        return policy
+    asked = policy.allowed_tiers or tuple(tiers)
+    if chose_tiers and (beyond := [t for t in asked if t not in grant]):
+        raise PolicyError(
+            f"{where}: {beyond} not granted; a request may choose among {list(grant)}"
+        )
+    return replace(policy, allowed_tiers=tuple(t for t in asked if t in grant))
+
+
 POLICY_KEYS = ("min_success", "allowed_tiers", "max_price", "cost_weight")
 
 
@@ -262,5 +286,6 @@ __all__ = [
     "sigmoid",
     "threshold_choice",
     "utility_choice",
+    "within_grant",
     "write_policy",
 ]

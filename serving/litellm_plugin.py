@@ -63,10 +63,16 @@ from tierpick.classifier import Router, RoutingPolicy, TierClassifier, last_user
 from tierpick.classifier.errors import (
     ConfigError,
     MissingDependencyError,
+    PolicyError,
     PromptError,
     TierpickError,
 )
-from tierpick.classifier.routing import POLICY_KEYS, policy_from_mapping, read_policy
+from tierpick.classifier.routing import (
+    POLICY_KEYS,
+    policy_from_mapping,
+    read_policy,
+    within_grant,
+)
 
 try:
     from litellm.integrations.custom_logger import CustomLogger
@@ -260,6 +266,7 @@ class Plugin(CustomLogger):
         self.routed: dict[str, RoutedGroup] = {}  # model group name -> its tiers (proxy)
         self._clf: TierClassifier | None = None
         self._info: Any = None  # the service's ModelInfo, fetched once
+        self._service_checked: RoutingPolicy | None = None  # the config's, once valid
         self._clients: dict[int, tuple[Any, Any]] = {}  # one grpc.aio channel per event loop
         if self.config.model is not None:  # "default": the shipped model
             model = self.config.model
@@ -328,15 +335,14 @@ class Plugin(CustomLogger):
         policy = cfg.policy
         for key in granted:
             policy = replace(policy, **{key: getattr(asked, key)})
-        grant = cfg.request_policy_tiers
-        if granted and grant:
-            tiers = policy.allowed_tiers or tuple(self._tiers())
-            if "allowed_tiers" in granted and (beyond := [t for t in tiers if t not in grant]):
-                raise BadRequest(
-                    f"{where}.allowed_tiers: {beyond} not granted; a request may choose among "
-                    f"{list(grant)}"
+        if granted:
+            chose = "allowed_tiers" in granted
+            try:
+                policy = within_grant(
+                    policy, self._tiers(), cfg.request_policy_tiers, chose, f"{where}.allowed_tiers"
                 )
-            policy = replace(policy, allowed_tiers=tuple(t for t in tiers if t in grant))
+            except PolicyError as exc:
+                raise BadRequest(str(exc)) from None
         return policy, ignored
 
     def _tiers(self) -> list[str]:
@@ -344,13 +350,19 @@ class Plugin(CustomLogger):
             return list(self._clf.tiers)
         return [t.name for t in self._info.tiers] if self._info is not None else []
 
-    def _router(self, policy: RoutingPolicy) -> Router:
-        """``policy`` validated against the model's tiers (:class:`BadRequest` if it fails)."""
+    def _router(self, policy: RoutingPolicy) -> Router | None:
+        """``policy`` validated against the model's tiers (:class:`BadRequest` if it fails): the
+        in-process model's router, or None once checked for the service (which routes itself;
+        the config's own policy is checked once)."""
         try:
             if self._clf is not None:
-                return self._clf.router(policy)
-            info = self._info
-            return Router.for_tiers(policy, list(info.tiers), info.default_cost_weight)
+                return self._clf.router(policy)  # built once per policy by the model
+            if policy != self._service_checked:
+                info = self._info
+                Router.for_tiers(policy, list(info.tiers), info.default_cost_weight)
+                if policy == self.config.policy:
+                    self._service_checked = policy
+            return None
         except TierpickError as exc:
             raise BadRequest(f"metadata.{POLICY_KEY}: {exc}") from None
 
@@ -402,6 +414,7 @@ class Plugin(CustomLogger):
             raise NotClassified(str(exc)) from None
         if self._clf is not None:  # ~0.3 ms: on the loop, as the gateway's processor does
             clf = self._clf
+            assert router is not None
             d = clf.route_proba(clf.predict_proba([prompt]), router)[0]
             proba = {t: round(p, 4) for t, p in d.probabilities.items()}
             return d.tier, proba, clf.version, note

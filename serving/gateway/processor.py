@@ -17,6 +17,7 @@ from typing import Any
 
 from tierpick.classifier import RoutingPolicy, TierClassifier, last_user_text
 from tierpick.classifier.errors import MissingDependencyError, PromptError, TierpickError
+from tierpick.classifier.routing import within_grant
 from tierpick.serving.gateway.config import (
     POLICY_HEADERS,
     GatewayConfig,
@@ -214,14 +215,10 @@ class TierpickProcessor:
             policy = request_policy(
                 cfg.policy, {HEADER_PREFIX + h: headers[HEADER_PREFIX + h] for h in granted}
             )
-            if granted and grant:
-                asked = policy.allowed_tiers or clf.tiers
-                if "allowed-tiers" in granted and (beyond := [t for t in asked if t not in grant]):
-                    raise BadRequest(
-                        f"{HEADER_PREFIX}allowed-tiers: {beyond} not granted; this gateway lets "
-                        f"a request choose among {list(grant)}"
-                    )
-                policy = replace(policy, allowed_tiers=tuple(t for t in asked if t in grant))
+            if granted:
+                chose = "allowed-tiers" in granted
+                where = f"{HEADER_PREFIX}allowed-tiers"
+                policy = within_grant(policy, clf.tiers, grant, chose, where)
             router = clf.router(policy)
         except TierpickError:  # BadRequest, PolicyError
             for h in granted:
