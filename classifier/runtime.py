@@ -48,6 +48,9 @@ class Decision:
     met_threshold: bool = True  # threshold rule: False when no allowed tier reached it
 
 
+_ROUTER_CACHE = 64  # routers kept per model (Router is immutable, so they are shared)
+
+
 class TierClassifier:
     """A loaded model: calibrated per-tier success probabilities and routing.
 
@@ -55,6 +58,7 @@ class TierClassifier:
     """
 
     def __init__(self, model_dir: Path, manifest: Manifest, threads: int = 1) -> None:
+        self._routers: dict[RoutingPolicy, Router] = {}  # see router()
         try:
             import onnxruntime as ort
             from tokenizers import Tokenizer
@@ -220,9 +224,19 @@ class TierClassifier:
         Raises:
             PolicyError: an unknown tier, a value out of range, or no tier left allowed.
         """
-        return Router.for_tiers(
-            policy or RoutingPolicy(), self.manifest.tiers, self.manifest.default_cost_weight
-        )
+        policy = policy or RoutingPolicy()
+        try:
+            router = self._routers.get(policy)
+        except TypeError:  # a policy built with a list of tiers is not hashable: not kept
+            return Router.for_tiers(policy, self.manifest.tiers, self.manifest.default_cost_weight)
+        if router is None:  # validated and built once per policy: servers route per request
+            router = Router.for_tiers(
+                policy, self.manifest.tiers, self.manifest.default_cost_weight
+            )
+            if len(self._routers) >= _ROUTER_CACHE:  # policies from requests: keep it bounded
+                self._routers.clear()
+            self._routers[policy] = router
+        return router
 
     def route_proba(
         self, proba: npt.NDArray[np.float32], policy: RoutingPolicy | Router | None = None
