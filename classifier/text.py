@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 # C0/C1 control characters except tab and newline (carriage returns are handled first), and
 # invisible format characters: zero-width spaces/joiners, word joiner, byte-order mark.
@@ -72,15 +73,26 @@ def messages_to_prompt(messages: Iterable[Mapping[str, object]]) -> str:
     Raises:
         ValueError: when there is no user message with text.
     """
+    return _last_user_turn(
+        messages,
+        lambda _, m: _content_text(m.get("content")) if m.get("role") == "user" else None,
+        "the chat has no user message with text content",
+    )
+
+
+def _last_user_turn(
+    messages: Iterable[Any], text_of: Callable[[int, Any], str | None], missing: str
+) -> str:
+    """The last text ``text_of(index, message)`` finds (None: the message has none), else
+    ValueError(``missing``): the rule :func:`messages_to_prompt` and :func:`last_user_text`
+    share, each with its own reading of a message."""
     last: str | None = None
-    for message in messages:
-        if message.get("role") != "user":
-            continue
-        text = _content_text(message.get("content"))
+    for i, message in enumerate(messages):
+        text = text_of(i, message)
         if text is not None:
             last = text
     if last is None:
-        raise ValueError("the chat has no user message with text content")
+        raise ValueError(missing)
     return last
 
 
@@ -148,34 +160,36 @@ def last_user_text(messages: object) -> str:
     """
     if not isinstance(messages, list):
         raise ValueError(f"messages must be a list, got {type(messages).__name__}")
-    last: str | None = None
-    for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
-            raise ValueError(f"messages[{i}] must be an object, got {type(message).__name__}")
-        if message.get("role") != "user":
-            continue
-        content = message.get("content")
-        if isinstance(content, list):
-            for j, part in enumerate(content):
-                where = f"messages[{i}].content[{j}]"
-                if not isinstance(part, Mapping):
-                    raise ValueError(f"{where} must be an object, got {type(part).__name__}")
-                if part.get("type") == "text" and not isinstance(part.get("text"), str):
-                    raise ValueError(f"{where}.text must be a string, got {part.get('text')!r}")
-        elif content is not None and not isinstance(content, str):
-            raise ValueError(
-                f"messages[{i}].content must be a string or a list of parts, "
-                f"got {type(content).__name__}"
-            )
-        text = _content_text(content)
-        if text is not None and (text := strip_harness(text)):
-            last = text
-    if last is None:
+    return _last_user_turn(
+        messages,
+        _checked_user_text,
+        "no user message with text to classify (only system, assistant or tool messages, "
+        "non-text parts, or agent-harness blocks)",
+    )
+
+
+def _checked_user_text(i: int, message: object) -> str | None:
+    """Message ``i``'s own text if it is a user turn (harness blocks removed; None if nothing is
+    left); ValueError naming a malformed message or part."""
+    if not isinstance(message, Mapping):
+        raise ValueError(f"messages[{i}] must be an object, got {type(message).__name__}")
+    if message.get("role") != "user":
+        return None
+    content = message.get("content")
+    if isinstance(content, list):
+        for j, part in enumerate(content):
+            where = f"messages[{i}].content[{j}]"
+            if not isinstance(part, Mapping):
+                raise ValueError(f"{where} must be an object, got {type(part).__name__}")
+            if part.get("type") == "text" and not isinstance(part.get("text"), str):
+                raise ValueError(f"{where}.text must be a string, got {part.get('text')!r}")
+    elif content is not None and not isinstance(content, str):
         raise ValueError(
-            "no user message with text to classify (only system, assistant or tool messages, "
-            "non-text parts, or agent-harness blocks)"
+            f"messages[{i}].content must be a string or a list of parts, "
+            f"got {type(content).__name__}"
         )
-    return last
+    text = _content_text(content)
+    return (strip_harness(text) or None) if text is not None else None
 
 
 def _content_text(content: object) -> str | None:
