@@ -274,11 +274,14 @@ def estimate_rows(parts: Sequence[Part], sample_bytes: int = 1 << 20) -> int | N
 
     total = 0.0
     per_byte: dict[str, float] = {}
+    metadata: dict[str, Any] = {}  # a Parquet file's footer, read once for all its parts
     for part in parts:
         path = Path(part.source)
         try:
             if kind_of(path) == ".parquet":
-                meta = pq.ParquetFile(path).metadata
+                if part.source not in metadata:
+                    metadata[part.source] = pq.ParquetFile(path).metadata
+                meta = metadata[part.source]
                 total += sum(meta.row_group(g).num_rows for g in range(part.start, part.stop))
                 continue
             if part.source not in per_byte:
