@@ -29,6 +29,7 @@ from tierpick.serving.lifecycle import (
     GrpcApp,
     Metrics,
     ModelHolder,
+    OpenCalls,
     ServerConfig,
     run_app,
     start_app,
@@ -66,7 +67,11 @@ class ServiceMetrics(Metrics):
             buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 5e-2, 0.25, 1.0),
             registry=self.registry,
         )
-        self.in_flight = Gauge("tierpick_in_flight", "RPCs being handled", registry=self.registry)
+        self.in_flight = Gauge(
+            "tierpick_in_flight",
+            "TierRouter calls accepted and not yet answered",
+            registry=self.registry,
+        )
         for method in pb.DESCRIPTOR.services_by_name["TierRouter"].methods:
             key = ("unary", SERVICE_NAME, method.name)
             self.started.labels(*key)
@@ -145,15 +150,16 @@ class _Malformed:
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Every TierRouter call goes through here: requests that do not parse and calls over the
-    concurrency limit are refused, exceptions become status codes (bad input ->
-    INVALID_ARGUMENT, anything else -> INTERNAL with the message logged), deadlines are
-    honoured, and every outcome is counted by method and code."""
+    """Every TierRouter call goes through here: requests that do not parse, calls over the
+    concurrency limit and calls that arrive while the server stops are refused, exceptions
+    become status codes (bad input -> INVALID_ARGUMENT, anything else -> INTERNAL with the
+    message logged), deadlines are honoured, and every outcome is counted by method and code.
+    An accepted call is open (``calls``) until its status has been sent."""
 
-    def __init__(self, metrics: ServiceMetrics, max_concurrency: int) -> None:
+    def __init__(self, metrics: ServiceMetrics, max_concurrency: int, calls: OpenCalls) -> None:
         self.metrics = metrics
         self.max_concurrency = max_concurrency
-        self.in_flight = 0  # touched only on the event loop
+        self.calls = calls
 
     async def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         handler = await continuation(details)
@@ -171,47 +177,55 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             except Exception as exc:  # protobuf's DecodeError and friends
                 return _Malformed(f"{type(exc).__name__}: {exc}")
 
+        def refusal(request: Any, context: Any) -> tuple[grpc.StatusCode, str] | None:
+            if self.calls.draining:
+                return grpc.StatusCode.UNAVAILABLE, "the server is stopping; retry on a replica"
+            if isinstance(request, _Malformed):
+                return (
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"the request is not a valid {method} message ({request.error})",
+                )
+            if self.calls.open >= self.max_concurrency:
+                return (
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"over {self.max_concurrency} calls in flight; retry with backoff",
+                )
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                return (
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    "deadline expired before the request was handled",
+                )
+            return None
+
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            # every outcome is counted before its status goes out: a client that has its
+            # answer finds it counted
             start = time.perf_counter()
-            code = grpc.StatusCode.OK
-            counted = False
             self.metrics.started.labels("unary", SERVICE_NAME, method).inc()
-            try:
-                if isinstance(request, _Malformed):
-                    code = grpc.StatusCode.INVALID_ARGUMENT
-                    await context.abort(
-                        code, f"the request is not a valid {method} message ({request.error})"
+            refused = refusal(request, context)
+            if refused is None:
+                self.calls.enter(context)
+                try:
+                    response = await inner(request, context)
+                except grpc.aio.AbortError:
+                    raise  # TierRouter's handlers raise, they do not abort
+                except TierpickError as exc:  # bad request: PolicyError, RequestError, ...
+                    refused = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+                except asyncio.CancelledError:
+                    self.metrics.count(
+                        method, grpc.StatusCode.CANCELLED, time.perf_counter() - start
                     )
-                if self.in_flight >= self.max_concurrency:
-                    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-                    await context.abort(
-                        code, f"over {self.max_concurrency} calls in flight; retry with backoff"
-                    )
-                remaining = context.time_remaining()
-                if remaining is not None and remaining <= 0:
-                    code = grpc.StatusCode.DEADLINE_EXCEEDED
-                    await context.abort(code, "deadline expired before the request was handled")
-                self.in_flight += 1
-                counted = True
-                self.metrics.in_flight.inc()
-                return await inner(request, context)
-            except grpc.aio.AbortError:
-                raise
-            except TierpickError as exc:  # bad request: PolicyError, RequestError, ...
-                code = grpc.StatusCode.INVALID_ARGUMENT
-                await context.abort(code, str(exc))
-            except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
-                raise
-            except Exception as exc:
-                code = grpc.StatusCode.INTERNAL
-                log.exception("internal error in %s", method)
-                await context.abort(code, f"internal error: {type(exc).__name__}")
-            finally:
-                if counted:
-                    self.in_flight -= 1
-                    self.metrics.in_flight.dec()
-                self.metrics.count(method, code, time.perf_counter() - start)
+                    raise
+                except Exception as exc:
+                    log.exception("internal error in %s", method)
+                    refused = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
+                else:
+                    self.metrics.count(method, grpc.StatusCode.OK, time.perf_counter() - start)
+                    return response
+            code, message = refused
+            self.metrics.count(method, code, time.perf_counter() - start)
+            await context.abort(code, message)
 
         return grpc.unary_unary_rpc_method_handler(
             wrapped,
@@ -250,6 +264,8 @@ def create_server(
 
     holder = ModelHolder(model, metrics, check=fits)  # loaded and warmed before anything listens
     pool = futures.ThreadPoolExecutor(config.workers, thread_name_prefix="tierpick-batch")
+    calls = OpenCalls()
+    metrics.in_flight.set_function(lambda: calls.open)
 
     def add_services(server: Any) -> None:
         pb_grpc.add_TierRouterServicer_to_server(
@@ -268,9 +284,10 @@ def create_server(
         add_services,
         health_names=("", SERVICE_NAME),
         tls=tls,
-        interceptors=[ErrorInterceptor(metrics, config.max_concurrency)],
+        interceptors=[ErrorInterceptor(metrics, config.max_concurrency, calls)],
         pool=pool,
         logger=log,
+        calls=calls,
     )
     log.info(
         "serving %s (%s) on port %d",
