@@ -161,6 +161,30 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self.max_concurrency = max_concurrency
         self.calls = calls
 
+    def _refusal(
+        self, method: str, request: Any, context: grpc.aio.ServicerContext
+    ) -> tuple[grpc.StatusCode, str] | None:
+        """Why a call is refused before its handler runs, or None."""
+        if self.calls.draining:
+            return grpc.StatusCode.UNAVAILABLE, "the server is stopping; retry on a replica"
+        if isinstance(request, _Malformed):
+            return (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the request is not a valid {method} message ({request.error})",
+            )
+        if self.calls.open >= self.max_concurrency:
+            return (
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"over {self.max_concurrency} calls in flight; retry with backoff",
+            )
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return (
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "deadline expired before the request was handled",
+            )
+        return None
+
     async def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         handler = await continuation(details)
         if handler is None or handler.unary_unary is None:
@@ -177,33 +201,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             except Exception as exc:  # protobuf's DecodeError and friends
                 return _Malformed(f"{type(exc).__name__}: {exc}")
 
-        def refusal(request: Any, context: Any) -> tuple[grpc.StatusCode, str] | None:
-            if self.calls.draining:
-                return grpc.StatusCode.UNAVAILABLE, "the server is stopping; retry on a replica"
-            if isinstance(request, _Malformed):
-                return (
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"the request is not a valid {method} message ({request.error})",
-                )
-            if self.calls.open >= self.max_concurrency:
-                return (
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"over {self.max_concurrency} calls in flight; retry with backoff",
-                )
-            remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:
-                return (
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    "deadline expired before the request was handled",
-                )
-            return None
-
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             # every outcome is counted before its status goes out: a client that has its
             # answer finds it counted
             start = time.perf_counter()
             self.metrics.started.labels("unary", SERVICE_NAME, method).inc()
-            refused = refusal(request, context)
+            refused = self._refusal(method, request, context)
             if refused is None:
                 self.calls.enter(context)
                 try:
@@ -223,9 +226,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 else:
                     self.metrics.count(method, grpc.StatusCode.OK, time.perf_counter() - start)
                     return response
-            code, message = refused
-            self.metrics.count(method, code, time.perf_counter() - start)
-            await context.abort(code, message)
+            self.metrics.count(method, refused[0], time.perf_counter() - start)
+            await context.abort(*refused)
 
         return grpc.unary_unary_rpc_method_handler(
             wrapped,
