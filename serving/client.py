@@ -57,7 +57,39 @@ def _channel(
     return api.insecure_channel(target, options=opts)
 
 
-class TierpickClient:
+class _Stub:
+    """What the sync and asyncio clients share: the channel, the stub, the default timeout, and
+    the calls whose result each returns as its API does (a message, or an awaitable of one)."""
+
+    def __init__(
+        self,
+        api: Any,
+        target: str,
+        timeout: float,
+        credentials: grpc.ChannelCredentials | None,
+        options: Sequence[tuple[str, object]],
+    ) -> None:
+        self.channel = _channel(api, target, credentials, options)
+        self.stub = pb_grpc.TierRouterStub(self.channel)
+        self.timeout = timeout
+
+    def _classify(
+        self,
+        prompt: str,
+        messages: Iterable[Mapping[str, str]],
+        routing: pb.RoutingPolicy | None,
+        request_id: str,
+        timeout: float | None,
+    ) -> Any:
+        return self.stub.Classify(
+            request(prompt, messages, routing, request_id), timeout=timeout or self.timeout
+        )
+
+    def _model_info(self, timeout: float | None) -> Any:
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout or self.timeout)
+
+
+class TierpickClient(_Stub):
     """A channel to a tierpick server with a default per-call timeout (seconds)."""
 
     def __init__(
@@ -67,10 +99,8 @@ class TierpickClient:
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, object]] = (),
     ) -> None:
-        self.channel = _channel(grpc, target, credentials, options)
-        self.stub = pb_grpc.TierRouterStub(self.channel)
+        super().__init__(grpc, target, timeout, credentials, options)
         self.health = health_pb2_grpc.HealthStub(self.channel)
-        self.timeout = timeout
 
     def classify(
         self,
@@ -81,9 +111,7 @@ class TierpickClient:
         request_id: str = "",
         timeout: float | None = None,
     ) -> pb.ClassifyResponse:
-        resp: pb.ClassifyResponse = self.stub.Classify(
-            request(prompt, messages, routing, request_id), timeout=timeout or self.timeout
-        )
+        resp: pb.ClassifyResponse = self._classify(prompt, messages, routing, request_id, timeout)
         return resp
 
     def classify_batch(
@@ -101,9 +129,7 @@ class TierpickClient:
         return resp
 
     def model_info(self, timeout: float | None = None) -> pb.ModelInfo:
-        info: pb.ModelInfo = self.stub.GetModelInfo(
-            pb.GetModelInfoRequest(), timeout=timeout or self.timeout
-        )
+        info: pb.ModelInfo = self._model_info(timeout)
         return info
 
     def health_status(self, service: str = "") -> int:
@@ -135,7 +161,7 @@ class TierpickClient:
         self.close()
 
 
-class AsyncTierpickClient:
+class AsyncTierpickClient(_Stub):
     """The asyncio twin of :class:`TierpickClient` (``grpc.aio``), for gateways that run on an
     event loop (the LiteLLM plug-in). Create it inside the loop that will use it."""
 
@@ -146,9 +172,7 @@ class AsyncTierpickClient:
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, object]] = (),
     ) -> None:
-        self.channel = _channel(grpc.aio, target, credentials, options)
-        self.stub = pb_grpc.TierRouterStub(self.channel)
-        self.timeout = timeout
+        super().__init__(grpc.aio, target, timeout, credentials, options)
 
     async def classify(
         self,
@@ -159,15 +183,13 @@ class AsyncTierpickClient:
         request_id: str = "",
         timeout: float | None = None,
     ) -> pb.ClassifyResponse:
-        resp: pb.ClassifyResponse = await self.stub.Classify(
-            request(prompt, messages, routing, request_id), timeout=timeout or self.timeout
+        resp: pb.ClassifyResponse = await self._classify(
+            prompt, messages, routing, request_id, timeout
         )
         return resp
 
     async def model_info(self, timeout: float | None = None) -> pb.ModelInfo:
-        info: pb.ModelInfo = await self.stub.GetModelInfo(
-            pb.GetModelInfoRequest(), timeout=timeout or self.timeout
-        )
+        info: pb.ModelInfo = await self._model_info(timeout)
         return info
 
     async def close(self) -> None:
