@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,46 @@ from tierpick.classifier.table import format_table
 def _percentiles(samples: list[float]) -> tuple[float, float, float]:
     a = np.array(samples) * 1e6
     return float(np.percentile(a, 50)), float(np.percentile(a, 99)), float(a.mean())
+
+
+def _added_latency(
+    call: Callable[[int, int], tuple[float, str]],
+    names: list[str],
+    ref: int,
+    calls: int,
+    warmup: int,
+    outcome: str,
+    title: str,
+) -> str:
+    """Time paths side by side: ``call(k, i)`` sends request ``i`` down path ``k`` and returns
+    its seconds and outcome. After ``warmup`` rounds, ``calls`` rounds call every path in turn,
+    the order reversed every other round, so all paths see the same machine state; the table
+    gives each path's p50/p99, what it adds over path ``ref``, and its outcomes counted."""
+    for i in range(warmup):  # connections, caches, channels
+        for k in range(len(names)):
+            call(k, i)
+    samples: list[list[float]] = [[] for _ in names]
+    outcomes: list[dict[str, int]] = [{} for _ in names]
+    order = list(range(len(names)))
+    for i in range(calls):
+        for k in order if i % 2 == 0 else order[::-1]:
+            dt, seen = call(k, i)
+            samples[k].append(dt)
+            outcomes[k][seen] = outcomes[k].get(seen, 0) + 1
+    p = [_percentiles(s) for s in samples]
+    rows = [
+        [
+            names[k],
+            p[k][0],
+            p[k][1],
+            p[k][0] - p[ref][0],
+            p[k][1] - p[ref][1],
+            ", ".join(f"{s} {n}" for s, n in sorted(outcomes[k].items())),
+        ]
+        for k in range(len(names))
+    ]
+    headers = ["path", "p50 us", "p99 us", "p50 added us", "p99 added us", outcome]
+    return format_table(headers, rows, title) + "\n"
 
 
 def run_inprocess_bench(
@@ -423,54 +464,31 @@ def run_gateway_bench(model: str | None, prompts_path: Path, calls: int = 2000) 
             for p in prompts
         ]
 
-        def call(k: int, body: bytes) -> tuple[float, str]:
+        def call(k: int, i: int) -> tuple[float, str]:
             t0 = time.perf_counter()
             conns[k].request(
                 "POST",
                 "/v1/chat/completions",
-                body=body,
+                body=bodies[i % len(bodies)],
                 headers={"content-type": "application/json"},
             )
             resp = conns[k].getresponse()
             resp.read()
-            return time.perf_counter() - t0, resp.getheader("x-tierpick-status") or ""
+            return time.perf_counter() - t0, resp.getheader("x-tierpick-status") or "-"
 
-        for i in range(100):  # warm-up: connections, caches
-            for k in range(3):
-                call(k, bodies[i % len(bodies)])
-        samples: list[list[float]] = [[], [], []]
-        statuses: list[dict[str, int]] = [{}, {}, {}]
-        for i in range(calls):
-            body = bodies[i % len(bodies)]
-            for k in (0, 1, 2) if i % 2 == 0 else (1, 0, 2):
-                dt, status = call(k, body)
-                samples[k].append(dt)
-                statuses[k][status] = statuses[k].get(status, 0) + 1
-        p = [_percentiles(s) for s in samples]
-        names = [
-            "Envoy + tierpick ext_proc (classified)",
-            "same Envoy, no ext_proc filter (reference)",
-            "Envoy + ext_proc, processor stopped (fail-open)",
-        ]
-        rows = [
+        return _added_latency(
+            call,
             [
-                names[k],
-                p[k][0],
-                p[k][1],
-                p[k][0] - p[1][0],
-                p[k][1] - p[1][1],
-                ", ".join(f"{s or '-'} {n}" for s, n in sorted(statuses[k].items())),
-            ]
-            for k in range(3)
-        ]
-        return (
-            format_table(
-                ["path", "p50 us", "p99 us", "p50 added us", "p99 added us", "x-tierpick-status"],
-                rows,
-                f"Gateway latency per request, {calls} alternating calls per path on "
-                f"{len(prompts)} real prompts (OpenAI chat bodies); upstreams answer at once",
-            )
-            + "\n"
+                "Envoy + tierpick ext_proc (classified)",
+                "same Envoy, no ext_proc filter (reference)",
+                "Envoy + ext_proc, processor stopped (fail-open)",
+            ],
+            ref=1,
+            calls=calls,
+            warmup=100,
+            outcome="x-tierpick-status",
+            title=f"Gateway latency per request, {calls} alternating calls per path on "
+            f"{len(prompts)} real prompts (OpenAI chat bodies); upstreams answer at once",
         )
     finally:
         for env in envoys:
@@ -542,53 +560,23 @@ def run_litellm_bench(model: str | None, prompts_path: Path, calls: int = 500) -
         conns = [http.client.HTTPConnection("127.0.0.1", p.port, timeout=60) for p in proxies]
         bodies = [[{"role": "user", "content": p}] for p in prompts]
 
-        def call(k: int, i: int) -> tuple[float, str, int]:
+        def call(k: int, i: int) -> tuple[float, str]:
             body = {"model": paths[k][2], "messages": bodies[i % len(bodies)]}
             t0 = time.perf_counter()
             status, headers, _ = proxies[k].chat(body, conn=conns[k])
-            return time.perf_counter() - t0, headers.get("x-tierpick-status", ""), status
+            dt = time.perf_counter() - t0
+            return dt, f"{status} {headers.get('x-tierpick-status') or '-'}"
 
-        for i in range(50):  # warm-up: connections, caches, the plug-in's channel
-            for k in range(len(paths)):
-                call(k, i)
-        samples: list[list[float]] = [[] for _ in paths]
-        outcomes: list[dict[str, int]] = [{} for _ in paths]
-        order = list(range(len(paths)))
-        for i in range(calls):
-            for k in order if i % 2 == 0 else order[::-1]:
-                dt, tier_status, status = call(k, i)
-                samples[k].append(dt)
-                key = f"{status} {tier_status or '-'}"
-                outcomes[k][key] = outcomes[k].get(key, 0) + 1
-        p = [_percentiles(s) for s in samples]
-        ref = 2
-        rows = [
-            [
-                paths[k][0],
-                p[k][0],
-                p[k][1],
-                p[k][0] - p[ref][0],
-                p[k][1] - p[ref][1],
-                ", ".join(f"{s} {n}" for s, n in sorted(outcomes[k].items())),
-            ]
-            for k in range(len(paths))
-        ]
-        return (
-            format_table(
-                [
-                    "path",
-                    "p50 us",
-                    "p99 us",
-                    "p50 added us",
-                    "p99 added us",
-                    "HTTP x-tierpick-status",
-                ],
-                rows,
-                f"LiteLLM proxy {_litellm_version()} latency per request, {calls} alternating "
-                f"calls per path on {len(prompts)} real prompts (OpenAI chat bodies); upstreams "
-                "answer at once; the reference asks for the mid tier's model group directly",
-            )
-            + "\n"
+        return _added_latency(
+            call,
+            [name for name, _, _ in paths],
+            ref=2,
+            calls=calls,
+            warmup=50,
+            outcome="HTTP x-tierpick-status",
+            title=f"LiteLLM proxy {_litellm_version()} latency per request, {calls} alternating "
+            f"calls per path on {len(prompts)} real prompts (OpenAI chat bodies); upstreams "
+            "answer at once; the reference asks for the mid tier's model group directly",
         )
     finally:
         for proxy in proxies:
