@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from tierpick.classifier.errors import MissingDependencyError, TierpickError
+from tierpick.serving.gateway.local_envoy import log_tail, stop_process
 
 PLUGIN = "tierpick.serving.litellm_plugin.plugin"
 MASTER_KEY = "sk-tierpick-local"
@@ -172,17 +173,8 @@ class LiteLLMProxy:
         return self.request("POST", "/v1/chat/completions", body, conn=conn)
 
     def log_tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log_path.read_text(encoding="utf-8", errors="replace")[-chars:]
-        except OSError:
-            return ""
+        return log_tail(self.log_path, chars)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 20)
         shutil.rmtree(self.dir, ignore_errors=True)

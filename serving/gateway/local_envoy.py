@@ -26,6 +26,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def stop_process(proc: subprocess.Popen[Any], timeout: float) -> None:
+    """SIGTERM, then SIGKILL if it is still running after ``timeout`` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def log_tail(path: Path, chars: int) -> str:
+    """The last ``chars`` characters of a process's log file ("" when there is none)."""
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")[-chars:]
+    except OSError:
+        return ""
+
+
 class Upstream:
     """An OpenAI-compatible chat/completions server on loopback that answers as ``name``,
     echoing the model it was asked for and the ``x-tierpick-*`` headers it received."""
@@ -171,17 +190,8 @@ class Envoy:
         return 0
 
     def _log_tail(self) -> str:
-        try:
-            return self.log.read_text()[-2000:]
-        except OSError:
-            return "(no log)"
+        return log_tail(self.log, 2000) or "(no log)"
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 10)
         shutil.rmtree(self._dir, ignore_errors=True)
