@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e '.[train,dev,ray,report,gateway,litellm]'
+	$(BIN)/python -m pip install --quiet -e '.[train,dev,ray,report,gateway,litellm,label]'
 	# xds-protos (gateway) ships its own copy of opentelemetry/proto/..., older than the one MLflow
 	# imports (TracesData): whichever package is installed last wins, so put opentelemetry-proto back.
 	$(BIN)/python -m pip install --quiet --force-reinstall --no-deps \

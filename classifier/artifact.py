@@ -18,6 +18,14 @@ from tierpick.classifier.errors import ArtifactError
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 
+# The graph's contract: token ids and their mask in (batch x tokens), one logit per tier out;
+# optionally the sentence embedding the tier head reads (batch x width), which `tierpick label`
+# clusters prompts by and `tierpick adapt` remembers a team's graded prompts in. A graph without
+# it (exported before it was added) serves as before.
+GRAPH_INPUTS = ("input_ids", "attention_mask")
+LOGITS_OUTPUT = "logits"
+EMBEDDING_OUTPUT = "embedding"
+
 
 @dataclass(frozen=True)
 class TierSpec:

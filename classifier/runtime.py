@@ -12,7 +12,13 @@ import numpy as np
 import numpy.typing as npt
 
 from tierpick.classifier._wordpiece import FastWordPiece
-from tierpick.classifier.artifact import Manifest, read_manifest
+from tierpick.classifier.artifact import (
+    EMBEDDING_OUTPUT,
+    GRAPH_INPUTS,
+    LOGITS_OUTPUT,
+    Manifest,
+    read_manifest,
+)
 from tierpick.classifier.errors import ArtifactError, MissingDependencyError, PromptError
 from tierpick.classifier.routing import Router, RoutingPolicy, platt
 from tierpick.classifier.text import normalize_prompt
@@ -98,8 +104,18 @@ class TierClassifier:
                 f"{model_dir / manifest.graph}: not a loadable graph: {exc}"
             ) from exc
         names = [i.name for i in self._session.get_inputs()]
-        if names != ["input_ids", "attention_mask"]:
-            raise ArtifactError(f"{manifest.graph}: inputs {names} != [input_ids, attention_mask]")
+        if names != list(GRAPH_INPUTS):
+            raise ArtifactError(f"{manifest.graph}: inputs {names} != {list(GRAPH_INPUTS)}")
+        outputs = [o.name for o in self._session.get_outputs()]
+        if outputs[0] != LOGITS_OUTPUT:
+            raise ArtifactError(f"{manifest.graph}: first output {outputs[0]!r} != 'logits'")
+        width = self._session.get_outputs()[0].shape[-1]
+        if isinstance(width, int) and width != len(self.tiers):
+            raise ArtifactError(
+                f"{manifest.graph}: {width} logits per prompt, but the manifest has "
+                f"{len(self.tiers)} tiers {list(self.tiers)}"
+            )
+        self.has_embedding = EMBEDDING_OUTPUT in outputs
 
     # ------------------------------------------------------------------ inference
 
@@ -183,7 +199,7 @@ class TierClassifier:
         ``session`` with the same inputs, and its ``output``, are given (training reads the
         student's head features this way)."""
         session = session or self._session
-        names = None if output is None else [output]
+        names = [output or LOGITS_OUTPUT]
         if not ids_list:  # the width of another output is not known without a row
             return np.zeros((0, len(self.tiers) if output is None else 0), dtype=np.float32)
         if len(ids_list) == 1:  # the serving hot path: no sorting, no chunks
@@ -202,6 +218,21 @@ class TierClassifier:
                 out = np.zeros((len(ids_list), part.shape[1]), dtype=np.float32)
             out[rows] = part
         return out  # type: ignore[return-value]  # set by the first chunk: ids_list is not empty
+
+    def embed(self, prompts: Sequence[str], prepared: bool = False) -> npt.NDArray[np.float32]:
+        """The sentence embedding the tier head reads, shape (n, width): what ``tierpick label``
+        clusters prompts by.
+
+        Raises:
+            ArtifactError: the graph has no ``embedding`` output (exported before it had one).
+            PromptError: a prompt has no text left once normalized.
+        """
+        if not self.has_embedding:
+            raise ArtifactError(
+                f"{self.model_dir / self.manifest.graph} has no '{EMBEDDING_OUTPUT}' output "
+                "(exported by an older tierpick)"
+            )
+        return self.infer(self.token_ids(prompts, prepared=prepared), output=EMBEDDING_OUTPUT)
 
     def calibrate(self, logits: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float32]:
         """Apply the manifest's per-tier calibration to logits."""
@@ -263,6 +294,15 @@ def default_model_dir() -> Path:
     """The shipped default model: ``$TIERPICK_MODEL``, else ``models/default`` in the repo."""
     env = os.environ.get(DEFAULT_MODEL_ENV)
     return Path(env) if env else _REPO_MODELS / DEFAULT_MODEL_NAME
+
+
+MLFLOW_DEFAULT_URI = "sqlite:///mlflow.db"
+
+
+def tracking_uri(uri: str | None = None) -> str:
+    """The MLflow tracking store: ``uri``, else ``$MLFLOW_TRACKING_URI``, else a sqlite file in
+    the working directory (no server needed)."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or MLFLOW_DEFAULT_URI
 
 
 def resolve_model_dir(path_or_uri: str | os.PathLike[str] | None) -> Path:

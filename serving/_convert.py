@@ -9,6 +9,7 @@ import numpy as np
 from tierpick.classifier import RoutingPolicy, TierClassifier, last_user_text
 from tierpick.classifier.errors import TierpickError
 from tierpick.serving._proto.tierpick.v1 import tierpick_pb2 as pb
+from tierpick.serving.decisions import DecisionLog, policy_fields
 
 
 class RequestError(TierpickError):
@@ -51,11 +52,12 @@ def classify(
     requests: Sequence[pb.ClassifyRequest],
     default: pb.RoutingPolicy | None,
     base: RoutingPolicy | None = None,
+    decisions: DecisionLog | None = None,
 ) -> list[pb.ClassifyResponse]:
     """Validate every request first (nothing is computed for a bad batch), then predict once.
 
     A request's policy is its own, else the batch's ``default``, laid over the server's
-    ``base`` policy (see :func:`to_policy`)."""
+    ``base`` policy (see :func:`to_policy`). Each decision goes to ``decisions`` when given."""
     base = base or RoutingPolicy()
     prompts = [request_prompt(r) for r in requests]
     policies = [to_policy(r.policy if r.HasField("policy") else default, base) for r in requests]
@@ -70,6 +72,19 @@ def classify(
     for p, rows in groups.items():
         chosen[rows], met[rows] = routers[p].choose(proba[rows])
     tiers = clf.manifest.tiers
+    if decisions is not None:
+        for i, r in enumerate(requests):
+            decisions.record(
+                door="grpc",
+                mode="route",
+                prompt=prompts[i],
+                tiers=clf.tiers,
+                proba=proba[i],
+                tier=clf.tiers[int(chosen[i])],
+                model_version=clf.version,
+                policy=policy_fields(routers[policies[i]]),
+                request_id=r.request_id,
+            )
     out = []
     for i, r in enumerate(requests):
         out.append(

@@ -379,6 +379,106 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def register_label(sub: Any) -> None:
+    from tierpick.serving.label import LabelOptions
+
+    d = LabelOptions()
+    p = sub.add_parser(
+        "label",
+        help="grade a sample of your prompt log on every tier's model (outcomes for adapt)",
+        description="Draw a sample of a prompt log or decision log (stratified by the tier the "
+        "model routes each prompt to and by a cluster of the prompts), ask every tier's model "
+        "(OpenAI-compatible endpoints) for each prompt's answer, grade each answer (an LLM judge "
+        "1-10, or your grader command) and write long-format outcomes with a tier config for "
+        "tierpick adapt. Resumable: rerun the same command after a kill; nothing paid for is "
+        "paid again. Keys come from the environment variables the config names.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="LOG", help="prompt logs, as tierpick score reads")
+    p.add_argument("--config", required=True, help="label YAML: tiers' endpoints, judge, requests")
+    p.add_argument("--out", required=True, help="output directory (a rerun resumes it)")
+    p.add_argument("--model", help="model directory or models:/ URI (default: shipped model)")
+    p.add_argument(
+        "--size", type=int, help="prompts to draw (default: what --budget-usd allows, else 200)"
+    )
+    p.add_argument("--budget-usd", type=float, help="stop before spending more than this (USD)")
+    p.add_argument("--prompt-field", default=d.prompt_field, help="field holding the prompt text")
+    p.add_argument("--reference-field", help="field holding a reference answer for the judge")
+    p.add_argument("--task-field", help="field naming the prompt's task (default: its cluster)")
+    p.add_argument(
+        "--clusters", type=int, default=d.clusters, help="prompt clusters to stratify by"
+    )
+    p.add_argument(
+        "--pool",
+        type=int,
+        default=d.pool,
+        help="distinct prompts the sample is drawn from (a uniform reservoir of the log)",
+    )
+    p.add_argument("--seed", type=int, default=d.seed, help="the sample's seed")
+    p.add_argument("--restart", action="store_true", help="discard what --out holds and start over")
+    p.add_argument(
+        "--retry-problems",
+        action="store_true",
+        help="call again for prompts whose answer or grade failed in an earlier run",
+    )
+    p.add_argument("--experiment", default="tierpick-label", help="MLflow experiment name")
+    p.add_argument("--no-mlflow", action="store_true", help="do not log the run to MLflow")
+    p.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+    )
+    p.set_defaults(func=_label)
+
+
+def _label(args: argparse.Namespace) -> int:
+    from tierpick import classifier
+    from tierpick.classifier.errors import ConfigError
+    from tierpick.serving.label import LabelOptions, load_label_config, run_label
+
+    cfg = load_label_config(args.config)
+    clf = classifier.load(args.model)
+    for name in ("clusters", "pool"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    opts = LabelOptions(
+        size=args.size,
+        budget_usd=args.budget_usd,
+        prompt_field=args.prompt_field,
+        reference_field=args.reference_field,
+        task_field=args.task_field,
+        clusters=args.clusters,
+        pool=args.pool,
+        seed=args.seed,
+        restart=args.restart,
+        retry_problems=args.retry_problems,
+    )
+    tracker = None if args.no_mlflow else _label_tracker(args)
+    result = run_label(args.inputs, Path(args.out), cfg, clf, opts)
+    sys.stdout.write(result.markdown)
+    if tracker is not None:
+        run_id = tracker(result)
+        if run_id:
+            print(f"MLflow run {run_id} (outcomes {result.outcomes_sha256[:12]})")
+    print(f"outcomes -> {result.out}/outcomes.jsonl; tier config -> {result.out}/tiers.yaml")
+    return 0
+
+
+def _label_tracker(args: argparse.Namespace) -> Any:
+    """A function that logs a label run to MLflow, or None (with a note) without mlflow."""
+    try:
+        import mlflow  # noqa: F401
+    except ImportError:
+        print(
+            "tierpick: MLflow is not installed (pip install 'tierpick[train]'): this label run "
+            "is not tracked",
+            file=sys.stderr,
+        )
+        return None
+    from tierpick.serving.label.track import log_label_run, tracking_uri
+
+    uri = tracking_uri(args.tracking_uri)
+    return lambda result: log_label_run(uri, args.experiment, result)
+
+
 def register_serve(sub: Any) -> None:
     from tierpick.serving.lifecycle import ServerConfig
 
@@ -434,11 +534,24 @@ def register_serve(sub: Any) -> None:
         help="routing policy of calls that set none (tierpick tune --out writes one); the "
         "fields a call sets override it (default: the model's utility rule)",
     )
+    p.add_argument(
+        "--decision-log",
+        metavar="FILE.jsonl",
+        help="append every decision to this JSONL file (prompt hash and length, tier, "
+        "probabilities, policy, model version, request id), for tierpick report and label",
+    )
+    p.add_argument(
+        "--decision-log-prompts",
+        action="store_true",
+        help="also write each prompt's text to the decision log (tierpick label needs it)",
+    )
     p.set_defaults(func=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
     from tierpick.classifier import read_policy
+    from tierpick.classifier.errors import ConfigError
+    from tierpick.serving.decisions import DecisionLogConfig
     from tierpick.serving.lifecycle import TLS, ServerConfig
     from tierpick.serving.service import serve
 
@@ -453,7 +566,16 @@ def _serve(args: argparse.Namespace) -> int:
     )
     tls = TLS.from_files(args.tls_cert, args.tls_key, args.tls_client_ca)
     policy = read_policy(args.policy) if args.policy else None
-    return serve(args.host, args.port, args.model, config, args.metrics_port, tls, policy)
+    if args.decision_log_prompts and not args.decision_log:
+        raise ConfigError("--decision-log-prompts needs --decision-log FILE")
+    decisions = (
+        DecisionLogConfig(Path(args.decision_log), prompts=args.decision_log_prompts)
+        if args.decision_log
+        else None
+    )
+    return serve(
+        args.host, args.port, args.model, config, args.metrics_port, tls, policy, decisions
+    )
 
 
 def register_bench(sub: Any) -> None:

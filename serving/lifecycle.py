@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -99,6 +100,19 @@ class Metrics:
         )
         for outcome in ("ok", "refused"):
             self.reloads.labels(outcome)
+
+    def watch_decision_log(self, decisions: Any) -> None:
+        """Export a :class:`~tierpick.serving.decisions.DecisionLog`'s counts."""
+        from prometheus_client import Gauge
+
+        for name, what in (("written", "written to"), ("dropped", "dropped from")):
+            gauge = Gauge(
+                f"tierpick_decision_log_{name}_rows",
+                f"Decisions {what} the decision log since start (dropped: its queue was full "
+                "or the disk failed)",
+                registry=self.registry,
+            )
+            gauge.set_function(functools.partial(getattr, decisions, name))
 
     def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
         """Expose /metrics on ``port`` (0 = any free port); returns the bound port."""
@@ -334,6 +348,7 @@ class GrpcApp:
     _pool: futures.ThreadPoolExecutor | None = None
     logger: logging.Logger = log
     calls: OpenCalls | None = None
+    on_stop: Sequence[Callable[[], None]] = ()  # run once the server has stopped
     _stop_watch: threading.Event = field(default_factory=threading.Event)
 
     def set_serving(self, serving: bool) -> None:
@@ -375,6 +390,8 @@ class GrpcApp:
         self._loop.close()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+        for hook in self.on_stop:
+            hook()
         self.logger.info("stopped")
 
     def _watch(self) -> None:
@@ -395,6 +412,7 @@ def start_app(
     pool: futures.ThreadPoolExecutor | None = None,
     logger: logging.Logger = log,
     calls: OpenCalls | None = None,
+    on_stop: Sequence[Callable[[], None]] = (),
 ) -> GrpcApp:
     """Start a ``grpc.aio`` server for a loaded model: ``add_services(server)`` registers the
     app's services; the standard health service answers for ``health_names`` (NOT_SERVING until
@@ -437,6 +455,7 @@ def start_app(
         pool,
         logger,
         calls,
+        tuple(on_stop),
     )
     app.set_serving(True)
     if config.watch_seconds > 0:

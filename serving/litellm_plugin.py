@@ -47,6 +47,7 @@ otherwise.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -73,6 +74,7 @@ from tierpick.classifier.routing import (
     read_policy,
     within_grant,
 )
+from tierpick.serving.decisions import MODES, DecisionLog, DecisionLogConfig, policy_fields
 
 try:
     from litellm.integrations.custom_logger import CustomLogger
@@ -88,7 +90,7 @@ POLICY_KEY = "tierpick"  # request metadata: the per-request policy
 DECISION_KEY = "tierpick_decision"  # request metadata: the decision (set by the plug-in only)
 ROUTER_MODEL = "auto_router/complexity_router"
 HEADER_PREFIX = "x-tierpick-"
-OUTCOMES = ("classified", "not-classified", "fallback", "rejected", "bad-request")
+OUTCOMES = ("classified", "not-classified", "fallback", "rejected", "bad-request", "shadow")
 
 
 class BadRequest(TierpickError):
@@ -123,9 +125,23 @@ class PluginConfig:
     request_policy_enabled: bool = False
     request_policy_fields: tuple[str, ...] = POLICY_KEYS
     request_policy_tiers: tuple[str, ...] = ()
+    # route: requests for a routed group go to the tier's group; shadow: every chat request is
+    # classified and logged, and goes where it would without tierpick (a routed group's
+    # fallback tier, any other group untouched)
+    mode: str = "route"
+    decision_log: DecisionLogConfig | None = None
 
 
-_KEYS = {"service", "model", "timeout_ms", "failure", "policy", "request_policy"}
+_KEYS = {
+    "service",
+    "model",
+    "timeout_ms",
+    "failure",
+    "policy",
+    "request_policy",
+    "mode",
+    "decision_log",
+}
 
 
 def parse_plugin_config(raw: object, where: str = "tierpick") -> PluginConfig:
@@ -171,6 +187,9 @@ def parse_plugin_config(raw: object, where: str = "tierpick") -> PluginConfig:
     tiers = grant.get("tiers", [])
     if not isinstance(tiers, list) or not all(isinstance(t, str) for t in tiers):
         raise ConfigError(f"{where}.request_policy.tiers: must be a list of tiers, got {tiers!r}")
+    plugin_mode = raw.get("mode", "route")
+    if plugin_mode not in MODES:
+        raise ConfigError(f"{where}.mode: must be one of {list(MODES)}, got {plugin_mode!r}"[:300])
     return PluginConfig(
         service=None if model is not None else (service or PluginConfig.service),
         model=model,
@@ -180,6 +199,10 @@ def parse_plugin_config(raw: object, where: str = "tierpick") -> PluginConfig:
         request_policy_enabled=enabled,
         request_policy_fields=tuple(fields),
         request_policy_tiers=tuple(tiers),
+        mode=plugin_mode,
+        decision_log=DecisionLogConfig.from_mapping(
+            raw.get("decision_log"), f"{where}.decision_log"
+        ),
     )
 
 
@@ -268,6 +291,8 @@ class Plugin(CustomLogger):
         self._info: Any = None  # the service's ModelInfo, fetched once
         self._service_checked: RoutingPolicy | None = None  # the config's, once valid
         self._clients: dict[int, tuple[Any, Any]] = {}  # one grpc.aio channel per event loop
+        cfg_log = self.config.decision_log
+        self.decisions = DecisionLog(cfg_log) if cfg_log is not None else None
         if self.config.model is not None:  # "default": the shipped model
             model = self.config.model
             self._clf = classifier.load(None if model == "default" else model)
@@ -367,7 +392,11 @@ class Plugin(CustomLogger):
             raise BadRequest(f"metadata.{POLICY_KEY}: {exc}") from None
 
     async def decide(
-        self, messages: object, raw_policy: object, routable: Collection[str] | None = None
+        self,
+        messages: object,
+        raw_policy: object,
+        routable: Collection[str] | None = None,
+        requested_model: str | None = None,
     ) -> Decision:
         """Classify a chat request: never raises but :class:`BadRequest`. A request with nothing
         to classify, or a classifier that fails or runs over ``timeout_ms`` (the whole
@@ -378,7 +407,7 @@ class Plugin(CustomLogger):
         start = time.perf_counter()
         try:
             tier, proba, version, note = await asyncio.wait_for(
-                self._classify(messages, raw_policy), self.config.timeout_ms / 1000
+                self._classify(messages, raw_policy, requested_model), self.config.timeout_ms / 1000
             )
             if routable is not None and tier not in routable:
                 # the service's model changed its tiers under a running proxy
@@ -396,7 +425,7 @@ class Plugin(CustomLogger):
         return self._done(decision, start)
 
     async def _classify(
-        self, messages: object, raw_policy: object
+        self, messages: object, raw_policy: object, requested_model: str | None = None
     ) -> tuple[str, dict[str, float], str, str]:
         if self._clf is None and self._info is None:
             await self._fetch_info()
@@ -416,6 +445,7 @@ class Plugin(CustomLogger):
             clf = self._clf
             assert router is not None
             d = clf.route_proba(clf.predict_proba([prompt]), router)[0]
+            self._log(prompt, d.tier, d.probabilities, clf.version, router, requested_model)
             proba = {t: round(p, 4) for t, p in d.probabilities.items()}
             return d.tier, proba, clf.version, note
         from tierpick.serving.client import policy as pb_policy
@@ -431,8 +461,35 @@ class Plugin(CustomLogger):
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:  # the policy was checked: the prompt
                 raise NotClassified(exc.details() or "invalid prompt") from None
             raise
-        proba = {s.tier: round(s.success_probability, 4) for s in resp.scores}
+        exact = {s.tier: s.success_probability for s in resp.scores}
+        if self.decisions is not None:  # the policy as the service applied it
+            info = self._info
+            applied = Router.for_tiers(policy, list(info.tiers), info.default_cost_weight)
+            self._log(prompt, resp.tier, exact, resp.model_version, applied, requested_model)
+        proba = {t: round(p, 4) for t, p in exact.items()}
         return resp.tier, proba, resp.model_version, note
+
+    def _log(
+        self,
+        prompt: str,
+        tier: str,
+        proba: Mapping[str, float],
+        version: str,
+        router: Router,
+        requested_model: str | None,
+    ) -> None:
+        if self.decisions is not None:
+            self.decisions.record(
+                door="litellm",
+                mode=self.config.mode,
+                prompt=prompt,
+                tiers=list(proba),
+                proba=list(proba.values()),
+                tier=tier,
+                model_version=version,
+                policy=policy_fields(router),
+                requested_model=requested_model,
+            )
 
     async def _fetch_info(self) -> None:
         """The service's model (tiers, prices), once; checked against the routed groups."""
@@ -511,17 +568,32 @@ class Plugin(CustomLogger):
         metadata = data.get("metadata")
         if isinstance(metadata, dict):
             metadata.pop(DECISION_KEY, None)  # only the plug-in sets it
-        group = self.routed.get(data.get("model"))  # type: ignore[arg-type]
+        requested = data.get("model")
+        group = self.routed.get(requested)  # type: ignore[arg-type]
+        shadow = self.config.mode == "shadow"
         if group is None:  # another model, named explicitly: untouched
+            if shadow and data.get("messages"):  # logged only: what would tierpick choose?
+                with contextlib.suppress(BadRequest):
+                    await self.decide(data["messages"], None, None, str(requested)[:200])
             return data
         if not isinstance(metadata, dict):
             metadata = data["metadata"] = {}
         try:
             decision = await self.decide(
-                data.get("messages"), metadata.get(POLICY_KEY), routable=group.tiers
+                data.get("messages"),
+                None if shadow else metadata.get(POLICY_KEY),
+                routable=group.tiers,
+                requested_model=str(requested)[:200],
             )
         except BadRequest as exc:
             raise _http_error(400, str(exc), "invalid_request_error") from None
+        if shadow:  # where the request would go without tierpick: the fallback tier
+            decision["shadow_tier"], decision["tier"] = decision.get("tier"), None
+            decision["status"] = "shadow"
+            decision["routed_tier"] = group.fallback_tier
+            metadata[DECISION_KEY] = decision
+            data["model"] = group.tiers[group.fallback_tier][0]
+            return data
         if decision["status"] == "rejected":
             raise _http_error(503, f"tierpick: {decision['reason']}", "tierpick_unavailable")
         if decision["tier"] is None:

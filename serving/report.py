@@ -86,7 +86,13 @@ def read_scored(
                 raise TierpickError(f"{where}: tier {tier!r} is not one of the model's {tiers}")
             if any(p is None for p in probs):
                 raise TierpickError(f"{where}: a routed row lacks a probability")
-            chars.append(len(text) if isinstance(text, str) else 0)
+            chars.append(
+                len(text)
+                if isinstance(text, str)
+                else text
+                if isinstance(text, int) and not isinstance(text, bool)
+                else 0
+            )
             proba.append([float(p) for p in probs])  # type: ignore[arg-type]
             routed.append(index[tier])
     return ScoredLog(
@@ -154,7 +160,8 @@ def _rows(
             if not isinstance(obj, dict) or tier_col not in obj:
                 raise TierpickError(f"{path}:{lineno}: not a scored row (no {tier_col!r} field)")
             yield (
-                obj.get(prompt_field),
+                # a decision log without prompt texts still has their length
+                obj.get(prompt_field, obj.get("prompt_chars")),
                 [obj.get(c) for c in cols],
                 obj[tier_col],
                 obj.get(version_col),

@@ -24,6 +24,7 @@ from tierpick.classifier.errors import TierpickError
 from tierpick.serving import _convert
 from tierpick.serving._proto.tierpick.v1 import tierpick_pb2 as pb
 from tierpick.serving._proto.tierpick.v1 import tierpick_pb2_grpc as pb_grpc
+from tierpick.serving.decisions import DecisionLog, DecisionLogConfig
 from tierpick.serving.lifecycle import (
     TLS,
     GrpcApp,
@@ -100,8 +101,10 @@ class TierRouterServicer(pb_grpc.TierRouterServicer):
         metrics: ServiceMetrics,
         pool: futures.ThreadPoolExecutor,
         policy: RoutingPolicy | None = None,
+        decisions: DecisionLog | None = None,
     ) -> None:
         self.policy = policy or RoutingPolicy()  # the server's policy; requests override fields
+        self.decisions = decisions
         self.holder = holder
         self.config = config
         self.metrics = metrics
@@ -110,7 +113,9 @@ class TierRouterServicer(pb_grpc.TierRouterServicer):
     async def Classify(
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyResponse:
-        resp = _convert.classify(self.holder.current, [request], None, self.policy)[0]
+        resp = _convert.classify(self.holder.current, [request], None, self.policy, self.decisions)[
+            0
+        ]
         self.metrics.tiers.labels(resp.tier).inc()
         return resp
 
@@ -126,7 +131,13 @@ class TierRouterServicer(pb_grpc.TierRouterServicer):
         default = request.policy if request.HasField("policy") else None
         responses = (
             await asyncio.get_running_loop().run_in_executor(
-                self.pool, _convert.classify, clf, list(request.requests), default, self.policy
+                self.pool,
+                _convert.classify,
+                clf,
+                list(request.requests),
+                default,
+                self.policy,
+                self.decisions,
             )
             if n
             else []
@@ -242,6 +253,7 @@ def create_server(
     config: ServerConfig | None = None,
     tls: TLS | tuple[bytes, bytes] | None = None,
     policy: RoutingPolicy | None = None,
+    decision_log: DecisionLogConfig | None = None,
 ) -> GrpcApp:
     """Build, load and start a server; health is SERVING once the model is loaded and warm.
 
@@ -254,6 +266,7 @@ def create_server(
         policy: the routing policy of calls that set none (``tierpick tune`` writes one); the
             fields a call sets override it. Checked against the model at start and at every
             reload (a model whose tiers it does not fit is refused).
+        decision_log: log every decision there (:mod:`tierpick.serving.decisions`).
     """
     config = config or ServerConfig()
     if isinstance(tls, tuple):
@@ -268,10 +281,13 @@ def create_server(
     pool = futures.ThreadPoolExecutor(config.workers, thread_name_prefix="tierpick-batch")
     calls = OpenCalls()
     metrics.in_flight.set_function(lambda: calls.open)
+    decisions = DecisionLog(decision_log) if decision_log is not None else None
+    if decisions is not None:
+        metrics.watch_decision_log(decisions)
 
     def add_services(server: Any) -> None:
         pb_grpc.add_TierRouterServicer_to_server(
-            TierRouterServicer(holder, config, metrics, pool, policy), server
+            TierRouterServicer(holder, config, metrics, pool, policy, decisions), server
         )
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -290,6 +306,7 @@ def create_server(
         pool=pool,
         logger=log,
         calls=calls,
+        on_stop=[decisions.close] if decisions is not None else [],
     )
     log.info(
         "serving %s (%s) on port %d",
@@ -308,7 +325,8 @@ def serve(
     metrics_port: int | None,
     tls: TLS | None = None,
     policy: RoutingPolicy | None = None,
+    decision_log: DecisionLogConfig | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT (graceful: :meth:`GrpcApp.shutdown`); SIGHUP reloads the model."""
-    app = create_server(f"{host}:{port}", model, config, tls, policy)
+    app = create_server(f"{host}:{port}", model, config, tls, policy, decision_log)
     return run_app(app, "tierpick serving", metrics_port, host)

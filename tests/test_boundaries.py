@@ -124,15 +124,18 @@ def test_no_package_imports_another_packages_private_module(package: str) -> Non
     assert not bad, sorted(bad)
 
 
-# serving's layout, in the order of its one-way flow: the shared lifecycle, then the three jobs,
-# which never import each other; the CLI and the benchmark sit on top and may use any of them.
+# serving's layout, in the order of its one-way flow: the shared lifecycle and decision log, then
+# the jobs (the service, the gateway, scoring with report, tune and label on it), which never
+# import each other; the CLI and the benchmark sit on top and may use any of them.
 SERVING_LAYERS = {
     "lifecycle": set(),
-    "service": {"lifecycle", "_convert", "_proto"},
-    "gateway": {"lifecycle"},
+    "decisions": set(),
+    "service": {"lifecycle", "decisions", "_convert", "_proto"},
+    "gateway": {"lifecycle", "decisions"},
     "scoring": set(),
     "report": {"scoring"},
     "tune": {"scoring", "report"},
+    "label": {"scoring"},
     "client": {"_proto"},
 }
 

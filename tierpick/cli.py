@@ -28,6 +28,7 @@ _GROUPS: dict[str, tuple[str, str | None]] = {
     "score": ("tierpick.serving.cli:register_score", None),
     "report": ("tierpick.serving.cli:register_report", None),
     "tune": ("tierpick.serving.cli:register_tune", None),
+    "label": ("tierpick.serving.cli:register_label", "label"),
     "serve": ("tierpick.serving.cli:register_serve", None),
     "bench": ("tierpick.serving.cli:register_bench", None),
     "gateway": ("tierpick.serving.cli:register_gateway", "gateway"),

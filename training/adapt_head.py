@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from tierpick.classifier.artifact import LOGITS_OUTPUT
 from tierpick.classifier.errors import ArtifactError
 from tierpick.classifier.routing import sigmoid
 
@@ -31,12 +32,12 @@ class Head:
 
         self.model = onnx.load(str(graph_path))
         g = self.model.graph
-        last = g.node[-1]
+        last = next(n for n in g.node if LOGITS_OUTPUT in n.output)
         inits = {i.name: i for i in g.initializer}
         trans_b = {a.name: a.i for a in last.attribute}.get("transB", 0)
         if (
             last.op_type != "Gemm"
-            or last.output[0] != g.output[0].name
+            or last.output[0] != LOGITS_OUTPUT
             or last.input[1] not in inits
             or len(last.input) < 3
             or last.input[2] not in inits

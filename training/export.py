@@ -14,6 +14,9 @@ import numpy as np
 import torch
 
 from tierpick.classifier.artifact import (
+    EMBEDDING_OUTPUT,
+    GRAPH_INPUTS,
+    LOGITS_OUTPUT,
     SCHEMA_VERSION,
     Manifest,
     TierSpec,
@@ -27,9 +30,29 @@ GRAPH = "student.onnx"
 TOKENIZER = "tokenizer.json"
 
 
+class _WithEmbedding(torch.nn.Module):
+    """A student or teacher that also returns the sentence embedding its tier head reads."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        model: Any = self.model
+        embedding: torch.Tensor = model.pooled(input_ids, attention_mask)
+        return model.head(embedding), embedding
+
+
 def export_onnx(model: torch.nn.Module, path: Path) -> None:
-    """Export a (input_ids, attention_mask) -> logits module with dynamic batch and length."""
+    """Export a (input_ids, attention_mask) -> logits module with dynamic batch and length; a
+    model with ``pooled`` and ``head`` (the student, the teacher) also outputs its embedding
+    (the graph contract of :mod:`classifier.artifact`)."""
     model.eval()
+    outputs = [LOGITS_OUTPUT]
+    if hasattr(model, "pooled") and hasattr(model, "head"):
+        model, outputs = _WithEmbedding(model), [LOGITS_OUTPUT, EMBEDDING_OUTPUT]
     x = torch.full((1, 4), 1000, dtype=torch.long)
     m = torch.ones((1, 4), dtype=torch.float32)
     with warnings.catch_warnings():
@@ -39,12 +62,11 @@ def export_onnx(model: torch.nn.Module, path: Path) -> None:
             model,
             (x, m),
             str(path),
-            input_names=["input_ids", "attention_mask"],
-            output_names=["logits"],
+            input_names=list(GRAPH_INPUTS),
+            output_names=outputs,
             dynamic_axes={
-                "input_ids": {0: "batch", 1: "tokens"},
-                "attention_mask": {0: "batch", 1: "tokens"},
-                "logits": {0: "batch"},
+                **{name: {0: "batch", 1: "tokens"} for name in GRAPH_INPUTS},
+                **{name: {0: "batch"} for name in outputs},
             },
             opset_version=17,
             dynamo=False,

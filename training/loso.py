@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,10 +30,19 @@ def loso_families(ds: BuiltDataset, min_prompts: int) -> list[str]:
 
 
 def leave_one_family_out(
-    ds: BuiltDataset, ctx: Any, costs: Array, families: list[str] | None = None
+    ds: BuiltDataset,
+    ctx: Any,
+    costs: Array,
+    families: list[str] | None = None,
+    export_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Per family: fit on the other families' train split (calibrated and tuned on their val
     split), evaluate on every prompt of the family, with the same reference rows.
+
+    With ``export_dir``, each family's model is also exported there as a full artifact
+    (``<export_dir>/<family>/``), beside ``<family>.npz``: the held-out prompts and tasks, its
+    probabilities, targets and mask. These are what a team meeting traffic the model never saw
+    starts from (``tierpick adapt``'s per-family study, the choice of the default rule).
 
     Returns:
         ``{"families": {family: compact figures}, "mean_apgr": {router: mean N-tier APGR over
@@ -63,6 +73,8 @@ def leave_one_family_out(
         fitted = fit_router(ctx, train, val, costs)
         routers = routers_for(fitted, ctx, target)
         res = compact(evaluate_split(target, routers, costs, ds.tiers, fitted.cost_weight))
+        if export_dir is not None:
+            _export_fold(ctx, fitted, ds, family, target, routers["student"], export_dir)
         res["train_prompts"], res["val_prompts"] = len(train.prompts), len(val.prompts)
         res["seconds"] = round(time.perf_counter() - t0, 1)
         out["families"][family] = res
@@ -74,3 +86,36 @@ def leave_one_family_out(
         }
     out["seconds"] = round(time.perf_counter() - t_start, 1)
     return out
+
+
+def _export_fold(
+    ctx: Any,
+    fitted: Any,
+    ds: BuiltDataset,
+    family: str,
+    target: Any,
+    proba: Array,
+    export_dir: Path,
+) -> None:
+    """A fold's model as an artifact, and its held-out figures, under ``export_dir``."""
+    from tierpick.training.export import export_model
+
+    export_dir.mkdir(parents=True, exist_ok=True)
+    export_model(
+        fitted.student,
+        ctx.config,
+        export_dir / family,
+        version=f"{ds.fingerprint[:8]}-loso-{family}",
+        calibration=fitted.calibration,
+        default_cost_weight=fitted.cost_weight,
+        data_fingerprint=ds.fingerprint,
+        evaluation={},
+    )
+    np.savez_compressed(
+        export_dir / f"{family}.npz",
+        prompts=np.array(target.prompts),
+        tasks=np.array(target.tasks),
+        proba=proba,
+        targets=target.targets,
+        mask=target.mask,
+    )

@@ -369,7 +369,7 @@ def run_training(
     # ---- leave one family out: one fit per family, trained without it, evaluated on it
     if tcfg.loso:
         t0 = time.perf_counter()
-        report["loso"] = leave_one_family_out(ds, ctx, costs)
+        report["loso"] = leave_one_family_out(ds, ctx, costs, export_dir=workdir / "loso-models")
         timings["loso"] = time.perf_counter() - t0
 
     # ---- export + parity

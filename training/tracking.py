@@ -13,14 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from tierpick.classifier.errors import ConfigError, TierpickError
+from tierpick.classifier.runtime import tracking_uri
 
-DEFAULT_URI = "sqlite:///mlflow.db"
 PRIMARY_METRIC = "test_student_apgr"  # N-tier APGR of the student on the in-distribution test split
 COMPARED = (PRIMARY_METRIC, "test_student_mean_auc", "ood_student_apgr", "ood_student_mean_auc")
-
-
-def tracking_uri(uri: str | None = None) -> str:
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
 
 
 def connect(uri: str | None = None, must_exist: bool = False) -> Any:

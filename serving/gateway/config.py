@@ -16,6 +16,7 @@ import yaml
 from tierpick.classifier import RoutingPolicy, TierClassifier
 from tierpick.classifier.errors import ConfigError
 from tierpick.classifier.routing import policy_from_mapping, read_policy
+from tierpick.serving.decisions import MODES, DecisionLogConfig
 
 POLICY_HEADERS = ("min-success", "allowed-tiers", "cost-weight", "max-price")  # x-tierpick-...
 
@@ -79,6 +80,10 @@ class GatewayConfig:
     # ("Bearer " dropped) -> that key's own grant, in place of the one above
     request_policy_keys: dict[str, Grant] = field(default_factory=dict)
     request_policy_key_header: str = "authorization"
+    # route: the decision is applied; shadow: every classifiable body is classified and logged,
+    # and the request goes where it would without tierpick (no tier header, no rewrite)
+    mode: str = "route"
+    decision_log: DecisionLogConfig | None = None
 
     @property
     def processor_address(self) -> str:
@@ -95,6 +100,8 @@ _KEYS = {
     "failure": {"mode", "fallback_tier", "timeout_ms"},
     "tiers": None,
     "envoy": {"listen_host", "listen_port", "admin_port", "upstream_timeout_s"},
+    "mode": None,
+    "decision_log": None,
 }
 
 
@@ -214,6 +221,12 @@ def parse_gateway_config(raw: object) -> GatewayConfig:
     model_path = raw.get("model")
     if model_path is not None and not isinstance(model_path, str):
         raise _fail("model", f"must be a model directory or models:/ URI, got {model_path!r}")
+    gateway_mode = raw.get("mode", "route")
+    if gateway_mode not in MODES:
+        raise _fail("mode", f"must be one of {list(MODES)}, got {gateway_mode!r}"[:300])
+    decision_log = DecisionLogConfig.from_mapping(
+        raw.get("decision_log"), "gateway config: decision_log"
+    )
     return GatewayConfig(
         tiers=tiers,
         processor_host=str(proc.get("host", "127.0.0.1")),
@@ -239,6 +252,8 @@ def parse_gateway_config(raw: object) -> GatewayConfig:
         request_policy_tiers=default_grant.tiers,
         request_policy_keys=keys,
         request_policy_key_header=key_header.lower(),
+        mode=gateway_mode,
+        decision_log=decision_log,
     )
 
 

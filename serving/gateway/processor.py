@@ -18,6 +18,7 @@ from typing import Any
 from tierpick.classifier import RoutingPolicy, TierClassifier, last_user_text
 from tierpick.classifier.errors import MissingDependencyError, PromptError, TierpickError
 from tierpick.classifier.routing import within_grant
+from tierpick.serving.decisions import DecisionLog, policy_fields
 from tierpick.serving.gateway.config import (
     POLICY_HEADERS,
     GatewayConfig,
@@ -45,6 +46,7 @@ OUTCOMES = (
     "fallback",
     "rejected",
     "bad-request",
+    "shadow",
 )
 
 
@@ -155,12 +157,19 @@ class GatewayMetrics(Metrics):
 class TierpickProcessor:
     """``envoy.service.ext_proc.v3.ExternalProcessor``: one bidirectional stream per request."""
 
-    def __init__(self, cfg: GatewayConfig, holder: ModelHolder, metrics: GatewayMetrics) -> None:
+    def __init__(
+        self,
+        cfg: GatewayConfig,
+        holder: ModelHolder,
+        metrics: GatewayMetrics,
+        decisions: DecisionLog | None = None,
+    ) -> None:
         from envoy.config.core.v3 import base_pb2
         from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
         from envoy.type.v3 import http_status_pb2
 
         self.cfg, self.holder, self.metrics = cfg, holder, metrics
+        self.decisions = decisions
         self.ep, self.base, self.http_status = ep, base_pb2, http_status_pb2
 
     async def Process(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
@@ -248,6 +257,8 @@ class TierpickProcessor:
         except TierpickError as exc:
             self.metrics.decisions.labels("bad-request").inc()
             return self._reject(400, "invalid_request_error", str(exc))
+        model: object = None
+        explicit = False
         try:
             if len(body) > cfg.max_body_bytes:
                 raise NotClassifiable(
@@ -256,17 +267,39 @@ class TierpickProcessor:
                 )
             obj = parse_body(body)
             model = obj.get("model")
-            if model is not None and model not in cfg.virtual_models:
+            explicit = model is not None and model not in cfg.virtual_models
+            if explicit and cfg.mode == "route":
                 return self._explicit_model(model)
             prompt = prompt_of(obj)
-            decision = clf.route_proba(clf.predict_proba([prompt]), router)[0]
+            proba = clf.predict_proba([prompt])
+            decision = clf.route_proba(proba, router)[0]
         except (NotClassifiable, PromptError) as exc:
+            if explicit:  # shadow mode: nothing to log, the request goes as it would
+                return self._explicit_model(model)
             self.metrics.decisions.labels("not-classified").inc()
             return self._body_response(
                 self._common({"status": "not-classified", "reason": str(exc)})
             )
         except Exception as exc:  # the classifier failed: the failure policy decides
+            if cfg.mode == "shadow":  # nothing was going to change: the request goes as it would
+                log.exception("classifier error (shadow mode)")
+                return self._explicit_model(model) if explicit else self._shadow(None)
             return self._classifier_failed(exc)
+        if self.decisions is not None:
+            self.decisions.record(
+                door="envoy",
+                mode=cfg.mode,
+                prompt=prompt,
+                tiers=clf.tiers,
+                proba=proba[0],
+                tier=decision.tier,
+                model_version=clf.version,
+                policy=policy_fields(router),
+                request_id=headers.get("x-request-id", "")[:200],
+                requested_model=str(model)[:200] if model is not None else None,
+            )
+        if cfg.mode == "shadow":
+            return self._explicit_model(model) if explicit else self._shadow(decision.tier)
         self.metrics.decisions.labels("classified").inc()
         self.metrics.tiers.labels(decision.tier).inc()
         set_headers = {
@@ -303,6 +336,13 @@ class TierpickProcessor:
             "nor a tier's model: passed through untouched"
         )
         return self._body_response(self._common({"status": "passthrough", "reason": reason}))
+
+    def _shadow(self, tier: str | None) -> Any:
+        """Shadow mode, a request for a virtual model (or none): no tier decision, so it goes
+        where it would without tierpick (the fallback route); the decision is only logged."""
+        self.metrics.decisions.labels("shadow").inc()
+        shown = {"status": "shadow"} | ({"shadow-tier": tier} if tier else {})
+        return self._body_response(self._common(shown))
 
     def _classifier_failed(self, exc: Exception) -> Any:
         cfg = self.cfg
@@ -383,10 +423,13 @@ def create_gateway(
     config = config or ServerConfig()
     metrics = GatewayMetrics()
     holder = ModelHolder(cfg.model, metrics, check=lambda c: check_model_tiers(cfg, c))
+    decisions = DecisionLog(cfg.decision_log) if cfg.decision_log is not None else None
+    if decisions is not None:
+        metrics.watch_decision_log(decisions)
 
     def add_services(server: Any) -> None:
         ep_grpc.add_ExternalProcessorServicer_to_server(
-            TierpickProcessor(cfg, holder, metrics), server
+            TierpickProcessor(cfg, holder, metrics, decisions), server
         )
 
     app = start_app(
@@ -397,6 +440,7 @@ def create_gateway(
         address or cfg.processor_address,
         add_services,
         logger=log,
+        on_stop=[decisions.close] if decisions is not None else [],
     )
     atexit.register(app.shutdown, 0)  # a running aio server would hold the interpreter at exit
     log.info("tierpick ext_proc processor on port %d (model %s)", app.port, holder.current.version)

@@ -149,3 +149,33 @@ def input_fields(path: Path, lines: int = 1000) -> set[str]:
             except UnicodeDecodeError:
                 pass  # a bad line is an error row while scoring
         return fields
+
+
+def log_rows(inputs: Iterable[str | Path]) -> Iterator[tuple[dict[str, Any], str | None, str]]:
+    """Every row of prompt logs (files, directories, globs, as ``tierpick score`` takes them):
+    (fields, the error found reading it or None, ``file:line`` or ``file row N``). A bad row
+    comes with its error, never dropped."""
+    from tierpick.serving.scoring.plan import expand_inputs
+
+    files, _ = expand_inputs(list(inputs))
+    summary = ScoreSummary()
+    for path in files:
+        kind = kind_of(path)
+        if kind == ".parquet":
+            import pyarrow.parquet as pq
+
+            with unreadable_as_error(path):
+                try:
+                    pf = pq.ParquetFile(path)
+                except Exception as exc:  # pyarrow's own error types
+                    raise TierpickError(f"{path}: not a readable Parquet file: {exc}") from exc
+                n = 0
+                for rb in pf.iter_batches(batch_size=4096):
+                    for row in rb.to_pylist():
+                        n += 1
+                        yield row, None, f"{path} row {n}"
+            continue
+        part = Part(0, str(path), 0, -1, 1, path.name)
+        reader = csv_rows if kind == ".csv" else jsonl_rows
+        for row, error, line in reader(part, summary):
+            yield row, error, f"{path}:{line}"

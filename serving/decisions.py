@@ -1,0 +1,215 @@
+"""The decision log: every routing decision a door makes (the gRPC service, the Envoy processor,
+the LiteLLM plug-in), one JSON object per line, for shadow mode and for learning from traffic.
+
+A row is a scored log's row (``tierpick score``'s columns: ``prompt`` when prompts are kept,
+``tier``, ``p_<tier>``, ``error``, ``model_version``) plus what the door knew: the time, the
+request id, the door, the mode (``route``: the decision was applied; ``shadow``: logged only,
+traffic went where it would have gone without tierpick), the model the request named, the
+policy (rule, cost weight, threshold, allowed tiers), ``prompt_sha256`` and ``prompt_chars``.
+So ``tierpick report`` and ``tune --scored`` read it as they read a scored log, and ``tierpick
+label`` draws its sample from it.
+
+Writing never holds a request: :meth:`DecisionLog.record` puts the row on a bounded queue
+(a few microseconds) and one thread serializes and appends it. When the queue is full the row
+is dropped and counted (``dropped``; the doors export it as
+``tierpick_decision_log_dropped_total``): a slow disk costs log rows, never latency. Prompts are
+written only when the operator allows it (``prompts: true``), cut to ``max_prompt_chars``
+(``prompt_cut: true`` says so); the hash is always written. The file rotates at ``max_bytes``
+(``decisions.jsonl`` -> ``decisions.jsonl.1`` ...; ``backups`` kept).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import queue
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tierpick.classifier.errors import ConfigError
+from tierpick.classifier.routing import Router
+
+log = logging.getLogger("tierpick.decisions")
+
+DOORS = ("grpc", "envoy", "litellm")
+MODES = ("route", "shadow")
+
+
+@dataclass(frozen=True)
+class DecisionLogConfig:
+    """Where and how decisions are logged (``--decision-log`` and friends, the gateway's and
+    the plug-in's ``decision_log:`` mapping)."""
+
+    path: Path
+    prompts: bool = False  # write the prompt text (else only its hash and length)
+    max_prompt_chars: int = 32_768
+    max_bytes: int = 256 << 20
+    backups: int = 5
+    queue_size: int = 10_000
+
+    @classmethod
+    def from_mapping(cls, raw: object, where: str) -> DecisionLogConfig | None:
+        """A ``decision_log:`` mapping of a YAML config (None: off)."""
+        if raw is None:
+            return None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{where}: must be a mapping with a 'path'")
+        known = {"path", "prompts", "max_prompt_chars", "max_mb", "backups"}
+        if unknown := sorted(set(raw) - known):
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+        path = raw.get("path")
+        if not isinstance(path, str) or not path.strip():
+            raise ConfigError(f"{where}.path: must be a file path, got {path!r}"[:300])
+        prompts = raw.get("prompts", False)
+        if not isinstance(prompts, bool):
+            raise ConfigError(f"{where}.prompts: must be true or false, got {prompts!r}"[:300])
+
+        def integer(key: str, default: int, lo: int) -> int:
+            value = raw.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise ConfigError(f"{where}.{key}: must be an integer >= {lo}, got {value!r}"[:300])
+            return value
+
+        return cls(
+            Path(path),
+            prompts,
+            integer("max_prompt_chars", cls.max_prompt_chars, 1),
+            integer("max_mb", cls.max_bytes >> 20, 1) << 20,
+            integer("backups", cls.backups, 0),
+        )
+
+
+def policy_fields(router: Router) -> dict[str, Any]:
+    """The policy a decision was made under, as the log writes it."""
+    allowed = [t for t, ok in zip(router.tiers, router.allowed, strict=True) if ok]
+    return {
+        "rule": router.rule,
+        "cost_weight": router.cost_weight,
+        "min_success": router.min_success,
+        "allowed_tiers": allowed,
+    }
+
+
+class DecisionLog:
+    """An append-only JSONL decision log written by one background thread (see the module)."""
+
+    def __init__(self, config: DecisionLogConfig) -> None:
+        self.config = config
+        config.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = config.path.open("a", encoding="utf-8")  # fails here, at start, if it can't
+        self._queue: queue.Queue[dict[str, Any] | None] = queue.Queue(config.queue_size)
+        self.dropped = 0
+        self.written = 0
+        self._pending = 0  # rows queued and not yet in the file (flush waits for 0)
+        self._idle = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="decision-log", daemon=True)
+        self._thread.start()
+
+    def record(
+        self,
+        *,
+        door: str,
+        mode: str,
+        prompt: str,
+        tiers: Sequence[str],
+        proba: Sequence[float] | None,
+        tier: str | None,
+        model_version: str,
+        policy: Mapping[str, Any] | None = None,
+        request_id: str = "",
+        requested_model: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        """Queue one decision (never blocks; a full queue drops the row and counts it)."""
+        row = {
+            "time": dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+            "request_id": request_id,
+            "door": door,
+            "mode": mode,
+            "prompt": prompt,  # hashed, cut or removed in the writer thread
+            "tier": tier,
+            **{
+                f"p_{t}": None if p is None else round(float(p), 6)
+                for t, p in zip(tiers, [None] * len(tiers) if proba is None else proba, strict=True)
+            },
+            "error": error,
+            "model_version": model_version,
+            "requested_model": requested_model,
+            **(policy or {}),
+        }
+        with self._idle:
+            try:
+                self._queue.put_nowait(row)
+                self._pending += 1
+            except queue.Full:
+                self.dropped += 1
+
+    def _finish(self, row: dict[str, Any]) -> str:
+        text = row.pop("prompt")
+        cfg = self.config
+        extra = {
+            "prompt_sha256": hashlib.sha256(text.encode("utf-8", "replace")).hexdigest(),
+            "prompt_chars": len(text),
+        }
+        if cfg.prompts:
+            extra["prompt"] = text[: cfg.max_prompt_chars]
+            extra["prompt_cut"] = len(text) > cfg.max_prompt_chars
+        return json.dumps({**extra, **row}, ensure_ascii=False) + "\n"
+
+    def _run(self) -> None:
+        while True:
+            row = self._queue.get()
+            if row is None:
+                break
+            try:
+                self._write(self._finish(row))
+            except Exception:  # a full disk must not kill the thread: the row is counted
+                self.dropped += 1
+                log.exception("decision log: a row could not be written")
+            if self._queue.empty():
+                self._fh.flush()
+            with self._idle:
+                self._pending -= 1
+                self._idle.notify_all()
+        self._fh.flush()
+
+    def _write(self, line: str) -> None:
+        cfg = self.config
+        if self._fh.tell() + len(line) > cfg.max_bytes and self._fh.tell() > 0:
+            self._rotate()
+        self._fh.write(line)
+        self.written += 1
+
+    def _rotate(self) -> None:
+        self._fh.close()
+        path, n = self.config.path, self.config.backups
+        if n == 0:
+            path.unlink(missing_ok=True)
+        else:
+            for i in range(n - 1, 0, -1):
+                older = path.with_name(f"{path.name}.{i}")
+                if older.exists():
+                    os.replace(older, path.with_name(f"{path.name}.{i + 1}"))
+            os.replace(path, path.with_name(f"{path.name}.1"))
+        self._fh = path.open("a", encoding="utf-8")
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait (up to ``timeout`` seconds) until every row queued so far is in the file;
+        whether it got there in time."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is queued (up to ``timeout`` seconds) and close the file."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+        self._fh.close()
+
+
+__all__ = ["DOORS", "MODES", "DecisionLog", "DecisionLogConfig", "policy_fields"]
