@@ -19,9 +19,9 @@ SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 
 # The graph's contract: token ids and their mask in (batch x tokens), one logit per tier out;
-# optionally the sentence embedding the tier head reads (batch x width), which `tierpick label`
-# clusters prompts by and `tierpick adapt` remembers a team's graded prompts in. A graph without
-# it (exported before it was added) serves as before.
+# optionally the prompt's embedding (batch x width: the student's pooled token vectors), which
+# `tierpick label` clusters prompts by and `tierpick adapt` fits a team's outcomes on. A graph
+# without it (exported before it was added) serves as before; adapt adds it.
 GRAPH_INPUTS = ("input_ids", "attention_mask")
 LOGITS_OUTPUT = "logits"
 EMBEDDING_OUTPUT = "embedding"

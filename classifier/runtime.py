@@ -220,8 +220,8 @@ class TierClassifier:
         return out  # type: ignore[return-value]  # set by the first chunk: ids_list is not empty
 
     def embed(self, prompts: Sequence[str], prepared: bool = False) -> npt.NDArray[np.float32]:
-        """The sentence embedding the tier head reads, shape (n, width): what ``tierpick label``
-        clusters prompts by.
+        """The prompt's embedding (the graph's ``embedding`` output), shape (n, width): what
+        ``tierpick label`` clusters prompts by.
 
         Raises:
             ArtifactError: the graph has no ``embedding`` output (exported before it had one).

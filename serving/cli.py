@@ -254,9 +254,21 @@ def register_report(sub: Any) -> None:
     d = ScoreOptions()
     p = sub.add_parser(
         "report",
-        help="projected cost of a scored log against always using one tier (MD, JSON, PNG)",
+        help="projected cost of a scored log against always using one tier; or, with "
+        "--outcomes, measured savings on graded outcomes with 95%% intervals (MD, JSON, PNG)",
     )
-    p.add_argument("scored", help="output of tierpick score: a file or a directory of parts")
+    p.add_argument(
+        "scored",
+        nargs="?",
+        help="output of tierpick score, or a decision log: a file or a directory of parts",
+    )
+    p.add_argument(
+        "--outcomes",
+        metavar="OUTCOMES.jsonl",
+        help="graded outcomes (tierpick label's outcomes.jsonl): the policy's measured cost and "
+        "quality against always-frontier and always-mid, with bootstrap 95%% intervals",
+    )
+    p.add_argument("--policy", metavar="POLICY.yaml", help="with --outcomes: the policy to measure")
     p.add_argument("--model", help="the model that scored it, for tier prices (default: shipped)")
     p.add_argument("--out", help="report directory (default: SCORED-report beside it)")
     p.add_argument("--prompt-field", default=d.prompt_field, help="field holding the prompt text")
@@ -272,9 +284,25 @@ def register_report(sub: Any) -> None:
 
 def _report(args: argparse.Namespace) -> int:
     from tierpick import classifier
+    from tierpick.classifier.errors import ConfigError
     from tierpick.serving.report import write_report
 
+    if bool(args.scored) == bool(args.outcomes):
+        raise ConfigError("give a scored log, or --outcomes OUTCOMES.jsonl (not both)")
     clf = classifier.load(args.model)
+    if args.outcomes:
+        from tierpick.classifier import read_policy
+        from tierpick.serving.savings import write_savings
+
+        outcomes = Path(args.outcomes)
+        out = Path(args.out) if args.out else outcomes.parent / f"{outcomes.name}-savings"
+        policy = read_policy(args.policy) if args.policy else None
+        md, note = write_savings(outcomes, out, clf, policy)
+        sys.stdout.write(md)
+        if note:
+            print(f"tierpick: savings.png not written: {note}", file=sys.stderr)
+        print(f"report -> {out}/savings.md, savings.json" + ("" if note else ", savings.png"))
+        return 0
     scored = Path(args.scored)
     out = Path(args.out) if args.out else scored.parent / f"{scored.name}-report"
     _, md, note = write_report(

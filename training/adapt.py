@@ -38,7 +38,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +46,10 @@ import numpy as np
 
 from tierpick import classifier
 from tierpick.classifier.artifact import TierSpec, sha256_file, write_manifest
-from tierpick.classifier.errors import ConfigError
+from tierpick.classifier.errors import ArtifactError, ConfigError
 from tierpick.classifier.routing import platt
 from tierpick.training.adapt_head import Head, fit_head
+from tierpick.training.adapt_memory import fit_memory, read_features, write_graph
 from tierpick.training.calibrate import fit_platt_shared
 from tierpick.training.config import TierConfig
 from tierpick.training.dataset import BuiltDataset
@@ -61,7 +62,8 @@ MIN_EACH = 5  # of them, successes and failures each (soft targets: counted at 0
 MIN_SLOPE = 0.05  # a fitted slope below it is held there (see fit_platt_shared)
 MIN_HEAD_OUTCOMES = 2000  # labelled prompts of a tier before its head row is refitted too
 HEAD_PENALTY = 30.0  # L2 pull of a refitted head row towards the parent's (see fit_head)
-HEAD_ECE_SLACK = 0.005  # a head refit is kept when it raises APGR and ECE is at most this worse
+MAX_ECE = 0.05  # a method is chosen only with a cross-fitted mean ECE at most this
+METHODS = ("memory", "head")  # tried beside the calibration alone (--methods)
 
 
 @dataclass
@@ -81,6 +83,7 @@ class Adapted:
     adapted: dict[str, Any]  # cross-fitted evaluation of the adapted calibration
     seconds: float
     refused: str | None = None  # why it is worse than the parent (written only when forced)
+    methods: dict[str, dict[str, Any]] = field(default_factory=dict)  # each one cross-fitted
 
 
 def headline(res: dict[str, Any], tiers: tuple[str, ...]) -> dict[str, Any]:
@@ -143,8 +146,10 @@ Fit = Callable[[np.ndarray], Callable[[np.ndarray], np.ndarray]]  # rows to fit 
 
 class CrossFit:
     """Cross-fitted figures of a way to fit: each fold's prompts scored by what was fitted on
-    the others. Per-tier AUC and ECE over all prompts; N-tier APGR within each fold, averaged
-    (prompts scored by different fits do not share one cost-weight sweep)."""
+    the others. Per-tier AUC, ECE and N-tier APGR over all the prompts so scored (pooled: a
+    fold of a hundred prompts alone gives an APGR too noisy to choose by; measured on the
+    leave-one-family-out study, the per-fold mean refused an adaptation that routed the unseen
+    rest 0.07 better). The per-fold figures are kept beside."""
 
     def __init__(
         self,
@@ -178,7 +183,6 @@ class CrossFit:
                 by_fold.append(r["routing"]["student"]["apgr"])
         res = evaluate_split(self.data, {"student": p}, self.costs, self.tiers, self.weight)
         h = headline(res, self.tiers)
-        h["n_tier_apgr"] = float(np.mean(by_fold)) if by_fold else None
         h["n_tier_apgr_by_fold"] = by_fold
         return h
 
@@ -193,37 +197,57 @@ def adapt(
     min_outcomes: int = MIN_OUTCOMES,
     force: bool = False,
     min_head: int = MIN_HEAD_OUTCOMES,
+    methods: tuple[str, ...] = METHODS,
 ) -> Adapted:
-    """Recalibrate ``model`` on the outcomes of ``ds`` (built from ``config``) into ``out``."""
-    started = time.perf_counter()
+    """Adapt ``model`` to the outcomes of ``ds`` (built from ``config``) into ``out``: every
+    way in ``methods`` the data supports is cross-fitted, the best N-tier APGR among those with
+    a mean ECE of at most ``MAX_ECE`` is kept (see the module)."""
     clf = classifier.load(model)
-    tiers = clf.tiers
-    if config.tier_names != tiers:
+    if config.tier_names != clf.tiers:
         raise ConfigError(
             f"the tier config's tiers {list(config.tier_names)} must be the model's tiers "
-            f"{list(tiers)}, in the same order: adapt recalibrates each tier (new tiers need "
-            "a retrain)"
+            f"{list(clf.tiers)}, in the same order: adapt recalibrates each tier (new tiers "
+            "need a retrain)"
         )
+    specs = tuple(TierSpec(t.name, t.price_input, t.price_output) for t in config.tiers)
+    data = split_arrays(ds, None)
+    return adapt_data(
+        clf, data, specs, ds.fingerprint, out, folds, seed, min_outcomes, force, min_head, methods
+    )
+
+
+def adapt_data(
+    clf: Any,
+    data: SplitData,
+    specs: tuple[TierSpec, ...],
+    fingerprint: str,
+    out: Path,
+    folds: int = 5,
+    seed: int = 0,
+    min_outcomes: int = MIN_OUTCOMES,
+    force: bool = False,
+    min_head: int = MIN_HEAD_OUTCOMES,
+    methods: tuple[str, ...] = METHODS,
+) -> Adapted:
+    """:func:`adapt` on outcomes already in arrays (``data``: prompts, targets, mask), with the
+    user's tier prices ``specs`` and their data's ``fingerprint``."""
+    started = time.perf_counter()
+    tiers = clf.tiers
     if not 2 <= folds <= 20:
         raise ConfigError(f"--folds must be in [2, 20], got {folds}")
     if min_outcomes < 20:
         raise ConfigError(f"--min-outcomes must be >= 20, got {min_outcomes}")
+    if unknown := sorted(set(methods) - set(METHODS)):
+        raise ConfigError(f"--methods: unknown {unknown}; known: {list(METHODS)}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out} exists and is not an empty directory; choose a new one")
-    data = split_arrays(ds, None)
     n = len(data.prompts)
     if n < 2 * folds:
         raise DatasetError(f"{n} prompts with outcomes: too few to adapt and evaluate")
     a_parent = np.array(clf.manifest.calibration.get("a", [1.0] * len(tiers)), dtype=float)
     b_parent = np.array(clf.manifest.calibration.get("b", [0.0] * len(tiers)), dtype=float)
     labelled = (data.mask > 0).sum(axis=0)
-    head = feats = None
-    if (labelled >= min_head).any():  # a head refit may follow: one pass gives both
-        head = Head(Path(clf.model_dir) / clf.manifest.graph)
-        feats = head.features(clf, data.prompts)
-        z = feats @ head.weight.T + head.bias  # the graph's logits, from the head's input
-    else:
-        z = clf.predict_logits(data.prompts).astype(np.float64)
+    z, emb = read_features(clf, data.prompts)  # one pass: the parent's logits and embedding
     a_new, b_new, adapted, kept, notes = _calibrate(
         z, data, tiers, a_parent, b_parent, min_outcomes
     )
@@ -235,76 +259,89 @@ def adapt(
             + f"; labelled prompts per tier: {per_tier}). Add outcomes, or lower "
             "--min-outcomes (at least 20)"
         )
-    specs = tuple(TierSpec(t.name, t.price_input, t.price_output) for t in config.tiers)
     costs = tier_cost_vector(specs)
     weight = clf.manifest.default_cost_weight
     in_fold = np.zeros(n, dtype=np.int64)
     for k, rows in enumerate(np.array_split(np.random.default_rng(seed).permutation(n), folds)):
         in_fold[rows] = k
     share = (folds - 1) / folds  # the same bars, for a fold's share of the prompts
-
-    def calibration_only(rest: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
-        need = int(min_outcomes * share)
-        a_k, b_k, *_ = _calibrate(z[rest], data.subset(rest), tiers, a_parent, b_parent, need)
-        return lambda rows: platt(z[rows], a_k, b_k)
+    need = int(min_outcomes * share)
 
     def parent(rest: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
         return lambda rows: platt(z[rows], a_parent, b_parent)
 
+    # The calibration (1 + tiers parameters) is fitted once on every prompt and not
+    # cross-fitted: refitted per fold, its intercepts move from fold to fold by more than a
+    # weak slope spreads the prompts, and the pooled figures then measure the folds, not the
+    # prompts (measured: cross-fitted 0.49 against 0.59 in-sample on a family where the
+    # calibration routed the unseen prompts 0.07 better). The memory, with hundreds of
+    # parameters, is cross-fitted on top of it.
+    def calibration_only(rest: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        return lambda rows: platt(z[rows], a_new, b_new)
+
+    cols_adapted = [tiers.index(t) for t in adapted]
+
+    def memory(rest: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+        sub = data.subset(rest)
+        mem = fit_memory(
+            emb[rest], z[rest], sub.targets, sub.mask, a_new, b_new, cols_adapted, seed
+        )
+        return lambda rows: mem.proba(z[rows], emb[rows])
+
     cv = CrossFit(data, in_fold, costs, tiers, weight)
-    before, after = cv.evaluate(parent), cv.evaluate(calibration_only)
-    method, graph = "calibration", None
-    # a head row is refitted only where the calibration is refitted too (same logit scale)
+    before = cv.evaluate(parent)
+    measured: dict[str, dict[str, Any]] = {"calibration": cv.evaluate(calibration_only)}
+    if "memory" in methods:
+        measured["memory"] = cv.evaluate(memory)
     head_tiers = [t for t in adapted if labelled[tiers.index(t)] >= min_head]
-    if head_tiers and head is not None and feats is not None:
+    head = feats = None
+    if "head" in methods and head_tiers:
+        # a head row is refitted only where the calibration is refitted too (same logit scale)
+        head = Head(Path(clf.model_dir) / clf.manifest.graph)
+        feats = head.features(clf, data.prompts)
         cols = [tiers.index(t) for t in head_tiers]
+        h, f = head, feats
 
         def head_and_calibration(rest: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
             sub = data.subset(rest)
-            w, b = fit_head(
-                feats[rest], sub.targets, sub.mask, head.weight, head.bias, cols, HEAD_PENALTY
-            )
-            zk = feats @ w.T + b
-            need = int(min_outcomes * share)
+            w, b = fit_head(f[rest], sub.targets, sub.mask, h.weight, h.bias, cols, HEAD_PENALTY)
+            zk = f @ w.T + b
             a_k, b_k, *_ = _calibrate(zk[rest], sub, tiers, a_parent, b_parent, need)
             return lambda rows: platt(zk[rows], a_k, b_k)
 
-        with_head = cv.evaluate(head_and_calibration)
-        gain = (with_head["n_tier_apgr"] or 0.0) - (after["n_tier_apgr"] or 0.0)
-        if gain > 0 and _mean_ece(with_head) <= _mean_ece(after) + HEAD_ECE_SLACK:
-            method, after = "head+calibration", with_head
-            w, b = fit_head(
-                feats, data.targets, data.mask, head.weight, head.bias, cols, HEAD_PENALTY
-            )
-            z = feats @ w.T + b
-            a_new, b_new, adapted, kept, notes = _calibrate(
-                z, data, tiers, a_parent, b_parent, min_outcomes
-            )
-            graph = (head, w, b)
-            notes.append(
-                f"head refitted for {', '.join(head_tiers)} (cross-fitted N-tier APGR +{gain:.3f})"
-            )
-        else:
-            notes.append(
-                f"head refit for {', '.join(head_tiers)} measured and not kept: cross-fitted "
-                f"N-tier APGR {with_head['n_tier_apgr']:.3f} vs {after['n_tier_apgr']:.3f} with "
-                f"the calibration alone, mean ECE {_mean_ece(with_head):.3f} vs "
-                f"{_mean_ece(after):.3f}"
-            )
-    else:
+        measured["head+calibration"] = cv.evaluate(head_and_calibration)
+    elif "head" in methods:
         notes.append(
             f"head not refitted: no tier has {min_head} labelled prompts (the bar for a head refit)"
         )
+    method, after = _choose(measured)
+    notes += _comparison(measured, method)
+    graph: Any = None
+    if method == "head+calibration":
+        assert head is not None and feats is not None
+        cols = [tiers.index(t) for t in head_tiers]
+        w, b = fit_head(feats, data.targets, data.mask, head.weight, head.bias, cols, HEAD_PENALTY)
+        zh = feats @ w.T + b
+        a_new, b_new, adapted, kept, _ = _calibrate(
+            zh, data, tiers, a_parent, b_parent, min_outcomes
+        )
+        graph = ("head", head, w, b)
+    elif method == "memory":
+        mem = fit_memory(emb, z, data.targets, data.mask, a_new, b_new, cols_adapted, seed)
+        graph = ("memory", mem)
+        a_new, b_new = np.ones(len(tiers)), np.zeros(len(tiers))  # inside the graph now
     refused = _worse(before, after)
     if refused and not force:
         raise DatasetError(
             f"the adapted model is worse than its parent on your outcomes: {refused}; "
             "nothing written (--force writes it anyway)"
         )
-    head_weights = [] if graph is None else [graph[1].tolist(), graph[2].tolist()]
-    version = _version(
-        clf.version, [a_new.tolist(), b_new.tolist(), head_weights], specs, ds.fingerprint
-    )
+    fitted_values: list[Any] = [a_new.tolist(), b_new.tolist()]
+    if graph is not None and graph[0] == "head":
+        fitted_values.append([graph[2].tolist(), graph[3].tolist()])
+    elif graph is not None:
+        fitted_values.append([graph[1].weight.tolist(), [c.tolist() for c in graph[1].centroids]])
+    version = _version(clf.version, fitted_values, specs, fingerprint)
     evaluation = {
         "adapt_n_tier_apgr": after["n_tier_apgr"],
         "adapt_mean_ece": _mean_ece(after),
@@ -317,7 +354,7 @@ def adapt(
         model_version=version,
         tiers=specs,
         calibration={"method": "platt", "a": a_new.tolist(), "b": b_new.tolist()},
-        data_fingerprint=ds.fingerprint,
+        data_fingerprint=fingerprint,
         evaluation={k: float(v) for k, v in evaluation.items() if v is not None},
         lineage={
             "adapted_from": clf.version,
@@ -332,11 +369,25 @@ def adapt(
             "seed": seed,
             "parent_on_user_data": before,
             "adapted_cross_fitted": after,
+            "methods_cross_fitted": {
+                m: {"n_tier_apgr": h["n_tier_apgr"], "mean_ece": _mean_ece(h)}
+                for m, h in measured.items()
+            },
+            **({"memory": graph[1].size} if graph is not None and graph[0] == "memory" else {}),
             "forced_although": refused,
         },
     )
     manifest = _write(Path(clf.model_dir), out, manifest, graph)
-    classifier.load(out)  # every runtime check: manifest, checksums, a prediction
+    adapted_clf = classifier.load(out)  # every runtime check: manifest, checksums, a prediction
+    if graph is not None and graph[0] == "memory":  # what was evaluated is what serves
+        served = adapted_clf.predict_proba(data.prompts[:256]).astype(np.float64)
+        expected = graph[1].proba(z[:256], emb[:256])
+        if not np.allclose(served, expected, atol=1e-3):
+            shutil.rmtree(out, ignore_errors=True)
+            raise ArtifactError(
+                "the written graph does not reproduce the fitted memory (max difference "
+                f"{float(np.abs(served - expected).max()):.2g}): nothing written"
+            )
     return Adapted(
         out,
         version,
@@ -351,7 +402,30 @@ def adapt(
         after,
         time.perf_counter() - started,
         refused,
+        measured,
     )
+
+
+def _choose(measured: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """The method with the highest cross-fitted N-tier APGR among those whose mean ECE is at
+    most ``MAX_ECE`` (the least miscalibrated when none is); calibration alone wins ties."""
+    ok = {m: h for m, h in measured.items() if _mean_ece(h) <= MAX_ECE}
+    if not ok:
+        best = min(measured, key=lambda m: _mean_ece(measured[m]))
+        return best, measured[best]
+    best = max(ok, key=lambda m: (ok[m]["n_tier_apgr"] or 0.0, m == "calibration"))
+    return best, ok[best]
+
+
+def _comparison(measured: dict[str, dict[str, Any]], chosen: str) -> list[str]:
+    if len(measured) < 2:
+        return []
+    parts = [
+        f"{m} {h['n_tier_apgr']:.3f} (ECE {_mean_ece(h):.3f})"
+        for m, h in measured.items()
+        if h["n_tier_apgr"] is not None
+    ]
+    return [f"cross-fitted N-tier APGR by method: {', '.join(parts)}; kept: {chosen}"]
 
 
 APGR_TOLERANCE = 0.01  # an adapted N-tier APGR this much below the parent's is "worse"
@@ -364,8 +438,8 @@ def _worse(before: dict[str, Any], after: dict[str, Any]) -> str | None:
     if a0 is not None and a1 is not None and a1 < a0 - APGR_TOLERANCE:
         problems.append(f"N-tier APGR {a1:.3f} < parent {a0:.3f} - {APGR_TOLERANCE}")
     e0, e1 = _mean_ece(before), _mean_ece(after)
-    if e1 > e0:
-        problems.append(f"mean ECE {e1:.3f} > parent {e0:.3f}")
+    if e1 > max(e0, MAX_ECE):
+        problems.append(f"mean ECE {e1:.3f} > {max(e0, MAX_ECE):.3f} (the parent's, or {MAX_ECE})")
     return "; ".join(problems) or None
 
 
@@ -387,8 +461,10 @@ def _write(parent_dir: Path, out: Path, manifest: Any, graph: Any = None) -> Any
     for name in manifest.files:
         shutil.copy2(parent_dir / name, tmp / name)
     if graph is not None:
-        head, w, b = graph
-        head.write(w, b, tmp / manifest.graph)
+        if graph[0] == "head":
+            graph[1].write(graph[2], graph[3], tmp / manifest.graph)
+        else:
+            write_graph(parent_dir / manifest.graph, graph[1], tmp / manifest.graph)
         files = {**manifest.files, manifest.graph: sha256_file(tmp / manifest.graph)}
         manifest = replace(manifest, files=files)
     write_manifest(tmp, manifest)

@@ -301,14 +301,19 @@ class Student(nn.Module):
         )
         self.head: nn.Module = nn.Identity()  # set by the pipeline once the head is trained
 
-    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The static token vectors pooled over the prompt (before the projection): the graph's
+        ``embedding`` output, what ``tierpick adapt`` and ``label`` read of a prompt."""
         e = self.embedding(input_ids)
         mask = attention_mask.unsqueeze(-1)
         features = (e * mask).sum(1) / attention_mask.sum(1, keepdim=True).clamp(min=1.0)
         if self.pooling == "meanmax":  # the max keeps what a few salient tokens say
             top = e.masked_fill(mask == 0, -1e4).max(1).values
             features = torch.cat([features, top], -1)
-        out: torch.Tensor = self.proj(features)
+        return features
+
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.proj(self.features(input_ids, attention_mask))
         return out
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

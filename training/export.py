@@ -31,7 +31,8 @@ TOKENIZER = "tokenizer.json"
 
 
 class _WithEmbedding(torch.nn.Module):
-    """A student or teacher that also returns the sentence embedding its tier head reads."""
+    """A student or teacher that also returns its prompt embedding: the student's pooled token
+    vectors (:meth:`Student.features`), the teacher's pooled encoder output."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
@@ -41,8 +42,11 @@ class _WithEmbedding(torch.nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         model: Any = self.model
-        embedding: torch.Tensor = model.pooled(input_ids, attention_mask)
-        return model.head(embedding), embedding
+        if hasattr(model, "features"):
+            features: torch.Tensor = model.features(input_ids, attention_mask)
+            return model.head(model.proj(features)), features
+        pooled: torch.Tensor = model.pooled(input_ids, attention_mask)
+        return model.head(pooled), pooled
 
 
 def export_onnx(model: torch.nn.Module, path: Path) -> None:
