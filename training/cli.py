@@ -55,7 +55,7 @@ def register_train(sub: Any) -> None:
 
 
 def register_adapt(sub: Any) -> None:
-    from tierpick.training.adapt import MIN_HEAD_OUTCOMES, MIN_OUTCOMES
+    from tierpick.training.adapt import METHODS, MIN_HEAD_OUTCOMES, MIN_OUTCOMES
 
     p = sub.add_parser(
         "adapt",
@@ -89,6 +89,13 @@ def register_adapt(sub: Any) -> None:
         help="labelled prompts a tier needs before the student's head is refitted too (kept only "
         "when the cross-fitted figures beat the calibration alone)",
     )
+    p.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="ways to fit tried beside the calibration alone: memory (a model of your outcomes "
+        "over the student's prompt embedding), head (the student's head refitted); comma list, "
+        "or none",
+    )
     p.add_argument("--force", action="store_true", help="write it even when worse than the parent")
     p.add_argument("--experiment", default="tierpick-adapt", help="MLflow experiment name")
     p.add_argument(
@@ -121,6 +128,7 @@ def _adapt(args: argparse.Namespace) -> int:
         args.min_outcomes,
         args.force,
         args.min_head_outcomes,
+        tuple(m.strip() for m in args.methods.split(",") if m.strip() not in ("", "none")),
     )
     text = render(result, config.tier_names)
     sys.stdout.write(text)
@@ -158,6 +166,7 @@ def _adapt(args: argparse.Namespace) -> int:
                     "seed": args.seed,
                     "min_outcomes": args.min_outcomes,
                     "method": result.method,
+                    "methods_tried": ",".join(result.methods),
                 },
                 metrics={k: float(v) for k, v in metrics.items() if v is not None},
                 compared={"test_student_apgr": float(result.adapted["n_tier_apgr"])},
@@ -166,7 +175,12 @@ def _adapt(args: argparse.Namespace) -> int:
                 tags={"data_fingerprint": ds.fingerprint, "adapted_from": parent},
                 run_name=f"adapt {parent} on {ds.fingerprint[:8]}",
             )
+            labels = tracking.link_label_runs(
+                client, tracking.outcome_files_sha256(config), run_id, version, name
+            )
         print(f"\nMLflow run {run_id}: registered {name} version {version} as @challenger")
+        if labels:
+            print(f"linked to the label run(s) of its outcomes: {', '.join(labels)}")
     print(f"adapted model -> {out}")
     return 0
 

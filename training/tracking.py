@@ -220,3 +220,46 @@ def _tag_float(tags: dict[str, str], key: str) -> float | None:
         return float(tags[key])
     except (KeyError, TypeError, ValueError):
         return None
+
+
+OUTCOMES_TAG = "outcomes_sha256"  # a label run's outcomes (tierpick.serving.label.track)
+
+
+def outcome_files_sha256(config: Any) -> list[str]:
+    """The sha256 of every outcome file a tier config reads (how an adapt run finds the label
+    runs that produced its outcomes)."""
+    from tierpick.classifier.artifact import sha256_file
+    from tierpick.training.ingest import expand
+
+    digests = []
+    for source in config.sources:
+        path = config.resolve(source.path)
+        try:
+            files, _ = expand(path)
+        except (OSError, TierpickError):  # reported by the ingest that read (or skipped) it
+            continue
+        digests += [sha256_file(f) for f in files if f.is_file()]
+    return digests
+
+
+def link_label_runs(
+    client: Any, digests: list[str], run_id: str, version: str, name: str
+) -> list[str]:
+    """Tag each label run whose outcomes (``outcomes_sha256``) this adapt run read with the
+    adapt run and the model version it produced, and the adapt run with those label runs;
+    returns the label runs' ids."""
+    if not digests:
+        return []
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    found: list[str] = []
+    for digest in digests:
+        runs = client.search_runs(experiments, filter_string=f"tags.{OUTCOMES_TAG} = '{digest}'")
+        for r in runs:
+            if r.info.run_id == run_id or r.info.run_id in found:
+                continue
+            found.append(r.info.run_id)
+            client.set_tag(r.info.run_id, "adapt_run_id", run_id)
+            client.set_tag(r.info.run_id, "adapted_model", f"{name}/{version}")
+    if found:
+        client.set_tag(run_id, "label_run_ids", ",".join(found))
+    return found
