@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -68,7 +69,11 @@ def _added_latency(
 
 
 def run_inprocess_bench(
-    model: str | None, prompts_path: Path, repeat: int = 3, teacher: str | None = None
+    model: str | None,
+    prompts_path: Path,
+    repeat: int = 3,
+    teacher: str | None = None,
+    adapted: str | None = None,
 ) -> str:
     from tierpick import classifier
 
@@ -103,6 +108,8 @@ def run_inprocess_bench(
     )
     route = timed(lambda p: clf.route([p]))
     rows.append(["student route, 1 prompt", *_percentiles(route), _percentiles(route)[0] / tok_p50])
+    if adapted:
+        rows += _adapted_rows(clf, classifier.load(adapted), prompts, repeat, tok_p50)
     if teacher:
         import onnxruntime as ort
 
@@ -141,6 +148,39 @@ def run_inprocess_bench(
         "Batch throughput (1 s each, cycling through the prompts)",
     )
     return table + "\n\n" + table2 + "\n"
+
+
+def _adapted_rows(
+    parent: Any, adapted: Any, prompts: list[str], repeat: int, tok_p50: float
+) -> list[list[Any]]:
+    """The parent and an adapted model's predict_proba, timed prompt by prompt in alternation
+    (the order flipped every pass) so both see the same machine; the adapted row's ratio is to
+    the parent's p50 measured in the same loop."""
+    for m in (parent, adapted):
+        m.predict_proba(prompts[:8])  # warm-up
+    times: dict[int, list[float]] = {0: [], 1: []}
+    models = (parent, adapted)
+    for r in range(repeat):
+        for p in prompts:
+            for i in (0, 1) if r % 2 == 0 else (1, 0):
+                t0 = time.perf_counter()
+                models[i].predict_proba([p])
+                times[i].append(time.perf_counter() - t0)
+    p0 = _percentiles(times[0])[0]
+    lineage = adapted.manifest.lineage
+    what = f"{lineage.get('method', '?')} on {lineage.get('prompts', '?')} outcomes"
+    return [
+        [
+            "parent predict_proba, alternated with the adapted",
+            *_percentiles(times[0]),
+            p0 / tok_p50,
+        ],
+        [
+            f"adapted predict_proba ({what}); last column: / parent p50",
+            *_percentiles(times[1]),
+            _percentiles(times[1])[0] / p0,
+        ],
+    ]
 
 
 def run_grpc_bench(

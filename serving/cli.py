@@ -617,6 +617,11 @@ def register_bench(sub: Any) -> None:
     p.add_argument("--repeat", type=int, default=3, help="passes over the prompts")
     p.add_argument("--teacher", help="a teacher ONNX file to time beside the student")
     p.add_argument(
+        "--adapted",
+        help="an adapted model directory (tierpick adapt --out) to time against --model, "
+        "prompt by prompt in alternation",
+    )
+    p.add_argument(
         "--grpc",
         action="store_true",
         help="benchmark a real gRPC server (started in its own process) instead",
@@ -671,7 +676,9 @@ def _bench(args: argparse.Namespace) -> int:
         sys.stdout.write(run_grpc_bench(args.model, Path(args.prompts), args.calls, args.target))
     else:
         sys.stdout.write(
-            run_inprocess_bench(args.model, Path(args.prompts), args.repeat, args.teacher)
+            run_inprocess_bench(
+                args.model, Path(args.prompts), args.repeat, args.teacher, args.adapted
+            )
         )
     return 0
 

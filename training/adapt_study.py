@@ -36,6 +36,7 @@ from tierpick.training.adapt import (
     MIN_HEAD_OUTCOMES,
     MIN_OUTCOMES,
     _calibrate,
+    _mean_ece,
     adapt_data,
 )
 from tierpick.training.adapt_head import Head, fit_head
@@ -91,6 +92,10 @@ def one_draw(fam_dir: Path, data: SplitData, n: int, seed: int) -> dict[str, Any
             )
             p["adapt"] = classifier.load(Path(tmp) / "m").predict_proba(rest.prompts)
             out["chosen"] = res.method
+            out["cross_fitted"] = {
+                m: {"n_tier_apgr": h["n_tier_apgr"], "mean_ece": _mean_ece(h)}
+                for m, h in res.methods.items()
+            }
         except DatasetError as exc:  # refused: the team keeps its parent, and is told why
             p["adapt"] = p["parent"]
             out["chosen"] = "refused"
@@ -140,6 +145,8 @@ def run_study(
                     if all(row in r["apgr"] for r in runs)
                 },
                 "chosen": [r["chosen"] for r in runs],
+                "cross_fitted": [r.get("cross_fitted") for r in runs],
+                "draws": [r["apgr"] for r in runs],
                 "refused": [r.get("refused") for r in runs if r.get("refused")],
             }
             print(

@@ -235,9 +235,86 @@ sources: [{{path: mmlu-pro}}]
     config = load_config(config_path)
     ds = build_dataset(config)
     parent = classifier.load()
-    result = adapt(config, ds, None, tmp_path / "adapted")
+    # the head alone beside the calibration (the memory, tried by default, is tested above)
+    result = adapt(config, ds, None, tmp_path / "adapted", methods=("head",))
     assert result.method == "head+calibration", result.notes
     assert result.adapted["n_tier_apgr"] > result.parent["n_tier_apgr"]
     clf = classifier.load(tmp_path / "adapted")
     assert clf.manifest.files[clf.manifest.graph] != parent.manifest.files[parent.manifest.graph]
     assert clf.manifest.lineage["method"] == "head+calibration"
+
+
+MIXED_TIERS = {
+    "local": ["codegemma-7b", "mistral-7b-instruct-v0.3"],
+    "mid": ["qwen2.5-7b-instruct", "llama-3.1-8b-instruct"],
+    "frontier": ["llama-3.1-nemotron-51b-instruct", "llama-3.3-nemotron-super-49b-v1"],
+}
+
+
+def test_memory_learns_per_prompt_on_a_team_mix_and_the_graph_serves_it(tmp_path: Path) -> None:
+    """A team whose traffic mixes multiple choice, math word problems and open questions, with
+    tiers of its own: per-prompt learning (the memory) beats the calibration alone,
+    cross-fitted, and the rewritten graph serves exactly what was evaluated, without torch."""
+    path = user_config(tmp_path, MIXED_TIERS, "mix")
+    sources = "".join(
+        f"  - {{path: llmrouter/{s}.csv}}\n" for s in ("commonsense_qa", "gsm8k", "natural_qa")
+    )
+    path.write_text(path.read_text().replace("  - {path: llmrouter/trivia_qa.csv}\n", sources))
+    config = load_config(path)
+    ds = build_dataset(config)
+    out = tmp_path / "adapted"
+    result = adapt(config, ds, None, out)
+    assert result.method == "memory", result.notes
+    measured = result.methods
+    assert measured["memory"]["n_tier_apgr"] > measured["calibration"]["n_tier_apgr"] + 0.01
+    assert measured["memory"]["n_tier_apgr"] > result.parent["n_tier_apgr"] + 0.05
+    assert max(result.adapted["ece"].values()) <= 0.05
+    clf = classifier.load(out)
+    parent = classifier.load()
+    m = clf.manifest
+    assert m.lineage["method"] == "memory" and m.lineage["memory"]["clusters"] > 0
+    assert m.calibration["a"] == [1.0, 1.0, 1.0] and m.calibration["b"] == [0.0, 0.0, 0.0]
+    assert m.files[m.graph] != parent.manifest.files[parent.manifest.graph]
+    assert clf.has_embedding  # the graph gained the embedding output on the way
+    # per task, the adapted probabilities sit near the team's observed success rates
+    data = split_arrays(ds, None)
+    tasks = np.array(data.tasks)
+    p = clf.predict_proba(data.prompts)
+    for task in set(data.tasks):
+        rows = tasks == task
+        for j in range(3):
+            sel = rows & (data.mask[:, j] > 0)
+            assert abs(p[sel, j].mean() - data.targets[sel, j].mean()) < 0.08, (task, j)
+    code = (
+        "import sys, tierpick; c = tierpick.load(sys.argv[1]); c.route(['hi']); "
+        "assert 'torch' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code, str(out)], check=True, timeout=120)
+
+
+def test_a_memory_leaves_tiers_without_outcomes_as_the_parent_had_them(tmp_path: Path) -> None:
+    """Fitted on two tiers, the memory's third tier is the parent's calibrated logit, in numpy
+    and in the written graph alike."""
+    from tierpick.classifier.routing import platt
+    from tierpick.training.adapt_memory import fit_memory, read_features, write_graph
+
+    parent = classifier.load()
+    with (DATA / "prompt-logs" / "arena-hard-v0.1-question.jsonl").open() as fh:
+        prompts = [__import__("json").loads(line)["prompt"] for line in fh][:120]
+    z, e = read_features(parent, prompts)
+    rng = np.random.default_rng(0)
+    targets = (rng.random((120, 3)) < [0.3, 0.6, 0.9]).astype(float)
+    mask = np.ones((120, 3))
+    mask[:, 2] = 0  # no outcome on the frontier tier
+    a = np.array(parent.manifest.calibration["a"])
+    b = np.array(parent.manifest.calibration["b"])
+    mem = fit_memory(e, z, targets, mask, a, b, [0, 1])
+    assert np.all(mem.weight[2] == 0) and np.any(mem.weight[0] != 0)
+    assert np.allclose(mem.proba(z, e)[:, 2], platt(z, a, b)[:, 2])
+    graph = tmp_path / "student.onnx"
+    write_graph(Path(parent.model_dir) / parent.manifest.graph, mem, graph)
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    served = parent.infer(parent.token_ids(prompts), session)
+    assert np.allclose(served, mem.logits(z, e), atol=1e-3)
