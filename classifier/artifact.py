@@ -25,6 +25,7 @@ MANIFEST_FILE = "manifest.json"
 GRAPH_INPUTS = ("input_ids", "attention_mask")
 LOGITS_OUTPUT = "logits"
 EMBEDDING_OUTPUT = "embedding"
+GRAPH_OUTPUTS = (LOGITS_OUTPUT, EMBEDDING_OUTPUT)  # what `tierpick train` exports
 
 
 @dataclass(frozen=True)
@@ -88,11 +89,63 @@ def read_manifest(model_dir: Path, verify: bool = True) -> Manifest:
     if not model_dir.is_dir():
         raise ArtifactError(f"model directory {model_dir} does not exist")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_bytes()
     except FileNotFoundError as exc:
         raise ArtifactError(f"{model_dir} has no {MANIFEST_FILE}: not a tierpick model") from exc
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{path} is unreadable or not JSON: {exc}") from exc
+    except OSError as exc:
+        raise ArtifactError(f"{path} is unreadable: {exc}") from exc
+    manifest = parse_manifest(text, path)
+    if verify:
+        verify_files(model_dir, manifest)
+    return manifest
+
+
+def read_artifact(model_dir: Path) -> tuple[Path, Manifest, dict[str, bytes]]:
+    """A model directory read once: its real path (a symlink resolved once), the manifest,
+    and the bytes of every file it lists, each checked against its sha256. What is verified is
+    exactly what is loaded: a directory swapped while it is read (``mv -T`` of a symlink) gives
+    either the old files or the new, or a refusal, never a mix.
+
+    Raises:
+        ArtifactError: as :func:`read_manifest`, or a file that cannot be read.
+    """
+    if not model_dir.is_dir():
+        raise ArtifactError(f"model directory {model_dir} does not exist")
+    real = model_dir.resolve()
+    path = real / MANIFEST_FILE
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"{model_dir} has no {MANIFEST_FILE}: not a tierpick model") from exc
+    except OSError as exc:
+        raise ArtifactError(f"{path} is unreadable: {exc}") from exc
+    manifest = parse_manifest(text, path)
+    blobs: dict[str, bytes] = {}
+    for name, expected in sorted(manifest.files.items()):
+        try:
+            data = (real / name).read_bytes()
+        except FileNotFoundError as exc:
+            raise ArtifactError(
+                f"{model_dir}: file {name} listed in the manifest is missing"
+            ) from exc
+        except OSError as exc:
+            raise ArtifactError(f"{model_dir}: file {name} is unreadable: {exc}") from exc
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected:
+            raise ArtifactError(
+                f"{model_dir}: {name} fails its checksum (sha256 {actual[:12]}…, manifest says "
+                f"{expected[:12]}…): the artifact was changed after export"
+            )
+        blobs[name] = data
+    return real, manifest, blobs
+
+
+def parse_manifest(text: bytes, path: Path) -> Manifest:
+    """A manifest from its bytes (``path`` names it in errors), its fields checked."""
+    try:
+        raw = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ArtifactError(f"{path} is not JSON: {exc}"[:500]) from exc
     if not isinstance(raw, dict):
         raise ArtifactError(f"{path} must hold a JSON object")
     if raw.get("schema_version") != SCHEMA_VERSION:
@@ -103,10 +156,8 @@ def read_manifest(model_dir: Path, verify: bool = True) -> Manifest:
     try:
         manifest = Manifest(**{**raw, "tiers": tuple(TierSpec(**t) for t in raw["tiers"])})
     except (KeyError, TypeError) as exc:
-        raise ArtifactError(f"{path} is missing or has unexpected fields: {exc}") from exc
+        raise ArtifactError(f"{path} is missing or has unexpected fields: {exc}"[:500]) from exc
     _check_fields(manifest, path)
-    if verify:
-        verify_files(model_dir, manifest)
     return manifest
 
 

@@ -17,7 +17,7 @@ from tierpick.classifier.artifact import (
     GRAPH_INPUTS,
     LOGITS_OUTPUT,
     Manifest,
-    read_manifest,
+    read_artifact,
 )
 from tierpick.classifier.errors import ArtifactError, MissingDependencyError, PromptError
 from tierpick.classifier.routing import Router, RoutingPolicy, platt
@@ -63,7 +63,13 @@ class TierClassifier:
     Use :func:`load` to build one. Thread-safe: ONNX Runtime sessions may be shared by threads.
     """
 
-    def __init__(self, model_dir: Path, manifest: Manifest, threads: int = 1) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        manifest: Manifest,
+        threads: int = 1,
+        blobs: dict[str, bytes] | None = None,
+    ) -> None:
         self._routers: dict[RoutingPolicy, Router] = {}  # see router()
         try:
             import onnxruntime as ort
@@ -80,8 +86,14 @@ class TierClassifier:
         k = len(self.tiers)
         self._cal_a = np.array(cal.get("a", [1.0] * k), dtype=np.float32)
         self._cal_b = np.array(cal.get("b", [0.0] * k), dtype=np.float32)
+        blobs = blobs or {}  # the verified bytes of the files (read_artifact), else paths
         try:
-            self._tokenizer = Tokenizer.from_file(str(model_dir / manifest.tokenizer))
+            tok = blobs.get(manifest.tokenizer)
+            self._tokenizer = (
+                Tokenizer.from_str(tok.decode("utf-8"))
+                if tok is not None
+                else Tokenizer.from_file(str(model_dir / manifest.tokenizer))
+            )
         except Exception as exc:  # the tokenizers library raises a bare Exception
             raise ArtifactError(f"{model_dir / manifest.tokenizer}: unreadable: {exc}") from exc
         self._tokenizer.no_padding()
@@ -97,7 +109,9 @@ class TierClassifier:
         ]
         try:
             self._session = ort.InferenceSession(
-                str(model_dir / manifest.graph), sess_options=opts, providers=providers
+                blobs.get(manifest.graph) or str(model_dir / manifest.graph),
+                sess_options=opts,
+                providers=providers,
             )
         except Exception as exc:  # onnxruntime raises its own non-ValueError types
             raise ArtifactError(
@@ -344,6 +358,5 @@ def load(path_or_uri: str | os.PathLike[str] | None = None, threads: int = 1) ->
     Raises:
         ArtifactError: the artifact is missing, incomplete, tampered with or unloadable.
     """
-    model_dir = resolve_model_dir(path_or_uri)
-    manifest = read_manifest(model_dir, verify=True)
-    return TierClassifier(model_dir, manifest, threads=threads)
+    real, manifest, blobs = read_artifact(resolve_model_dir(path_or_uri))
+    return TierClassifier(real, manifest, threads=threads, blobs=blobs)

@@ -34,6 +34,7 @@ from tierpick import classifier
 from tierpick.classifier import TierClassifier
 from tierpick.classifier.artifact import MANIFEST_FILE
 from tierpick.classifier.errors import TierpickError
+from tierpick.classifier.runtime import default_model_dir
 
 log = logging.getLogger("tierpick.serve")
 WARMUP_PROMPT = "What is the capital of France?"
@@ -157,12 +158,21 @@ class ModelHolder:
         for tier in m.tier_names:
             self.metrics.tiers.labels(tier)
 
-    def _manifest_stamp(self) -> tuple[float, int] | None:
+    def _manifest_stamp(self) -> tuple[str, float, int] | None:
+        """Where the served path points now and its manifest's mtime and size: a symlink
+        swapped to another directory is a change even when the manifests look alike."""
+        local = self.path is None or not str(self.path).startswith(("models:/", "runs:/"))
+        where = (
+            (Path(self.path) if self.path is not None else default_model_dir())
+            if local
+            else Path(self.current.model_dir)
+        )
         try:
-            st = (Path(self.current.model_dir) / MANIFEST_FILE).stat()
+            st = (where / MANIFEST_FILE).stat()
+            real = os.path.realpath(where)
         except OSError:
             return None
-        return (st.st_mtime, st.st_size)
+        return (real, st.st_mtime, st.st_size)
 
     def reload(self, retry: bool = False) -> bool:
         """Load and verify the model again from its path; swap only if it is good.

@@ -50,9 +50,14 @@ MIN_REST = 200  # prompts left to route, at least
 ROWS = ("parent", "calibration", "memory", "head", "adapt", "knn")
 
 
-def _apgr(data: SplitData, p: np.ndarray, costs: np.ndarray, tiers: tuple[str, ...]) -> float:
-    res = evaluate_split(data, {"x": p}, costs, tiers)
-    return float(res["routing"]["x"]["apgr"]) if "x" in res["routing"] else float("nan")
+def _measure(
+    data: SplitData, p: np.ndarray, costs: np.ndarray, tiers: tuple[str, ...]
+) -> tuple[float, float]:
+    """N-tier APGR and mean ECE over the tiers measured."""
+    res = evaluate_split(data, {"student": p}, costs, tiers)
+    apgr = res["routing"]["student"]["apgr"] if "student" in res["routing"] else float("nan")
+    eces = [v["ece"] for v in res["per_tier"]["student"].values() if v["ece"] is not None]
+    return float(apgr), float(np.mean(eces)) if eces else float("nan")
 
 
 def one_draw(fam_dir: Path, data: SplitData, n: int, seed: int) -> dict[str, Any]:
@@ -112,7 +117,9 @@ def one_draw(fam_dir: Path, data: SplitData, n: int, seed: int) -> dict[str, Any
         graded.mask[tune],
     )
     p["knn"] = baselines.knn(e_g, graded.targets, graded.mask, emb[rest_rows], k)
-    out["apgr"] = {name: _apgr(rest, q, costs, tiers) for name, q in p.items()}
+    measured = {name: _measure(rest, q, costs, tiers) for name, q in p.items()}
+    out["apgr"] = {name: m[0] for name, m in measured.items()}
+    out["ece"] = {name: m[1] for name, m in measured.items()}
     return out
 
 
@@ -143,6 +150,11 @@ def run_study(
                     row: float(np.mean([r["apgr"][row] for r in runs]))
                     for row in ROWS
                     if all(row in r["apgr"] for r in runs)
+                },
+                "ece": {
+                    row: float(np.mean([r["ece"][row] for r in runs]))
+                    for row in ROWS
+                    if all(row in r["ece"] for r in runs)
                 },
                 "chosen": [r["chosen"] for r in runs],
                 "cross_fitted": [r.get("cross_fitted") for r in runs],

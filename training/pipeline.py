@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from tierpick.classifier.artifact import GRAPH_OUTPUTS
 from tierpick.classifier.routing import platt, sigmoid
 from tierpick.training import baselines, metrics
 from tierpick.training.calibrate import fit_platt
@@ -317,7 +318,10 @@ def run_training(
     timings["dataset"] = time.perf_counter() - t0
     train, val, test, ood = (split_arrays(ds, s) for s in ("train", "val", "test", "ood"))
     evals = [s for s in (test, ood) if len(s.prompts)]
-    cfg_hash = hashlib.sha256(json.dumps(dataclasses.asdict(tcfg), sort_keys=True).encode())
+    # the graph's outputs are part of what a version names: the same data and settings
+    # exported with another contract are another artifact
+    contract = {"train": dataclasses.asdict(tcfg), "graph_outputs": list(GRAPH_OUTPUTS)}
+    cfg_hash = hashlib.sha256(json.dumps(contract, sort_keys=True).encode())
     version = version or f"{ds.fingerprint[:8]}-{cfg_hash.hexdigest()[:8]}"
     log.info(
         "dataset %s: %d train, %d val, %d test, %d ood",

@@ -321,3 +321,11 @@ def test_label_and_adapt_runs_are_linked_in_mlflow(
     for path in (tmp_path / "mlflow.db", *tmp_path.rglob("mlruns/**/*")):
         if path.is_file():
             assert KEY.encode() not in path.read_bytes(), path
+
+
+def test_the_example_label_config_is_valid() -> None:
+    from tierpick.serving.label import load_label_config
+
+    cfg = load_label_config(REPO / "serving" / "deploy" / "label.yaml")
+    assert tuple(cfg.tiers) == ("local", "mid", "frontier") and cfg.judge.pass_grade == 8
+    assert cfg.judge.endpoint is not None and cfg.judge.endpoint.api_key_env == "OPENAI_API_KEY"
