@@ -56,7 +56,7 @@ def export_onnx(model: torch.nn.Module, path: Path) -> None:
     model.eval()
     outputs = [LOGITS_OUTPUT]
     if hasattr(model, "pooled") and hasattr(model, "head"):
-        model, outputs = _WithEmbedding(model), list(GRAPH_OUTPUTS)
+        model, outputs = _WithEmbedding(model).eval(), list(GRAPH_OUTPUTS)
     x = torch.full((1, 4), 1000, dtype=torch.long)
     m = torch.ones((1, 4), dtype=torch.float32)
     with warnings.catch_warnings():
