@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tierpick.classifier.errors import ArtifactError
+from tierpick.classifier.routing import clip
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -155,31 +157,77 @@ def parse_manifest(text: bytes, path: Path) -> Manifest:
         )
     try:
         manifest = Manifest(**{**raw, "tiers": tuple(TierSpec(**t) for t in raw["tiers"])})
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, AttributeError) as exc:
         raise ArtifactError(f"{path} is missing or has unexpected fields: {exc}"[:500]) from exc
     _check_fields(manifest, path)
     return manifest
 
 
+MAX_TOKENS_LIMIT = 1 << 16  # a manifest's max_tokens above this is not a real model's
+MAX_CHARS_LIMIT = 1 << 22
+
+
+def _finite(value: object, lo: float = 0.0) -> bool:
+    """A real number (not a bool, not a string), finite and at least ``lo``."""
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value >= lo
+    )
+
+
 def _check_fields(m: Manifest, path: Path) -> None:
+    """Every field's type and range, each problem one line (a manifest is foreign input: a
+    string where a number belongs must not end in a traceback, an infinite price must not
+    route every prompt to one tier)."""
+
+    def bad(problem: str) -> ArtifactError:
+        return ArtifactError(f"{path}: {problem}"[:500])
+
     k = len(m.tiers)
-    if k < 2 or len(set(m.tier_names)) != k:
-        raise ArtifactError(f"{path}: needs >= 2 distinct tiers, got {list(m.tier_names)}")
+    names = m.tier_names
+    if k < 2 or not all(isinstance(t, str) and t for t in names) or len(set(names)) != k:
+        raise bad(f"needs >= 2 distinct tier names, got {clip(list(names))}")
+    for t in m.tiers:
+        for field_name in ("price_input", "price_output"):
+            if not _finite(getattr(t, field_name)):
+                raise bad(
+                    f"tier {t.name!r}: {field_name} must be a finite number >= 0 (USD per 1M "
+                    f"tokens), got {clip(getattr(t, field_name))}"
+                )
     cal = m.calibration
+    if not isinstance(cal, dict):
+        raise bad(f"calibration must be a mapping, got {clip(cal)}")
     if cal.get("method") not in ("platt", "none"):
-        raise ArtifactError(f"{path}: calibration method {cal.get('method')!r} is not known")
-    if cal.get("method") == "platt" and not (len(cal.get("a", [])) == len(cal.get("b", [])) == k):
-        raise ArtifactError(f"{path}: calibration needs one (a, b) pair per tier ({k})")
-    if not m.default_cost_weight >= 0.0:
-        raise ArtifactError(f"{path}: default_cost_weight must be >= 0")
+        raise bad(f"calibration method {clip(cal.get('method'))} is not known")
+    if cal.get("method") == "platt":
+        for key in ("a", "b"):
+            values = cal.get(key, [])
+            if (
+                not isinstance(values, list)
+                or len(values) != k
+                or not all(_finite(v, -math.inf) for v in values)
+            ):
+                raise bad(f"calibration.{key} must be {k} finite numbers, got {clip(values)}")
+    if not _finite(m.default_cost_weight):
+        raise bad(
+            f"default_cost_weight must be a finite number >= 0, got {clip(m.default_cost_weight)}"
+        )
+    for key, limit in (("max_chars", MAX_CHARS_LIMIT), ("max_tokens", MAX_TOKENS_LIMIT)):
+        value = getattr(m, key)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+            raise bad(f"{key} must be an integer in [1, {limit}], got {clip(value)}")
+    if not isinstance(m.files, dict) or not all(isinstance(v, str) for v in m.files.values()):
+        raise bad("files must map file names to sha256 strings")
     needed = {m.graph, m.tokenizer}
-    missing = sorted(needed - set(m.files))
+    missing = sorted(map(str, needed - set(m.files)))
     if missing:
-        raise ArtifactError(f"{path}: files {missing} are used but have no checksum entry")
-    for name in sorted(set(m.files) | needed):
+        raise bad(f"files {clip(missing)} are used but have no checksum entry")
+    for name in sorted(map(str, set(m.files) | needed)):
         if not _plain_name(name):
-            raise ArtifactError(
-                f"{path}: file name {name!r} is not a plain name inside the model directory "
+            raise bad(
+                f"file name {clip(name)} is not a plain name inside the model directory "
                 "(no directories, '..' or absolute paths)"
             )
 

@@ -79,3 +79,58 @@ def csv_records(reader: Any) -> Iterator[tuple[int, Any, str | None, str]]:
                 yield line, row, "wrong number of CSV fields", ""
                 continue
         yield line, row, None, ""
+
+
+MAX_YAML_BYTES = 4 << 20  # a config or policy file larger than this is refused unread
+MAX_YAML_DEPTH = 64  # nesting deeper than this is refused (no real config comes close)
+
+
+def load_yaml(path: Path, what: str) -> Any:
+    """A YAML config or policy file, parsed safely and boundedly: at most ``MAX_YAML_BYTES``,
+    no aliases (``*ref``: what a few hundred bytes turn into gigabytes with), nesting at most
+    ``MAX_YAML_DEPTH`` deep. Every refusal is one :class:`ConfigError` line naming ``what``.
+
+    Raises:
+        ConfigError: unreadable, too large, not YAML, an alias, or too deep.
+    """
+    import yaml
+
+    from tierpick.classifier.errors import ConfigError
+
+    try:
+        size = path.stat().st_size
+        if size > MAX_YAML_BYTES:
+            raise ConfigError(f"{what} {path}: {size} bytes, over the {MAX_YAML_BYTES} allowed")
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{what} {path}: not UTF-8 text ({exc.reason})") from exc
+
+    class Loader(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+                raise ConfigError(
+                    f"{what} {path}:{mark.line + 1}: YAML aliases (*name) are not accepted "
+                    "in tierpick's files: write the value out"
+                )
+            self.depth += 1
+            if self.depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark  # type: ignore[no-untyped-call]
+                raise ConfigError(
+                    f"{what} {path}:{mark.line + 1}: nested more than {MAX_YAML_DEPTH} deep"
+                )
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    try:
+        return yaml.load(text, Loader=Loader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path}: not valid YAML: {str(exc)[:300]}") from exc
+    except RecursionError as exc:  # flow collections nest in the scanner, before compose
+        raise ConfigError(f"{what} {path}: nested too deeply") from exc

@@ -139,7 +139,9 @@ class Router:
             raise PolicyError(f"cost_weight must be >= 0 and finite, got {policy.cost_weight}")
         unknown = [t for t in policy.allowed_tiers if t not in names]
         if unknown:
-            raise PolicyError(f"unknown tier(s) {unknown}; this model's tiers are {list(names)}")
+            raise PolicyError(
+                f"unknown tier(s) {clip(unknown)}; this model's tiers are {list(names)}"
+            )
         allowed = np.array([not policy.allowed_tiers or t in policy.allowed_tiers for t in names])
         if policy.max_price is not None:
             if not policy.max_price >= 0:  # NaN too
@@ -188,12 +190,26 @@ def within_grant(
     asked = policy.allowed_tiers or tuple(tiers)
     if chose_tiers and (beyond := [t for t in asked if t not in grant]):
         raise PolicyError(
-            f"{where}: {beyond} not granted; a request may choose among {list(grant)}"
+            f"{where}: {clip(beyond)} not granted; a request may choose among {list(grant)}"
         )
-    return replace(policy, allowed_tiers=tuple(t for t in asked if t in grant))
+    within = tuple(t for t in asked if t in grant)
+    if not within:  # () would mean "every tier": the request would escape both lists
+        raise PolicyError(
+            f"{where}: no tier is both allowed by the policy ({list(asked)}) and granted to "
+            f"requests ({list(grant)})"
+        )
+    return replace(policy, allowed_tiers=within)
 
 
 POLICY_KEYS = ("min_success", "allowed_tiers", "max_price", "cost_weight")
+ECHO_CHARS = 200  # a value quoted back in an error is cut to this many characters
+
+
+def clip(value: object, limit: int = ECHO_CHARS) -> str:
+    """``repr(value)`` cut to ``limit`` characters: errors quote what they were given, never
+    all of it (a client or a file can send megabytes)."""
+    text = repr(value) if not isinstance(value, str) else value
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def policy_from_mapping(raw: object, where: str) -> RoutingPolicy:
@@ -205,20 +221,22 @@ def policy_from_mapping(raw: object, where: str) -> RoutingPolicy:
         return RoutingPolicy()
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: must be a mapping of {list(POLICY_KEYS)}")
-    if unknown := sorted(set(raw) - set(POLICY_KEYS)):
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(POLICY_KEYS)}")
+    if unknown := sorted(map(str, set(raw) - set(POLICY_KEYS))):
+        raise ConfigError(
+            f"{where}: unknown key(s) {clip(unknown)}; allowed: {sorted(POLICY_KEYS)}"
+        )
 
     def number(key: str, lo: float, hi: float) -> float | None:
         value = raw.get(key)
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
-            raise ConfigError(f"{where}.{key}: must be a number in [{lo}, {hi}], got {value!r}")
+            raise ConfigError(f"{where}.{key}: must be a number in [{lo}, {hi}], got {clip(value)}")
         return float(value)
 
     tiers = raw.get("allowed_tiers") or []
     if not isinstance(tiers, list) or not all(isinstance(t, str) for t in tiers):
-        raise ConfigError(f"{where}.allowed_tiers: must be a list of tier names, got {tiers!r}")
+        raise ConfigError(f"{where}.allowed_tiers: must be a list of tier names, got {clip(tiers)}")
     return RoutingPolicy(
         min_success=number("min_success", 0.0, 1.0) or 0.0,
         allowed_tiers=tuple(tiers),
@@ -240,19 +258,16 @@ def policy_to_mapping(policy: RoutingPolicy) -> dict[str, Any]:
 def read_policy(path: str | Path) -> RoutingPolicy:
     """A policy file (``tierpick tune --out``): YAML with a ``policy`` mapping, and optionally a
     ``tuned`` mapping that records how it was chosen (not read here)."""
-    import yaml
+    from tierpick.classifier.files import load_yaml
 
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"policy file {path}: {exc.strerror or exc}") from exc
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"policy file {path}: not valid YAML: {exc}") from exc
+    raw = load_yaml(path, "policy file")
     if not isinstance(raw, dict) or "policy" not in raw:
         raise ConfigError(f"policy file {path}: must hold a mapping with a 'policy' key")
-    if unknown := sorted(set(raw) - {"policy", "tuned"}):
-        raise ConfigError(f"policy file {path}: unknown key(s) {unknown}; allowed: policy, tuned")
+    if unknown := sorted(map(str, set(raw) - {"policy", "tuned"})):
+        raise ConfigError(
+            f"policy file {path}: unknown key(s) {clip(unknown)}; allowed: policy, tuned"
+        )
     return policy_from_mapping(raw["policy"], f"policy file {path}: policy")
 
 
@@ -273,10 +288,12 @@ def write_policy(
 
 
 __all__ = [
+    "ECHO_CHARS",
     "POLICY_KEYS",
     "Router",
     "RoutingPolicy",
     "TierPrices",
+    "clip",
     "normalized_costs",
     "platt",
     "policy_from_mapping",

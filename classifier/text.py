@@ -160,17 +160,25 @@ def last_user_text(messages: object) -> str:
     """
     if not isinstance(messages, list):
         raise ValueError(f"messages must be a list, got {type(messages).__name__}")
-    return _last_user_turn(
-        messages,
-        _checked_user_text,
+    texts = [_checked_user_text(i, m) for i, m in enumerate(messages)]  # shapes: cheap
+    for text in reversed(texts):  # the text work: from the last turn back, until one has text
+        if text is not None and (stripped := strip_harness(text[:MAX_TURN_CHARS])):
+            return stripped
+    raise ValueError(
         "no user message with text to classify (only system, assistant or tool messages, "
-        "non-text parts, or agent-harness blocks)",
+        "non-text parts, or agent-harness blocks)"
     )
 
 
+# A user turn is read up to this many characters: the work one request costs is bounded before
+# any text is processed (a 60 MB message of harness tags cost 3.6 s on the event loop), and far
+# more than a model reads (4 x its max_chars) is left after the blocks are removed.
+MAX_TURN_CHARS = 1 << 16
+
+
 def _checked_user_text(i: int, message: object) -> str | None:
-    """Message ``i``'s own text if it is a user turn (harness blocks removed; None if nothing is
-    left); ValueError naming a malformed message or part."""
+    """Message ``i``'s own text if it is a user turn (harness blocks not yet removed; None if it
+    has none); ValueError naming a malformed message or part."""
     if not isinstance(message, Mapping):
         raise ValueError(f"messages[{i}] must be an object, got {type(message).__name__}")
     if message.get("role") != "user":
@@ -188,18 +196,25 @@ def _checked_user_text(i: int, message: object) -> str | None:
             f"messages[{i}].content must be a string or a list of parts, "
             f"got {type(content).__name__}"
         )
-    text = _content_text(content)
-    return (strip_harness(text) or None) if text is not None else None
+    return _content_text(content, MAX_TURN_CHARS)
 
 
-def _content_text(content: object) -> str | None:
+def _content_text(content: object, limit: int | None = None) -> str | None:
+    """A turn's text (its text parts joined), the first ``limit`` characters when given (read
+    part by part: the parts past the limit are not joined)."""
     if isinstance(content, str):
-        return content
+        return content if limit is None else content[:limit]
     if isinstance(content, list):
-        parts = [
-            p["text"]
-            for p in content
-            if isinstance(p, Mapping) and p.get("type") == "text" and isinstance(p.get("text"), str)
-        ]
+        parts, size = [], 0
+        for p in content:
+            if (
+                isinstance(p, Mapping)
+                and p.get("type") == "text"
+                and isinstance(p.get("text"), str)
+            ):
+                parts.append(p["text"] if limit is None else p["text"][: limit - size])
+                size += len(parts[-1]) + 1
+                if limit is not None and size >= limit:
+                    break
         return "\n".join(parts) if parts else None
     return None

@@ -57,7 +57,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import yaml
 
 from tierpick import classifier
 from tierpick.classifier import Router, RoutingPolicy, TierClassifier, last_user_text
@@ -68,6 +67,7 @@ from tierpick.classifier.errors import (
     PromptError,
     TierpickError,
 )
+from tierpick.classifier.files import load_yaml
 from tierpick.classifier.routing import (
     POLICY_KEYS,
     policy_from_mapping,
@@ -187,6 +187,12 @@ def parse_plugin_config(raw: object, where: str = "tierpick") -> PluginConfig:
     tiers = grant.get("tiers", [])
     if not isinstance(tiers, list) or not all(isinstance(t, str) for t in tiers):
         raise ConfigError(f"{where}.request_policy.tiers: must be a list of tiers, got {tiers!r}")
+    if policy.allowed_tiers and tiers and not set(policy.allowed_tiers) & set(tiers):
+        raise ConfigError(
+            f"{where}.request_policy.tiers: {tiers} has no tier in policy.allowed_tiers "
+            f"{list(policy.allowed_tiers)}: a request that sets its own policy would have no "
+            "tier to go to"
+        )
     plugin_mode = raw.get("mode", "route")
     if plugin_mode not in MODES:
         raise ConfigError(f"{where}.mode: must be one of {list(MODES)}, got {plugin_mode!r}"[:300])
@@ -697,17 +703,13 @@ def from_litellm_config(path: str | Path | None) -> Plugin:
     ``$TIERPICK_LITELLM_CONFIG``), checked against its ``model_list``."""
     raw: dict[str, Any] = {}
     if path is not None:
-        try:
-            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"LiteLLM config {path}: {exc}") from exc
+        raw = load_yaml(Path(path), "LiteLLM config") or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"LiteLLM config {path}: must hold a mapping")
     settings = raw.get("tierpick")
     where = "tierpick"
     if settings is None and (own := os.environ.get(CONFIG_ENV)):
-        try:
-            settings = yaml.safe_load(Path(own).read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"{CONFIG_ENV}={own}: {exc}") from exc
+        settings = load_yaml(Path(own), CONFIG_ENV)
         where = own
     plugin = Plugin(parse_plugin_config(settings, where))
     plugin.check(raw.get("model_list") or [])

@@ -23,7 +23,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -131,7 +131,8 @@ def read_outcomes(path: Path, clf: TierClassifier) -> Graded:
     )
 
 
-def _number(value: object) -> bool:
+def _number(value: object) -> TypeGuard[float]:
+    """A finite number >= 0 (not a bool)."""
     return (
         isinstance(value, int | float)
         and not isinstance(value, bool)

@@ -86,6 +86,15 @@ class ServiceMetrics(Metrics):
         self.latency.labels(*key).observe(seconds)
 
 
+# A Classify whose text is longer than this is handled on a worker thread, not on the event
+# loop (its text work is bounded, text.MAX_TURN_CHARS a turn, but not tiny).
+LOOP_CHARS = 16_384
+
+
+def _text_chars(request: pb.ClassifyRequest) -> int:
+    return len(request.prompt) + sum(len(m.content) for m in request.messages)
+
+
 class TierRouterServicer(pb_grpc.TierRouterServicer):
     """Thin: conversion lives in :mod:`serving._convert`, errors in :class:`ErrorInterceptor`.
 
@@ -113,9 +122,12 @@ class TierRouterServicer(pb_grpc.TierRouterServicer):
     async def Classify(
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyResponse:
-        resp = _convert.classify(self.holder.current, [request], None, self.policy, self.decisions)[
-            0
-        ]
+        args = (self.holder.current, [request], None, self.policy, self.decisions)
+        if _text_chars(request) <= LOOP_CHARS:  # tens of microseconds: on the loop
+            resp = _convert.classify(*args)[0]
+        else:  # a large request is worked on a thread: the loop keeps answering everyone else
+            loop = asyncio.get_running_loop()
+            resp = (await loop.run_in_executor(self.pool, _convert.classify, *args))[0]
         self.metrics.tiers.labels(resp.tier).inc()
         return resp
 

@@ -81,7 +81,8 @@ def kmeans(x: Array, k: int, seed: int, iterations: int = 25) -> Array:
 
 
 def _unit(e: Array) -> Array:
-    return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-9)
+    out: Array = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-9)
+    return out
 
 
 @dataclass

@@ -8,15 +8,16 @@ file's folder unless absolute (``TIERPICK_DATA_ROOT`` or ``--data-root`` overrid
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
-import yaml
-
 from tierpick.classifier.errors import ConfigError
+from tierpick.classifier.files import load_yaml
+from tierpick.classifier.routing import clip
 
 FORMATS = ("auto", "mmlu-pro", "lm-eval", "wide-csv", "alpaca-eval", "llm-judge", "long")
 # Eval sets named for decontamination may also be plain prompt lists (JSONL/CSV/Parquet/TXT).
@@ -239,12 +240,7 @@ def load_config(path: str | os.PathLike[str], data_root: str | None = None) -> T
             the offending key.
     """
     path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config {path} is not valid YAML: {exc}") from exc
+    raw = load_yaml(path, "config")
     return parse_config(raw, base_dir=path.parent, where=str(path), data_root=data_root)
 
 
@@ -506,8 +502,12 @@ class _Checker:
         return value
 
     def price(self, value: object, key: str) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-            self.fail(key, f"must be a number >= 0 (USD per 1M tokens), got {value!r}")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not 0 <= value < math.inf  # NaN and infinity fail too
+        ):
+            self.fail(key, f"must be a finite number >= 0 (USD per 1M tokens), got {clip(value)}")
         return float(value)
 
     def fraction(self, value: object, key: str) -> float:

@@ -11,10 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tierpick.classifier import RoutingPolicy, TierClassifier
 from tierpick.classifier.errors import ConfigError
+from tierpick.classifier.files import load_yaml
 from tierpick.classifier.routing import policy_from_mapping, read_policy
 from tierpick.serving.decisions import MODES, DecisionLogConfig
 
@@ -206,6 +205,16 @@ def parse_gateway_config(raw: object) -> GatewayConfig:
                 f'the hex sha256 of the API key (printf %s "$KEY" | sha256sum), got {digest!r}',
             )
         keys[digest] = _grant(entry, where, sorted(tiers))
+    for where, g in [
+        ("request_policy", default_grant),
+        *((f"request_policy.api_keys[{i}]", k) for i, k in enumerate(keys.values())),
+    ]:
+        if policy.allowed_tiers and g.tiers and not set(policy.allowed_tiers) & set(g.tiers):
+            raise _fail(
+                f"{where}.tiers",
+                f"{list(g.tiers)} has no tier in policy.allowed_tiers {list(policy.allowed_tiers)}"
+                ": a request that sets its own policy would have no tier to go to",
+            )
     virtual = raw.get("virtual_models", ["tierpick/auto", "auto"])
     if not isinstance(virtual, list) or not all(isinstance(m, str) and m for m in virtual):
         raise _fail("virtual_models", f"must be a list of model names, got {virtual!r}")
@@ -258,13 +267,7 @@ def parse_gateway_config(raw: object) -> GatewayConfig:
 
 
 def load_gateway_config(path: str | Path) -> GatewayConfig:
-    try:
-        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"gateway config {path}: {exc.strerror}") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"gateway config {path}: not valid YAML: {exc}") from exc
-    return parse_gateway_config(raw)
+    return parse_gateway_config(load_yaml(Path(path), "gateway config"))
 
 
 def check_model_tiers(cfg: GatewayConfig, clf: TierClassifier) -> None:

@@ -33,9 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tierpick.classifier.errors import ConfigError
+from tierpick.classifier.files import load_yaml
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -227,11 +226,4 @@ def parse_label_config(raw: object) -> LabelConfig:
 
 
 def load_label_config(path: str | Path) -> LabelConfig:
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"label config {path}: {exc.strerror or exc}") from exc
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"label config {path}: not valid YAML: {str(exc)[:300]}") from exc
-    return parse_label_config(raw)
+    return parse_label_config(load_yaml(Path(path), "label config"))

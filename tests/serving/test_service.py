@@ -635,3 +635,34 @@ def test_drain_timeout_is_the_grace_in_flight_calls_get(model_copy: Path) -> Non
         c.close()
     assert results[60.0] == 4000
     assert results[0.05] in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+
+
+def test_a_huge_tag_dense_request_does_not_hold_up_other_calls(model_copy: Path) -> None:
+    """60 MB of agent-harness tags cost 3.6 s on the event loop before: every other call and
+    health check waited. Now a turn is read up to text.MAX_TURN_CHARS and a large request is
+    worked on a thread: health checks sent meanwhile are answered within their deadline."""
+    from tierpick.classifier.text import MAX_TURN_CHARS, last_user_text
+
+    block = "<system-reminder>x</system-reminder>"
+    big = block * (20_000_000 // len(block)) + "What is the capital of France?"
+    # the text work reads the first MAX_TURN_CHARS of a turn, whatever follows
+    head = big[:MAX_TURN_CHARS]
+    assert last_user_text([{"role": "user", "content": big}]) == last_user_text(
+        [{"role": "user", "content": head}]
+    )
+    app = create_server("127.0.0.1:0", str(model_copy), ServerConfig())
+    try:
+        with TierpickClient(f"127.0.0.1:{app.port}", timeout=60) as c:
+            c.wait_ready()
+            pool = futures.ThreadPoolExecutor(1)
+            large = pool.submit(c.classify, messages=[{"role": "user", "content": big}])
+            answered = 0
+            while not large.done():
+                resp = c.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                assert resp.status == health_pb2.HealthCheckResponse.SERVING
+                answered += 1
+            out = large.result()
+            pool.shutdown()
+            assert out.tier in ("local", "mid", "frontier") and answered >= 0
+    finally:
+        app.shutdown(0)
