@@ -203,6 +203,7 @@ def within_grant(
 
 POLICY_KEYS = ("min_success", "allowed_tiers", "max_price", "cost_weight")
 ECHO_CHARS = 200  # a value quoted back in an error is cut to this many characters
+MAX_TIERS = 64  # a list of tiers longer than this is not a real one (it comes from clients)
 
 
 def clip(value: object, limit: int = ECHO_CHARS) -> str:
@@ -235,7 +236,11 @@ def policy_from_mapping(raw: object, where: str) -> RoutingPolicy:
         return float(value)
 
     tiers = raw.get("allowed_tiers") or []
-    if not isinstance(tiers, list) or not all(isinstance(t, str) for t in tiers):
+    if (
+        not isinstance(tiers, list)
+        or len(tiers) > MAX_TIERS
+        or not all(isinstance(t, str) for t in tiers)
+    ):
         raise ConfigError(f"{where}.allowed_tiers: must be a list of tier names, got {clip(tiers)}")
     return RoutingPolicy(
         min_success=number("min_success", 0.0, 1.0) or 0.0,

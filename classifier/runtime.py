@@ -325,6 +325,16 @@ def resolve_model_dir(path_or_uri: str | os.PathLike[str] | None) -> Path:
         return default_model_dir()
     text = str(path_or_uri)
     if text.startswith(("models:/", "runs:/")):
+        # one bounded try against a tracking server, never minutes of retries
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        store = tracking_uri()
+        if store.startswith("sqlite:///") and not Path(store.removeprefix("sqlite:///")).is_file():
+            # MLflow would create an empty store here, then fail to find the model in it
+            raise ArtifactError(
+                f"cannot fetch {text}: no MLflow store at {store.removeprefix('sqlite:///')} "
+                "(set $MLFLOW_TRACKING_URI to the store the model was registered in)"
+            )
         try:
             import mlflow.artifacts
         except ImportError as exc:
@@ -334,7 +344,7 @@ def resolve_model_dir(path_or_uri: str | os.PathLike[str] | None) -> Path:
         try:
             local = mlflow.artifacts.download_artifacts(artifact_uri=text)
         except Exception as exc:  # mlflow raises MlflowException and transport errors
-            raise ArtifactError(f"cannot fetch {text} from MLflow: {exc}") from exc
+            raise ArtifactError(f"cannot fetch {text} from MLflow: {str(exc)[:300]}") from exc
         root = Path(local)
         # a registered pyfunc model keeps the tierpick artifact under artifacts/model
         for candidate in (root, root / "artifacts" / "model", *root.glob("artifacts/*")):

@@ -190,7 +190,9 @@ def _checked_user_text(i: int, message: object) -> str | None:
             if not isinstance(part, Mapping):
                 raise ValueError(f"{where} must be an object, got {type(part).__name__}")
             if part.get("type") == "text" and not isinstance(part.get("text"), str):
-                raise ValueError(f"{where}.text must be a string, got {part.get('text')!r}")
+                raise ValueError(
+                    f"{where}.text must be a string, got {type(part.get('text')).__name__}"
+                )
     elif content is not None and not isinstance(content, str):
         raise ValueError(
             f"messages[{i}].content must be a string or a list of parts, "

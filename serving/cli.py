@@ -523,6 +523,12 @@ def register_serve(sub: Any) -> None:
         help="calls handled at once before RESOURCE_EXHAUSTED",
     )
     p.add_argument(
+        "--max-request-mb",
+        type=float,
+        default=d.max_request_bytes / (1 << 20),
+        help="MB of requests handled at once (a request past it: RESOURCE_EXHAUSTED, unparsed)",
+    )
+    p.add_argument(
         "--workers", type=int, default=d.workers, help="threads that run ClassifyBatch calls"
     )
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
@@ -591,6 +597,7 @@ def _serve(args: argparse.Namespace) -> int:
         drain_seconds=args.drain,
         drain_timeout=args.drain_timeout,
         max_streams_per_connection=args.max_streams,
+        max_request_bytes=int(args.max_request_mb * (1 << 20)),
     )
     tls = TLS.from_files(args.tls_cert, args.tls_key, args.tls_client_ca)
     policy = read_policy(args.policy) if args.policy else None

@@ -356,13 +356,15 @@ class Plugin(CustomLogger):
         where = f"metadata.{POLICY_KEY}"
         if not isinstance(raw, dict):
             raise BadRequest(f"{where}: must be an object of {list(POLICY_KEYS)}")
-        try:
-            asked = policy_from_mapping(raw, where)
-        except ConfigError as exc:
-            raise BadRequest(str(exc)) from None
         enabled = cfg.request_policy_enabled
         granted = [k for k in raw if enabled and k in cfg.request_policy_fields]
-        ignored = [k for k in raw if k not in granted]
+        ignored = [str(k)[:50] for k in raw if k not in granted][:10]
+        if not granted:  # nothing the operator allows: not even read
+            return cfg.policy, ignored
+        try:  # only what is granted is read (an ungranted field is ignored, even if invalid)
+            asked = policy_from_mapping({k: raw[k] for k in granted}, where)
+        except ConfigError as exc:
+            raise BadRequest(str(exc)) from None
         policy = cfg.policy
         for key in granted:
             policy = replace(policy, **{key: getattr(asked, key)})
@@ -574,6 +576,10 @@ class Plugin(CustomLogger):
         metadata = data.get("metadata")
         if isinstance(metadata, dict):
             metadata.pop(DECISION_KEY, None)  # only the plug-in sets it
+            spend = metadata.get("spend_logs_metadata")
+            if isinstance(spend, dict):  # nor does a client write tierpick's spend-log keys
+                for key in [k for k in spend if str(k).startswith("tierpick_")]:
+                    del spend[key]
         requested = data.get("model")
         group = self.routed.get(requested)  # type: ignore[arg-type]
         shadow = self.config.mode == "shadow"

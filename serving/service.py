@@ -172,6 +172,41 @@ class _Malformed:
     error: str
 
 
+@dataclass(frozen=True)
+class _OverBudget:
+    """A request not parsed: the bytes of the requests being handled would pass the budget
+    (answered RESOURCE_EXHAUSTED)."""
+
+    size: int
+
+
+class ByteBudget:
+    """The request bytes of the calls being handled, against a budget: a request that would
+    pass it is refused before it is parsed, so ``--max-concurrency`` large batches cannot hold
+    gigabytes (measured before: 24 concurrent 52 MB batches took the process from 132 MB to
+    1,285 MB). A request larger than the whole budget is refused outright."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget, self.used = budget, 0
+
+    def take(self, size: int) -> bool:
+        if self.used + size > self.budget:
+            return False
+        self.used += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.used -= size
+
+
+@dataclass(frozen=True)
+class _Sized:
+    """A parsed request and the bytes it came in."""
+
+    message: Any
+    size: int
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Every TierRouter call goes through here: requests that do not parse, calls over the
     concurrency limit and calls that arrive while the server stops are refused, exceptions
@@ -179,10 +214,17 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     message logged), deadlines are honoured, and every outcome is counted by method and code.
     An accepted call is open (``calls``) until its status has been sent."""
 
-    def __init__(self, metrics: ServiceMetrics, max_concurrency: int, calls: OpenCalls) -> None:
+    def __init__(
+        self,
+        metrics: ServiceMetrics,
+        max_concurrency: int,
+        calls: OpenCalls,
+        max_request_bytes: int = 1 << 30,
+    ) -> None:
         self.metrics = metrics
         self.max_concurrency = max_concurrency
         self.calls = calls
+        self.bytes = ByteBudget(max_request_bytes)
 
     def _refusal(
         self, method: str, request: Any, context: grpc.aio.ServicerContext
@@ -194,6 +236,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return (
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"the request is not a valid {method} message ({request.error})",
+            )
+        if isinstance(request, _OverBudget):
+            return (
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"a request of {request.size} bytes does not fit the {self.bytes.budget} bytes "
+                "of requests handled at once; retry with backoff, or send smaller batches",
             )
         if self.calls.open >= self.max_concurrency:
             return (
@@ -219,9 +267,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         parse = handler.request_deserializer
 
         def deserialize(data: bytes) -> Any:
+            if not self.bytes.take(len(data)):
+                return _OverBudget(len(data))
             try:
-                return parse(data)
+                return _Sized(parse(data), len(data))
             except Exception as exc:  # protobuf's DecodeError and friends
+                self.bytes.give(len(data))
                 return _Malformed(f"{type(exc).__name__}: {exc}")
 
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -229,6 +280,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             # answer finds it counted
             start = time.perf_counter()
             self.metrics.started.labels("unary", SERVICE_NAME, method).inc()
+            if isinstance(request, _Sized):  # its bytes count until the call is done
+                size = request.size
+                context.add_done_callback(lambda _ctx: self.bytes.give(size))
+                request = request.message
             refused = self._refusal(method, request, context)
             if refused is None:
                 self.calls.enter(context)
@@ -314,7 +369,9 @@ def create_server(
         add_services,
         health_names=("", SERVICE_NAME),
         tls=tls,
-        interceptors=[ErrorInterceptor(metrics, config.max_concurrency, calls)],
+        interceptors=[
+            ErrorInterceptor(metrics, config.max_concurrency, calls, config.max_request_bytes)
+        ],
         pool=pool,
         logger=log,
         calls=calls,

@@ -240,7 +240,7 @@ def load_config(path: str | os.PathLike[str], data_root: str | None = None) -> T
             the offending key.
     """
     path = Path(path)
-    raw = load_yaml(path, "config")
+    raw = load_yaml(path, "cannot read config")
     return parse_config(raw, base_dir=path.parent, where=str(path), data_root=data_root)
 
 
@@ -507,7 +507,7 @@ class _Checker:
             or not isinstance(value, int | float)
             or not 0 <= value < math.inf  # NaN and infinity fail too
         ):
-            self.fail(key, f"must be a finite number >= 0 (USD per 1M tokens), got {clip(value)}")
+            self.fail(key, f"must be a number >= 0, finite (USD per 1M tokens), got {clip(value)}")
         return float(value)
 
     def fraction(self, value: object, key: str) -> float:

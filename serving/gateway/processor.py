@@ -17,7 +17,7 @@ from typing import Any
 
 from tierpick.classifier import RoutingPolicy, TierClassifier, last_user_text
 from tierpick.classifier.errors import MissingDependencyError, PromptError, TierpickError
-from tierpick.classifier.routing import within_grant
+from tierpick.classifier.routing import MAX_TIERS, clip, within_grant
 from tierpick.serving.decisions import DecisionLog, policy_fields
 from tierpick.serving.gateway.config import (
     POLICY_HEADERS,
@@ -37,6 +37,7 @@ from tierpick.serving.lifecycle import (
 log = logging.getLogger("tierpick.gateway")
 
 HEADER_PREFIX = "x-tierpick-"
+MAX_HEADER_CHARS = 512  # an x-tierpick-* header value is cut to this many characters
 DECISION_HEADERS = ("tier", "model-version", "probabilities", "status", "reason")
 OUTCOMES = (
     "classified",
@@ -101,9 +102,9 @@ def request_policy(base: RoutingPolicy, headers: Mapping[str, str]) -> RoutingPo
         try:
             x = float(value)
         except ValueError:
-            raise BadRequest(f"{HEADER_PREFIX}{name}: not a number: {value!r}") from None
+            raise BadRequest(f"{HEADER_PREFIX}{name}: not a number: {clip(value, 100)}") from None
         if not math.isfinite(x):
-            raise BadRequest(f"{HEADER_PREFIX}{name}: not a finite number: {value!r}")
+            raise BadRequest(f"{HEADER_PREFIX}{name}: not a finite number: {clip(value, 100)}")
         return x
 
     policy = base
@@ -115,9 +116,10 @@ def request_policy(base: RoutingPolicy, headers: Mapping[str, str]) -> RoutingPo
         policy = replace(policy, max_price=v)
     tiers = headers.get(HEADER_PREFIX + "allowed-tiers")
     if tiers is not None:
-        policy = replace(
-            policy, allowed_tiers=tuple(t.strip() for t in tiers.split(",") if t.strip())
-        )
+        names = tuple(t.strip() for t in tiers.split(",", MAX_TIERS) if t.strip())
+        if len(names) > MAX_TIERS:
+            raise BadRequest(f"{HEADER_PREFIX}allowed-tiers: more than {MAX_TIERS} tiers")
+        policy = replace(policy, allowed_tiers=names)
     return policy
 
 
@@ -332,7 +334,8 @@ class TierpickProcessor:
             return self._body_response(self._common({"tier": tier, "status": "explicit-model"}))
         self.metrics.decisions.labels("passthrough").inc()
         reason = (
-            f"model {model!r} is not a tierpick virtual model {list(self.cfg.virtual_models)} "
+            f"model {clip(repr(model), 100)} is not a tierpick virtual model "
+            f"{list(self.cfg.virtual_models)} "
             "nor a tier's model: passed through untouched"
         )
         return self._body_response(self._common({"status": "passthrough", "reason": reason}))
@@ -363,7 +366,9 @@ class TierpickProcessor:
         body: bytes | None = None,
         raw_headers: Mapping[str, str] | None = None,
     ) -> Any:
-        items = {HEADER_PREFIX + k: v for k, v in decision.items()}
+        # every value is bounded: a reason may quote the client (a 200,000-character model
+        # name made a 200 KB header, and Envoy answered 500)
+        items = {HEADER_PREFIX + k: clip(v, MAX_HEADER_CHARS) for k, v in decision.items()}
         items.update(raw_headers or {})
         return self.ep.CommonResponse(
             header_mutation=self._set_headers(items),

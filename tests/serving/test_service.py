@@ -1,5 +1,6 @@
 """The gRPC service on a real port: contract, bad input, health, reload, drain, load."""
 
+import dataclasses
 import json
 import shutil
 import threading
@@ -18,6 +19,9 @@ from tierpick.serving.service import SERVICE_NAME, create_server
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# batches of thousands of long prompts, larger than the default message size, for the drain
+# tests: allowed here on purpose
+BIG_BATCHES = ServerConfig(max_batch=4000, max_message_bytes=64 << 20, max_request_bytes=1 << 30)
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +212,7 @@ def test_watch_reloads_on_manifest_change(model_copy: Path, tmp_path: Path) -> N
 
 
 def test_graceful_shutdown_finishes_in_flight(model_copy: Path) -> None:
-    app = create_server("127.0.0.1:0", str(model_copy), ServerConfig(max_batch=4000))
+    app = create_server("127.0.0.1:0", str(model_copy), BIG_BATCHES)
     c = TierpickClient(
         f"127.0.0.1:{app.port}", timeout=60, options=[("grpc.max_send_message_length", 64 << 20)]
     )
@@ -248,7 +252,9 @@ def test_a_stop_during_a_large_answer_delivers_it(model_copy: Path) -> None:
     outcomes = []
     for _ in range(10):
         app = create_server(
-            "127.0.0.1:0", str(model_copy), ServerConfig(max_batch=30000, drain_timeout=60)
+            "127.0.0.1:0",
+            str(model_copy),
+            dataclasses.replace(BIG_BATCHES, max_batch=30000, drain_timeout=60),
         )
         with TierpickClient(f"127.0.0.1:{app.port}", timeout=60) as c:
             c.wait_ready()
@@ -611,7 +617,7 @@ def test_drain_timeout_is_the_grace_in_flight_calls_get(model_copy: Path) -> Non
     # worker thread for a while, and would compete with the next server's batch
     for drain in (60.0, 0.05):
         app = create_server(
-            "127.0.0.1:0", str(model_copy), ServerConfig(max_batch=4000, drain_timeout=drain)
+            "127.0.0.1:0", str(model_copy), dataclasses.replace(BIG_BATCHES, drain_timeout=drain)
         )
         c = TierpickClient(
             f"127.0.0.1:{app.port}",
@@ -650,7 +656,7 @@ def test_a_huge_tag_dense_request_does_not_hold_up_other_calls(model_copy: Path)
     assert last_user_text([{"role": "user", "content": big}]) == last_user_text(
         [{"role": "user", "content": head}]
     )
-    app = create_server("127.0.0.1:0", str(model_copy), ServerConfig())
+    app = create_server("127.0.0.1:0", str(model_copy), BIG_BATCHES)  # 20 MB allowed
     try:
         with TierpickClient(f"127.0.0.1:{app.port}", timeout=60) as c:
             c.wait_ready()
@@ -666,3 +672,78 @@ def test_a_huge_tag_dense_request_does_not_hold_up_other_calls(model_copy: Path)
             assert out.tier in ("local", "mid", "frontier") and answered >= 0
     finally:
         app.shutdown(0)
+
+
+def test_many_concurrent_calls_on_one_asyncio_channel_are_all_answered(model_copy: Path) -> None:
+    """A standard client's burst on one channel: 32 streams per connection refused 3 to 30
+    of 64 calls (UNAVAILABLE) before; the stream limit is now above the concurrency limit."""
+    import asyncio
+
+    from tierpick.serving.client import AsyncTierpickClient
+
+    app = create_server("127.0.0.1:0", str(model_copy), ServerConfig())
+    try:
+
+        async def burst() -> list[str]:
+            client = AsyncTierpickClient(f"127.0.0.1:{app.port}", 30.0)
+            try:
+                answers = await asyncio.gather(
+                    *(client.classify(f"What is {i} + {i}?") for i in range(200)),
+                    return_exceptions=True,
+                )
+            finally:
+                await client.close()
+            return [a.tier if hasattr(a, "tier") else repr(a) for a in answers]
+
+        tiers = asyncio.run(burst())
+        assert all(t in ("local", "mid", "frontier") for t in tiers), set(tiers)
+    finally:
+        app.shutdown(0)
+
+
+def test_request_bytes_past_the_budget_are_refused_before_parsing(model_copy: Path) -> None:
+    prompt = "Summarize this document. " * 2_000  # 50 KB
+    app = create_server(
+        "127.0.0.1:0",
+        str(model_copy),
+        ServerConfig(max_request_bytes=2 << 20, max_batch=256),
+    )
+    try:
+        with TierpickClient(f"127.0.0.1:{app.port}", timeout=60) as c:
+            c.wait_ready()
+            # one batch larger than the whole budget: refused, unparsed, and said why
+            with pytest.raises(grpc.RpcError) as err:
+                c.classify_batch([prompt] * 60)  # ~3 MB
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "does not fit the 2097152 bytes" in (err.value.details() or "")
+            # concurrent batches within the budget one at a time: some wait their turn as
+            # RESOURCE_EXHAUSTED, none is lost silently, and the budget comes back
+            with futures.ThreadPoolExecutor(8) as pool:
+                calls = [pool.submit(c.classify_batch, [prompt] * 30) for _ in range(8)]
+                codes = []
+                for f in calls:
+                    try:
+                        f.result()
+                        codes.append("OK")
+                    except grpc.RpcError as exc:
+                        codes.append(exc.code().name)
+            assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"} and "OK" in codes
+            assert c.classify_batch([prompt] * 30).responses  # nothing is held after
+            assert app.server is not None
+    finally:
+        app.shutdown(0)
+
+
+def test_an_open_health_watch_does_not_hold_the_stop(model_copy: Path) -> None:
+    """A Watch stream is not one of the service's calls: it used to keep the server stopping
+    for the whole drain timeout (27 s against 1.7 s)."""
+    app = create_server("127.0.0.1:0", str(model_copy), ServerConfig(drain_timeout=30.0))
+    c = TierpickClient(f"127.0.0.1:{app.port}", timeout=60)
+    c.wait_ready()
+    stream = c.health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=120)
+    assert next(stream).status == SERVING
+    start = time.monotonic()
+    app.shutdown()
+    took = time.monotonic() - start
+    c.close()
+    assert took < 10.0, took  # the drain timeout is 30 s
