@@ -209,7 +209,9 @@ MAX_TIERS = 64  # a list of tiers longer than this is not a real one (it comes f
 def clip(value: object, limit: int = ECHO_CHARS) -> str:
     """``repr(value)`` cut to ``limit`` characters: errors quote what they were given, never
     all of it (a client or a file can send megabytes)."""
-    text = repr(value) if not isinstance(value, str) else value
+    if isinstance(value, list | tuple) and len(value) > 8:  # never the repr of all of it
+        return clip(list(value[:8]), limit)[:-1] + f", ... ({len(value)} items)]"
+    text = value if isinstance(value, str) else repr(value)[: 4 * limit]
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
@@ -241,7 +243,10 @@ def policy_from_mapping(raw: object, where: str) -> RoutingPolicy:
         or len(tiers) > MAX_TIERS
         or not all(isinstance(t, str) for t in tiers)
     ):
-        raise ConfigError(f"{where}.allowed_tiers: must be a list of tier names, got {clip(tiers)}")
+        raise ConfigError(
+            f"{where}.allowed_tiers: must be a list of at most {MAX_TIERS} tier names, got "
+            f"{clip(tiers)}"
+        )
     return RoutingPolicy(
         min_success=number("min_success", 0.0, 1.0) or 0.0,
         allowed_tiers=tuple(tiers),

@@ -377,10 +377,16 @@ def register_tune(sub: Any) -> None:
 
 def _tune(args: argparse.Namespace) -> int:
     from tierpick import classifier
+    from tierpick.classifier.errors import ConfigError
     from tierpick.serving.scoring import ScoreOptions
     from tierpick.serving.tune import Constraint, parse_share, run_tune
 
-    shares = dict(parse_share(s) for s in args.max_share)
+    shares: dict[str, float] = {}
+    for text in args.max_share:
+        tier, share = parse_share(text)
+        if tier in shares:
+            raise ConfigError(f"--max-share names {tier!r} twice: give one share per tier")
+        shares[tier] = share
     constraint = Constraint(shares, args.budget_per_1k)
     clf = classifier.load(args.model)
     opts = ScoreOptions(prompt_field=args.prompt_field, output_prefix=args.output_prefix)

@@ -28,7 +28,7 @@ import numpy.typing as npt
 from tierpick.classifier import TierClassifier
 from tierpick.classifier.errors import ConfigError, MissingDependencyError, TierpickError
 from tierpick.classifier.files import open_text
-from tierpick.classifier.routing import threshold_choice
+from tierpick.classifier.routing import clip, threshold_choice
 from tierpick.serving.scoring import ScoreOptions, expand_inputs, kind_of
 from tierpick.serving.scoring.options import MODEL_VERSION
 
@@ -84,8 +84,12 @@ def read_scored(
                 continue
             if tier not in index:
                 raise TierpickError(f"{where}: tier {tier!r} is not one of the model's {tiers}")
-            if any(p is None for p in probs):
-                raise TierpickError(f"{where}: a routed row lacks a probability")
+            if not all(_probability(p) for p in probs):
+                bad = next(p for p in probs if not _probability(p))
+                raise TierpickError(
+                    f"{where}: a routed row's probability must be a number in [0, 1], got "
+                    f"{clip(bad, 50)}"
+                )
             chars.append(
                 len(text)
                 if isinstance(text, str)
@@ -101,6 +105,22 @@ def read_scored(
         np.array(routed, dtype=np.int64),
         len(files),
         versions,
+    )
+
+
+def _float(text: str | None) -> object:
+    """A CSV cell as a float when it reads as one, else as it is (checked by the caller)."""
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return text
+
+
+def _probability(value: object) -> bool:
+    return (
+        isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and 0.0 <= value <= 1.0  # NaN fails
     )
 
 
@@ -146,7 +166,7 @@ def _rows(
             if missing:
                 raise TierpickError(f"{path}: no column(s) {missing}: not a scored log")
             for rec in reader:
-                probs: list[object] = [float(rec[c]) if rec[c] else None for c in cols]
+                probs: list[object] = [_float(rec[c]) for c in cols]
                 where = f"{path}:{reader.line_num}"
                 yield rec[prompt_field], probs, rec[tier_col] or None, rec.get(version_col), where
             return
@@ -189,8 +209,7 @@ class Costs:
     ) -> Costs:
         """Input tokens estimated as ceil(characters / chars_per_token), ``output_tokens`` per
         call, the tiers' prices from the model's manifest; error rows are left out."""
-        if output_tokens < 0 or chars_per_token <= 0:
-            raise ConfigError("--output-tokens must be >= 0 and --chars-per-token > 0")
+        cls.check_assumptions(output_tokens, chars_per_token)
         ok = log.tier >= 0
         if not ok.any():
             raise TierpickError("the scored log has no routed row")
@@ -199,6 +218,14 @@ class Costs:
         in_tokens = np.ceil(log.chars[ok] / chars_per_token)
         cost = (in_tokens[:, None] * p_in[None, :] + output_tokens * p_out[None, :]) / 1e6
         return cls(list(clf.tiers), log.proba[ok], cost, in_tokens)
+
+    @staticmethod
+    def check_assumptions(output_tokens: int, chars_per_token: float) -> None:
+        if not 0 <= output_tokens < 10**9 or not 0 < chars_per_token < math.inf:  # NaN fails
+            raise ConfigError(
+                "--output-tokens must be >= 0 and --chars-per-token a finite number > 0, got "
+                f"{output_tokens} and {chars_per_token}"
+            )
 
     def __len__(self) -> int:
         return len(self.proba)

@@ -90,6 +90,8 @@ def parse_share(text: str) -> tuple[str, float]:
         share = float(value[:-1]) / 100 if value.endswith("%") else float(value)
     except ValueError:
         raise ConfigError(f"--max-share {text!r}: {value!r} is not a number") from None
+    if not 0.0 <= share <= 1.0:  # NaN too
+        raise ConfigError(f"--max-share {text!r}: the share must be in [0, 1] (or 0-100%)")
     return tier.strip(), share
 
 
@@ -272,6 +274,8 @@ def render_markdown(t: Tuned, source: str, clf: TierClassifier) -> str:
     if t.holdout is not None:
         lines.append(row(f"chosen, on {t.holdout_rows:,} held-out rows", t.holdout))
     lines += [row(name, s) for name, s in t.always.items()]
+    if t.holdout is not None:
+        lines += ["", *_held_out_shares(t)]
     lines += [
         "",
         f"## The curve around the chosen point ({knob}; distinct routings only)",
@@ -375,6 +379,38 @@ def _figures(s: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def wilson(share: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score 95% interval of a share observed on ``n`` rows."""
+    if n <= 0:
+        return 0.0, 1.0
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _held_out_shares(t: Tuned) -> list[str]:
+    """Each capped tier's share on the held-out rows with its 95% interval, and whether the cap
+    holds there (a 20% cap chosen on one half came out at 22% on the other, with no word)."""
+    assert t.holdout is not None
+    out = []
+    for tier, cap in t.constraint.max_share.items():
+        share = t.holdout["mix"][tier]
+        lo, hi = wilson(share, t.holdout_rows)
+        verdict = (
+            "within the cap"
+            if share <= cap
+            else "over the cap, within sampling noise"
+            if lo <= cap
+            else "OVER THE CAP beyond sampling noise: choose on more rows or a lower cap"
+        )
+        out.append(
+            f"Held-out share of {tier}: {100 * share:.1f}% (95% interval {100 * lo:.1f}-"
+            f"{100 * hi:.1f}%, {t.holdout_rows:,} rows) against the cap {100 * cap:.0f}%: "
+            f"{verdict}."
+        )
+    return out
+
+
 def run_tune(
     inputs: list[str],
     clf: TierClassifier,
@@ -398,7 +434,9 @@ def run_tune(
     from tierpick.classifier.routing import write_policy
 
     constraint.check(clf.tiers)  # before any scoring work
+    Costs.check_assumptions(output_tokens, chars_per_token)
     opts = opts or ScoreOptions()
+    source = ", ".join(inputs) if len(inputs) <= 3 else f"{inputs[0]} and {len(inputs) - 1} more"
     with tempfile.TemporaryDirectory(prefix="tierpick-tune-") as work:
         if scored:
             if len(inputs) != 1:
@@ -406,11 +444,18 @@ def run_tune(
             path = Path(inputs[0])
         else:
             path = score_log(inputs, clf, opts, workers, engine, Path(work))
-        log = read_scored(path, clf.tiers, opts.prompt_field, opts.output_prefix)
+        try:
+            log = read_scored(path, clf.tiers, opts.prompt_field, opts.output_prefix)
+        except TierpickError as exc:
+            if scored:
+                raise
+            # the scored copy is this command's own temporary file: name the user's log
+            raise TierpickError(
+                f"{source}: nothing to tune on ({str(exc).replace(str(path), 'its scores')})"
+            ) from exc
         log.check_model(clf, path)
     costs = Costs.of(log, clf, output_tokens, chars_per_token)
     result = tune(costs, clf, constraint, rule, base, holdout, seed)
-    source = ", ".join(inputs) if len(inputs) <= 3 else f"{inputs[0]} and {len(inputs) - 1} more"
     md = render_markdown(result, source, clf)
     errors = len(log.tier) - len(costs)
     if errors:
