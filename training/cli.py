@@ -116,6 +116,7 @@ def _adapt(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, data_root=args.data_root)
     ds = build_dataset(config)  # bad outcome files fail here, before any store is touched
+    sys.stdout.write(dropped_rows(ds))  # every outcome row not used, and why, said first
     client = None if args.no_mlflow else tracking.connect(args.tracking_uri)  # before writing
     out = Path(args.out)
     result = adapt(
@@ -183,6 +184,20 @@ def _adapt(args: argparse.Namespace) -> int:
             print(f"linked to the label run(s) of its outcomes: {', '.join(labels)}")
     print(f"adapted model -> {out}")
     return 0
+
+
+def dropped_rows(ds: Any, examples: int = 5) -> str:
+    """The outcome rows ingest dropped (NaN, infinite or out-of-range scores, missing fields,
+    ...), by reason, with the first few locations; empty when none was."""
+    by_reason = ds.report.get("dropped_by_reason", {})
+    if not by_reason:
+        return ""
+    lines = [
+        f"{sum(by_reason.values())} outcome rows dropped: "
+        + "; ".join(f"{n} x {reason}" for reason, n in sorted(by_reason.items()))
+    ]
+    lines += [f"  {p['origin']}: {p['reason']}" for p in ds.report["dropped_rows"][:examples]]
+    return "\n".join(lines) + "\n"
 
 
 def register_evaluate(sub: Any) -> None:

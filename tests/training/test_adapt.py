@@ -318,3 +318,25 @@ def test_a_memory_leaves_tiers_without_outcomes_as_the_parent_had_them(tmp_path:
     session = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
     served = parent.infer(parent.token_ids(prompts), session)
     assert np.allclose(served, mem.logits(z, e), atol=1e-3)
+
+
+def test_adapt_says_which_outcome_rows_it_dropped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """NaN, infinite and out-of-range scores used to vanish without a word in adapt."""
+    bad = tmp_path / "extra.jsonl"
+    rows = [("NaN", 3), ("Infinity", 4), ("1.5", 5), ("1", 6)]
+    bad.write_text(
+        "".join(
+            f'{{"prompt": "Question {i}?", "model": "codegemma-7b", "score": {v}}}\n'
+            for v, i in rows
+        )
+    )
+    path = user_config(tmp_path)
+    path.write_text(path.read_text() + f"  - {{path: {bad}, format: long}}\n")
+    out = tmp_path / "adapted"
+    assert main(["adapt", "--config", str(path), "--out", str(out), "--no-mlflow"]) == 0
+    printed = capsys.readouterr().out
+    assert "3 outcome rows dropped" in printed
+    for line in (1, 2, 3):
+        assert f"{bad}:{line}" in printed
