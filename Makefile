@@ -10,7 +10,7 @@ DATA ?= ../shared/data
 HOST ?= 127.0.0.1
 PORT ?= 50051
 
-.PHONY: venv check test test-slow serve model data proto clean
+.PHONY: venv check test test-slow serve model adapt-study data proto clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,13 @@ proto: $(STAMP)
 model: $(STAMP)
 	TIERPICK_DATA_ROOT=$(abspath $(DATA)) $(BIN)/tierpick train --config training/configs/default.yaml \
 		--out models/default --workdir build/model
+	$(MAKE) adapt-study
+
+# adapt, played as a team, from each leave-one-family-out model `make model` exported: the
+# tables go to build/adapt-study/ and into models/default/REPORT.md (about 12 minutes)
+adapt-study: $(STAMP)
+	$(BIN)/python -m tierpick.training.adapt_study build/model/loso-models --out build/adapt-study \
+		--report models/default/REPORT.md
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

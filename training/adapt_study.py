@@ -219,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--draws", type=int, default=3, help="random draws per family and n")
     ap.add_argument("--sizes", default=",".join(map(str, SIZES)), help="graded prompts, comma list")
     ap.add_argument("--families", help="comma list (default: every family)")
+    ap.add_argument(
+        "--report",
+        help="also write the tables into this model report (REPORT.md), replacing an earlier "
+        "study there",
+    )
     args = ap.parse_args(argv)
     results = run_study(
         Path(args.loso_dir),
@@ -231,8 +236,20 @@ def main(argv: list[str] | None = None) -> int:
     (out / "study.json").write_text(json.dumps(results, indent=1))
     md = render(results)
     (out / "study.md").write_text(md)
+    if args.report:
+        append_to_report(Path(args.report), md)
     sys.stdout.write(md)
     return 0
+
+
+def append_to_report(report: Path, md: str) -> None:
+    """``md`` as the report's last section (an earlier study's section replaced)."""
+    section = "#" + md  # one level down in the report
+    head = section.splitlines()[0]
+    text = report.read_text(encoding="utf-8")
+    if head in text:
+        text = text[: text.index(head)]
+    report.write_text(text.rstrip() + "\n\n" + section)
 
 
 if __name__ == "__main__":

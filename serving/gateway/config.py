@@ -221,7 +221,10 @@ def parse_gateway_config(raw: object) -> GatewayConfig:
     mode = fail.get("mode", "open")
     if mode not in ("open", "closed"):
         raise _fail("failure.mode", f"must be open or closed, got {mode!r}")
-    fallback = fail.get("fallback_tier", list(tiers)[-1])
+    # by default the middle tier (the cheaper of two): a request tierpick cannot classify (a
+    # body too large, gzip, not JSON) goes there, so no client reaches the dearest tier by
+    # sending one
+    fallback = fail.get("fallback_tier", list(tiers)[(len(tiers) - 1) // 2])
     if fallback not in tiers:
         raise _fail("failure.fallback_tier", f"must be one of {sorted(tiers)}, got {fallback!r}")
     rewrite = raw.get("rewrite_model", True)

@@ -10,10 +10,16 @@ import yaml
 from tierpick.serving.gateway.config import GatewayConfig
 from tierpick.serving.gateway.processor import DECISION_HEADERS, HEADER_PREFIX
 
+MAX_BODY_BYTES = 64 << 20  # the largest request body the rendered Envoy passes on (else 413)
+
 
 def _lua_pattern(text: str) -> str:
-    """``text`` as a literal Lua pattern."""
-    return "".join("%" + c if c in "^$()%.[]*+-?" else c for c in text)
+    """``text`` as a Lua pattern matching it without case (as the processor compares virtual
+    model names)."""
+    return "".join(
+        f"[{c.lower()}{c.upper()}]" if c.isalpha() else "%" + c if c in "^$()%.[]*+-?" else c
+        for c in text.strip()
+    )
 
 
 def _lua_string(text: str) -> str:
@@ -37,11 +43,14 @@ def _fallback_model_lua(cfg: GatewayConfig) -> str | None:
 local virtual = {{{names}}}
 function envoy_on_request(handle)
   if handle:headers():get("{HEADER_PREFIX}tier") ~= nil then return end
+  -- a body larger than the processor reads is not buffered here either: it streams on
+  local length = tonumber(handle:headers():get("content-length") or "")
+  if length == nil or length > {cfg.max_body_bytes} then return end
   local body = handle:body()
   if body == nil or body:length() == 0 then return end
   local raw = body:getBytes(0, body:length())
   for _, name in ipairs(virtual) do
-    local new, n = string.gsub(raw, '("model"%s*:%s*)"' .. name .. '"', {replacement}, 1)
+    local new, n = string.gsub(raw, '("model"%s*:%s*)"%s*' .. name .. '%s*"', {replacement}, 1)
     if n > 0 then
       body:setBytes(new)
       handle:headers():replace("content-length", tostring(#new))
@@ -61,6 +70,7 @@ def render_envoy_config(
     everything to the fallback tier): the baseline for measuring the filter's cost.
     """
     fallback = cfg.fallback_tier
+    buffer_limit = MAX_BODY_BYTES + (64 << 10)
     tier_header = HEADER_PREFIX + "tier"
     status_header = HEADER_PREFIX + "status"
     timeout = f"{cfg.upstream_timeout_s:g}s"
@@ -184,6 +194,10 @@ def render_envoy_config(
             "listeners": [
                 {
                     "name": "tierpick_gateway",
+                    # Envoy's default buffer, 1 MiB, answered 413 to any larger body, even
+                    # without the processor: bodies up to MAX_BODY_BYTES reach an upstream (those
+                    # over max_body_bytes unclassified, on the fallback route)
+                    "per_connection_buffer_limit_bytes": buffer_limit,
                     "address": {
                         "socket_address": {
                             "address": cfg.listen_host,

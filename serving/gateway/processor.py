@@ -38,6 +38,7 @@ log = logging.getLogger("tierpick.gateway")
 
 HEADER_PREFIX = "x-tierpick-"
 MAX_HEADER_CHARS = 512  # an x-tierpick-* header value is cut to this many characters
+MAX_EXT_PROC_BYTES = (64 << 20) + (1 << 20)  # envoy.MAX_BODY_BYTES and the message around it
 DECISION_HEADERS = ("tier", "model-version", "probabilities", "status", "reason")
 OUTCOMES = (
     "classified",
@@ -49,6 +50,15 @@ OUTCOMES = (
     "bad-request",
     "shadow",
 )
+
+
+def is_virtual(model: object, virtual: tuple[str, ...]) -> bool:
+    """Whether a request names a virtual model ("tierpick/auto", "auto", ...), compared without
+    case or surrounding white space ("AUTO" and " auto" are the same request)."""
+    if not isinstance(model, str):
+        return False
+    name = model.strip().casefold()
+    return any(name == v.strip().casefold() for v in virtual)
 
 
 class BadRequest(TierpickError):
@@ -269,9 +279,15 @@ class TierpickProcessor:
                 )
             obj = parse_body(body)
             model = obj.get("model")
-            explicit = model is not None and model not in cfg.virtual_models
+            explicit = model is not None and not is_virtual(model, cfg.virtual_models)
             if explicit and cfg.mode == "route":
-                return self._explicit_model(model)
+                tier = self._tier_of_model(model)
+                if tier is None or self._may_name(headers, tier):
+                    return self._explicit_model(model)
+                # a tier's model named by a client not granted that tier: tierpick decides
+                # (no client reaches the dearest tier by naming its model)
+                ignored = [*ignored, "explicit-model"]
+                explicit = False
             prompt = prompt_of(obj)
             proba = clf.predict_proba([prompt])
             decision = clf.route_proba(proba, router)[0]
@@ -311,9 +327,21 @@ class TierpickProcessor:
             "status": "classified",
         }
         if ignored:
-            set_headers["reason"] = (
-                f"policy header(s) {', '.join(HEADER_PREFIX + h for h in ignored)} ignored: not "
-                "granted by this gateway's request_policy"
+            named = [h for h in ignored if h != "explicit-model"]
+            set_headers["reason"] = "; ".join(
+                (
+                    [f"model {clip(repr(model), 100)} is a tier's: routed by tierpick, not granted"]
+                    if "explicit-model" in ignored
+                    else []
+                )
+                + (
+                    [
+                        f"policy header(s) {', '.join(HEADER_PREFIX + h for h in named)} ignored: "
+                        "not granted by this gateway's request_policy"
+                    ]
+                    if named
+                    else []
+                )
             )
         new_body = None
         upstream_model = cfg.tiers[decision.tier].model
@@ -325,10 +353,24 @@ class TierpickProcessor:
             raw_headers["content-length"] = str(len(new_body))
         return self._body_response(self._common(set_headers, new_body, raw_headers))
 
+    def _tier_of_model(self, model: object) -> str | None:
+        return next((t for t, u in self.cfg.tiers.items() if u.model == model), None)
+
+    def _may_name(self, headers: Mapping[str, str], tier: str) -> bool:
+        """Whether the request may send itself to ``tier`` by naming its model: only with a
+        grant (its API key's, else ``request_policy``'s) that includes the tier."""
+        cfg = self.cfg
+        by_key = self._key_grant(headers) if cfg.request_policy_keys else None
+        if by_key is not None:
+            return not by_key.tiers or tier in by_key.tiers
+        if not cfg.request_policy_enabled:
+            return False
+        return not cfg.request_policy_tiers or tier in cfg.request_policy_tiers
+
     def _explicit_model(self, model: object) -> Any:
         """A request that names a model of its own: never rewritten. It goes to the tier whose
         upstream serves that model, else (unknown to the config) to the fallback route."""
-        tier = next((t for t, u in self.cfg.tiers.items() if u.model == model), None)
+        tier = self._tier_of_model(model)
         if tier is not None:
             self.metrics.decisions.labels("explicit-model").inc()
             return self._body_response(self._common({"tier": tier, "status": "explicit-model"}))
@@ -425,7 +467,11 @@ def create_gateway(
         raise MissingDependencyError(
             f"the gateway needs Envoy's ext_proc stubs (pip install 'tierpick[gateway]'): {exc}"
         ) from exc
+    # every body Envoy passes on reaches the processor (which reads it only up to
+    # max_body_bytes): a larger gRPC message would fail the stream and send the request to the
+    # failure policy instead (a 503 when closed)
     config = config or ServerConfig()
+    config = replace(config, max_message_bytes=max(config.max_message_bytes, MAX_EXT_PROC_BYTES))
     metrics = GatewayMetrics()
     holder = ModelHolder(cfg.model, metrics, check=lambda c: check_model_tiers(cfg, c))
     decisions = DecisionLog(cfg.decision_log) if cfg.decision_log is not None else None

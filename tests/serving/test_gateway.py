@@ -352,3 +352,28 @@ def test_gateway_stubs_and_mlflow_coexist() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_bodies_larger_than_envoys_default_buffer_reach_an_upstream(
+    stack: Stack, upstreams: dict[str, Upstream]
+) -> None:
+    """Bodies of 1 MiB and more got HTTP 413 from Envoy (its default buffer), with or without
+    the processor: now one over max_body_bytes goes on unclassified to the fallback route, and
+    one under it is classified, whatever Envoy's default."""
+    prompt = "Summarize the following text. " + "lorem ipsum " * 200_000  # ~2.4 MB
+    status, _, body, _ = stack.post(_chat(prompt))
+    assert status == 200 and isinstance(body, dict), (status, str(body)[:200])
+    assert body["upstream"] == stack.cfg.fallback_tier
+    assert body["tierpick_headers"]["x-tierpick-status"] in ("not-classified", "fallback")
+    # a gateway that reads bodies up to 2 MiB classifies a 1.5 MB one
+    big = _config(upstreams, free_port(), processor={"max_body_bytes": 2 << 20})
+    gw = create_gateway(big)
+    env = Envoy(render_envoy_config(big), big.admin_port)
+    try:
+        s = Stack(big, upstreams, env, gw)
+        status, _, body, _ = s.post(_chat("Summarize: " + "lorem ipsum " * 125_000))
+        assert status == 200 and isinstance(body, dict)
+        assert body["tierpick_headers"]["x-tierpick-status"] == "classified"
+    finally:
+        env.close()
+        gw.shutdown(0)

@@ -140,7 +140,9 @@ def test_a_grant_limits_which_headers_and_which_tiers() -> None:
 
 
 def test_explicit_models_pass_through_untouched() -> None:
-    proc = _processor()
+    # a tier's model goes to that tier when the request is granted the tier (the contract:
+    # no client reaches a tier by naming its model unless granted, tested below)
+    proc = _processor(request_policy={"enabled": True})
     # a virtual model (or none): classified, and the model rewritten to the tier's
     for model in ("tierpick/auto", "auto", None):
         status, got, new = _send(proc, _chat("What is 2+2?", model))
@@ -278,3 +280,26 @@ def test_a_grant_per_api_key() -> None:
         proc, _chat(HARD), {"x-tierpick-cost-weight": "0", "authorization": f"Bearer {team}"}
     )
     assert "x-tierpick-cost-weight ignored" in got["x-tierpick-reason"]
+
+
+def test_no_client_reaches_a_tier_it_is_not_granted_by_naming_its_model() -> None:
+    proc = _processor()  # nothing granted: the shipped settings
+    assert proc.cfg.fallback_tier == "mid"  # the default: below the dearest tier
+    chosen = proc.holder.current.route(["What is 2+2?"])[0].tier
+    _, got, new = _send(proc, _chat("What is 2+2?", "frontier-model"))
+    assert got["x-tierpick-status"] == "classified" and got["x-tierpick-tier"] == chosen
+    assert json.loads(new or b"{}")["model"] == f"{chosen}-model"
+    assert "is a tier's: routed by tierpick, not granted" in got["x-tierpick-reason"]
+    # granted the cheaper tiers only: naming the frontier model is still tierpick's call
+    proc = _processor(request_policy={"enabled": True, "tiers": ["local", "mid"]})
+    _, got, _ = _send(proc, _chat("What is 2+2?", "frontier-model"))
+    assert got["x-tierpick-status"] == "classified"
+    _, got, _ = _send(proc, _chat(HARD, "local-model"))
+    assert (got["x-tierpick-status"], got["x-tierpick-tier"]) == ("explicit-model", "local")
+
+
+def test_virtual_model_names_match_without_case_or_spaces() -> None:
+    proc = _processor()
+    for model in ("AUTO", " auto", "Tierpick/Auto "):
+        _, got, _ = _send(proc, _chat("What is 2+2?", model))
+        assert got["x-tierpick-status"] == "classified", model
