@@ -87,19 +87,24 @@ def read_manifest(model_dir: Path, verify: bool = True) -> Manifest:
         ArtifactError: the manifest is missing or malformed, of another schema version, or a
             listed file is missing or fails its sha256.
     """
-    path = model_dir / MANIFEST_FILE
+    manifest = _manifest_in(model_dir, model_dir)
+    if verify:
+        verify_files(model_dir, manifest)
+    return manifest
+
+
+def _manifest_in(real: Path, model_dir: Path) -> Manifest:
+    """The manifest of ``real`` (the directory as read; ``model_dir`` as the user named it)."""
     if not model_dir.is_dir():
         raise ArtifactError(f"model directory {model_dir} does not exist")
+    path = real / MANIFEST_FILE
     try:
         text = path.read_bytes()
     except FileNotFoundError as exc:
         raise ArtifactError(f"{model_dir} has no {MANIFEST_FILE}: not a tierpick model") from exc
     except OSError as exc:
         raise ArtifactError(f"{path} is unreadable: {exc}") from exc
-    manifest = parse_manifest(text, path)
-    if verify:
-        verify_files(model_dir, manifest)
-    return manifest
+    return parse_manifest(text, path)
 
 
 def read_artifact(model_dir: Path) -> tuple[Path, Manifest, dict[str, bytes]]:
@@ -111,17 +116,8 @@ def read_artifact(model_dir: Path) -> tuple[Path, Manifest, dict[str, bytes]]:
     Raises:
         ArtifactError: as :func:`read_manifest`, or a file that cannot be read.
     """
-    if not model_dir.is_dir():
-        raise ArtifactError(f"model directory {model_dir} does not exist")
     real = model_dir.resolve()
-    path = real / MANIFEST_FILE
-    try:
-        text = path.read_bytes()
-    except FileNotFoundError as exc:
-        raise ArtifactError(f"{model_dir} has no {MANIFEST_FILE}: not a tierpick model") from exc
-    except OSError as exc:
-        raise ArtifactError(f"{path} is unreadable: {exc}") from exc
-    manifest = parse_manifest(text, path)
+    manifest = _manifest_in(real, model_dir)
     blobs: dict[str, bytes] = {}
     for name, expected in sorted(manifest.files.items()):
         try:

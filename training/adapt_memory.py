@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from tierpick.classifier.artifact import EMBEDDING_OUTPUT, LOGITS_OUTPUT
+from tierpick.classifier.cluster import assign, kmeans
 from tierpick.classifier.errors import ArtifactError
 from tierpick.classifier.routing import sigmoid
 
@@ -51,38 +52,6 @@ CLUSTER_PENALTY = 10.0
 EMBEDDING_PENALTY = 600.0
 TIER_PENALTY_FACTOR = 3.0  # a tier's own weights cost this much more than the shared ones
 MIN_PER_CLUSTER = 8  # clusters are at most (graded prompts / this)
-
-
-def kmeans(x: Array, k: int, seed: int, iterations: int = 25) -> Array:
-    """Centroids of a k-means of the rows of ``x`` scaled to unit length (k-means++ seeding;
-    empty clusters dropped): each the mean of its unit rows, so a row's cluster is the
-    centroid with the largest dot product (a tight cluster's centroid is longer)."""
-    x = _unit(x)
-    n = len(x)
-    k = max(1, min(k, n))
-    rng = np.random.default_rng(seed)
-    centers = [x[rng.integers(n)]]
-    dist = np.full(n, np.inf)
-    for _ in range(1, k):
-        dist = np.minimum(dist, ((x - centers[-1]) ** 2).sum(axis=1))
-        total = dist.sum()
-        centers.append(x[rng.choice(n, p=dist / total)] if total > 0 else x[rng.integers(n)])
-    c = np.stack(centers)
-    for _ in range(iterations):
-        labels = np.argmax(x @ c.T, axis=1)
-        new = np.stack(
-            [x[labels == j].mean(axis=0) if (labels == j).any() else c[j] for j in range(k)]
-        )
-        if np.allclose(new, c):
-            break
-        c = new
-    labels = np.argmax(x @ c.T, axis=1)
-    return np.stack([x[labels == j].mean(axis=0) for j in np.unique(labels)])
-
-
-def _unit(e: Array) -> Array:
-    out: Array = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-9)
-    return out
 
 
 @dataclass
@@ -97,8 +66,7 @@ class Memory:
     b: Array
 
     def features(self, e: Array) -> Array:
-        u = _unit(e)
-        blocks = [np.eye(len(c))[np.argmax(u @ c.T, axis=1)] for c in self.centroids]
+        blocks = [np.eye(len(c))[assign(e, c)] for c in self.centroids]
         return np.hstack([*blocks, (e - self.mean) / self.scale])
 
     def logits(self, z: Array, e: Array) -> Array:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from tierpick.classifier import TierClassifier
+from tierpick.classifier.cluster import assign, kmeans
 from tierpick.classifier.errors import ConfigError, TierpickError
 from tierpick.serving.scoring.read import log_rows
 
@@ -123,31 +124,6 @@ def read_pool(
     return pool
 
 
-def kmeans(x: np.ndarray, k: int, seed: int, iterations: int = 25) -> np.ndarray:
-    """Cluster labels of the rows of ``x`` (cosine: rows normalized), k-means++ seeding."""
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-9)
-    n = len(x)
-    k = max(1, min(k, n))
-    rng = np.random.default_rng(seed)
-    centers = [x[rng.integers(n)]]
-    dist = np.full(n, np.inf)
-    for _ in range(1, k):
-        dist = np.minimum(dist, ((x - centers[-1]) ** 2).sum(axis=1))
-        total = dist.sum()
-        centers.append(x[rng.choice(n, p=dist / total)] if total > 0 else x[rng.integers(n)])
-    c = np.stack(centers)
-    labels = np.zeros(n, dtype=np.int64)
-    for _ in range(iterations):
-        labels = np.argmax(x @ c.T, axis=1)
-        new = np.stack(
-            [x[labels == j].mean(axis=0) if (labels == j).any() else c[j] for j in range(k)]
-        )
-        if np.allclose(new, c):
-            break
-        c = new
-    return labels
-
-
 def allocate(sizes: dict[Any, int], n: int) -> dict[Any, int]:
     """Prompts to draw per stratum: half of ``n`` spread evenly (capped at each stratum's
     size, the rest passed on), half in proportion to size; at most every prompt."""
@@ -218,7 +194,8 @@ def draw(
         tiers = [d.tier for d in decisions]
         notes.append("current tier: the model's choice under its default policy")
     if clf.has_embedding and clusters > 1 and len(cands) > clusters:
-        labels = kmeans(clf.embed(prompts), clusters, seed)
+        emb = clf.embed(prompts)
+        labels = assign(emb, kmeans(emb, clusters, seed))
         notes.append(f"clusters: k-means ({clusters}) over the model's prompt embedding")
     else:
         labels = np.zeros(len(cands), dtype=np.int64)
