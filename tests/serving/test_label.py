@@ -329,3 +329,17 @@ def test_the_example_label_config_is_valid() -> None:
     cfg = load_label_config(REPO / "serving" / "deploy" / "label.yaml")
     assert tuple(cfg.tiers) == ("local", "mid", "frontier") and cfg.judge.pass_grade == 8
     assert cfg.judge.endpoint is not None and cfg.judge.endpoint.api_key_env == "OPENAI_API_KEY"
+
+
+def test_a_call_past_its_time_out_is_retried_then_recorded(
+    servers: tuple[Fake, Fake], tmp_path: Path
+) -> None:
+    tiers, judge = servers
+    config = write_config(tmp_path, tiers, judge, timeout_s=0.5, retries=1)
+    log = tmp_path / "slow.jsonl"
+    log.write_text(json.dumps({"prompt": "Take your time [[slow]] please."}) + "\n")
+    out = tmp_path / "labels"
+    assert run_label(str(log), "--config", str(config), "--out", str(out), "--no-mlflow") == 0
+    problems = [json.loads(line) for line in (out / "problems.jsonl").read_text().splitlines()]
+    assert len(problems) == 3
+    assert all(p["reason"] == "timed out after 0.5 s (after 2 attempts)" for p in problems)
