@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -298,9 +298,22 @@ class TierClassifier:
             for c, m, row in zip(chosen, met, proba, strict=True)
         ]
 
-    def route(self, prompts: Sequence[str], policy: RoutingPolicy | None = None) -> list[Decision]:
-        """Predict and route each prompt; the policy is checked before any inference."""
+    @overload
+    def route(  # type: ignore[overload-overlap]  # a str is a Sequence[str]: it comes first
+        self, prompts: str, policy: RoutingPolicy | None = None
+    ) -> Decision: ...
+    @overload
+    def route(
+        self, prompts: Sequence[str], policy: RoutingPolicy | None = None
+    ) -> list[Decision]: ...
+    def route(
+        self, prompts: str | Sequence[str], policy: RoutingPolicy | None = None
+    ) -> Decision | list[Decision]:
+        """Predict and route a prompt (one :class:`Decision`) or a sequence of prompts (a list);
+        the policy is checked before any inference."""
         router = self.router(policy)
+        if isinstance(prompts, str):
+            return self.route_proba(self.predict_proba([prompts]), router)[0]
         return self.route_proba(self.predict_proba(prompts), router)
 
 

@@ -107,8 +107,27 @@ def classify(
     return out
 
 
-def model_info(clf: TierClassifier, max_batch: int) -> pb.ModelInfo:
+# The figures GetModelInfo returns unless asked for all (a model records a few hundred)
+HEADLINE_FIGURES = (
+    "test_student_apgr",
+    "test_student_mean_auc",
+    "ood_student_apgr",
+    "ood_student_mean_auc",
+    "loso_student_mean_apgr",
+    "loso_best_fixed_mix_mean_apgr",
+    "adapt_n_tier_apgr",
+    "adapt_mean_ece",
+    "adapt_parent_n_tier_apgr",
+    "adapt_parent_mean_ece",
+    "int8_max_abs_prob_diff",
+)
+
+
+def model_info(clf: TierClassifier, max_batch: int, with_evaluation: bool = False) -> pb.ModelInfo:
     m = clf.manifest
+    figures = {
+        k: float(v) for k, v in m.evaluation.items() if with_evaluation or k in HEADLINE_FIGURES
+    }
     return pb.ModelInfo(
         model_name=m.model_name,
         model_version=m.model_version,
@@ -116,7 +135,7 @@ def model_info(clf: TierClassifier, max_batch: int) -> pb.ModelInfo:
             pb.TierInfo(name=t.name, price_input=t.price_input, price_output=t.price_output)
             for t in m.tiers
         ],
-        evaluation={k: float(v) for k, v in m.evaluation.items()},
+        evaluation=figures,
         default_cost_weight=m.default_cost_weight,
         max_batch=max_batch,
         max_prompt_chars=m.max_chars,

@@ -17,7 +17,13 @@ def register_classify(sub: Any) -> None:
         "(probability - cost_weight x normalized cost), the rule and cost weight used, whether "
         "the prompt was cut before the model saw it, and the model version.",
     )
-    p.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt text(s)")
+    p.add_argument(
+        "prompts",
+        nargs="+",
+        metavar="PROMPT",
+        help="prompt text(s); - reads one from standard input; an OpenAI chat (a JSON list of "
+        "messages, or an object with messages) is classified on its last user turn, as served",
+    )
     p.add_argument("--model", help="model directory or models:/ URI (default: shipped model)")
     p.add_argument("--policy", metavar="POLICY.yaml", help="a policy file (tierpick tune --out)")
     p.add_argument("--min-success", type=float, help="threshold rule: the probability to reach")
@@ -92,7 +98,8 @@ def _classify(args: argparse.Namespace) -> int:
     if args.allowed_tiers is not None:
         tiers = tuple(t.strip() for t in args.allowed_tiers.split(",") if t.strip())
         policy = replace(policy, allowed_tiers=tiers)
-    for d in explain(clf, list(args.prompts), policy):
+    prompts = [_prompt_argument(p) for p in args.prompts]
+    for d in explain(clf, prompts, policy):
         if args.json:
             print(json.dumps(d))
             continue
@@ -119,6 +126,35 @@ def _classify(args: argparse.Namespace) -> int:
             f"{d['tokens']} tokens ({cut})\n"
         )
     return 0
+
+
+def _prompt_argument(text: str) -> str:
+    """A ``classify`` argument as the text classified: ``-`` is standard input; a chat (JSON
+    messages) its last user turn with text (:func:`~tierpick.classifier.last_user_text`)."""
+    import json
+
+    from tierpick.classifier import last_user_text
+    from tierpick.classifier.errors import PromptError
+
+    if text == "-":
+        text = sys.stdin.read()
+    stripped = text.strip()
+    if stripped[:1] in ("[", "{"):
+        try:
+            chat = json.loads(stripped)
+        except (ValueError, RecursionError):
+            return text  # a prompt that happens to start with a bracket
+        messages = chat.get("messages") if isinstance(chat, dict) else chat
+        if (
+            isinstance(messages, list)
+            and messages
+            and all(isinstance(m, dict) and "role" in m for m in messages)
+        ):
+            try:
+                return last_user_text(messages)
+            except ValueError as exc:
+                raise PromptError(f"chat: {exc}") from None
+    return text
 
 
 def register_score(sub: Any) -> None:

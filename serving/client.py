@@ -85,8 +85,10 @@ class _Stub:
             request(prompt, messages, routing, request_id), timeout=timeout or self.timeout
         )
 
-    def _model_info(self, timeout: float | None) -> Any:
-        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout or self.timeout)
+    def _model_info(self, timeout: float | None, with_evaluation: bool = False) -> Any:
+        return self.stub.GetModelInfo(
+            pb.GetModelInfoRequest(with_evaluation=with_evaluation), timeout=timeout or self.timeout
+        )
 
 
 class TierpickClient(_Stub):
@@ -128,8 +130,10 @@ class TierpickClient(_Stub):
         )
         return resp
 
-    def model_info(self, timeout: float | None = None) -> pb.ModelInfo:
-        info: pb.ModelInfo = self._model_info(timeout)
+    def model_info(
+        self, timeout: float | None = None, with_evaluation: bool = False
+    ) -> pb.ModelInfo:
+        info: pb.ModelInfo = self._model_info(timeout, with_evaluation)
         return info
 
     def health_status(self, service: str = "") -> int:
@@ -188,8 +192,10 @@ class AsyncTierpickClient(_Stub):
         )
         return resp
 
-    async def model_info(self, timeout: float | None = None) -> pb.ModelInfo:
-        info: pb.ModelInfo = await self._model_info(timeout)
+    async def model_info(
+        self, timeout: float | None = None, with_evaluation: bool = False
+    ) -> pb.ModelInfo:
+        info: pb.ModelInfo = await self._model_info(timeout, with_evaluation)
         return info
 
     async def close(self) -> None:

@@ -175,7 +175,9 @@ class TierRouterServicer(pb_grpc.TierRouterServicer):
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
-        return _convert.model_info(self.holder.current, self.config.max_batch)
+        return _convert.model_info(
+            self.holder.current, self.config.max_batch, request.with_evaluation
+        )
 
 
 @dataclass(frozen=True)

@@ -160,3 +160,30 @@ def test_log_format_json_and_log_level() -> None:
         timeout=120,
     )
     assert quiet.returncode == 0 and quiet.stderr == "" and "tier:" in quiet.stdout
+
+
+def test_classify_reads_stdin_and_chats(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import io
+    import json
+
+    from tierpick import classifier
+
+    clf = classifier.load()
+    assert clf.route("What is 2+2?").tier == clf.route(["What is 2+2?"])[0].tier  # one string
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is 2+2?\n"))
+    assert main(["classify", "-", "--json"]) == 0
+    from_stdin = json.loads(capsys.readouterr().out)
+    chat = json.dumps(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"}]
+    )
+    assert main(["classify", chat, "--json"]) == 0
+    from_chat = json.loads(capsys.readouterr().out)
+    assert from_stdin["tiers"][0]["probability"] == pytest.approx(
+        from_chat["tiers"][0]["probability"], abs=1e-6
+    )
+    assert (
+        main(["classify", json.dumps({"messages": [{"role": "assistant", "content": "x"}]})]) == 2
+    )
+    assert "chat: no user message" in capsys.readouterr().err

@@ -161,6 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TierpickError as exc:
         print(f"tierpick: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`tierpick classify ... | head`)
+        return 0
     except OSError as exc:  # a file or directory that cannot be read or written: one line
         where = f": {exc.filename}" if exc.filename else ""
         print(f"tierpick: error: {exc.strerror or exc}{where}", file=sys.stderr)

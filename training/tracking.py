@@ -168,7 +168,7 @@ def promote(
     worse than the current champion's on the primary metric, or when forced.
 
     Returns:
-        (promoted, a comparison table as text).
+        (the version asked for is the champion now, a comparison table as text).
     """
     from tierpick.classifier.table import format_table
 
@@ -204,7 +204,8 @@ def promote(
     old_p = _tag_float(champ.tags, PRIMARY_METRIC) if champ else None
     ok = champ is None or (new_p is not None and (old_p is None or new_p >= old_p - 1e-12))
     if champ is not None and champ.version == cand.version:
-        return False, table + f"\nversion {cand.version} is already the champion"
+        # what was asked holds already: not a failure (a deploy script reruns promote)
+        return True, table + f"\nversion {cand.version} is already the champion: nothing to do"
     if ok or force:
         client.set_registered_model_alias(name, "champion", cand.version)
         why = "forced" if force and not ok else "not worse on " + PRIMARY_METRIC

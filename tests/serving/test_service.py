@@ -50,6 +50,10 @@ def test_contract(client: TierpickClient) -> None:
     assert [t.name for t in info.tiers] == ["local", "mid", "frontier"]
     assert info.max_batch == 8 and info.model_version and info.max_prompt_chars > 0
     assert "test_student_apgr" in info.evaluation
+    # the headline figures unless asked for all of them (a model records a few hundred)
+    everything = client.model_info(with_evaluation=True).evaluation
+    assert len(info.evaluation) <= 11 < len(everything)
+    assert set(info.evaluation) <= set(everything)
     resp = client.classify("What is 2 + 2?", request_id="r-1")
     assert resp.tier in ("local", "mid", "frontier") and resp.request_id == "r-1"
     assert [s.tier for s in resp.scores] == ["local", "mid", "frontier"]

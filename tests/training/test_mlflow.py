@@ -146,6 +146,10 @@ def test_train_register_promote_against_server(
         )
         assert "(forced)" in capsys.readouterr().out
     assert client.get_model_version_by_alias("tiny-router", "champion").version == v2
+    # promoting the champion again holds already: success, said so (a deploy script reruns it)
+    assert main(["promote", "--name", "tiny-router", "--version", v2, "--tracking-uri",
+                 mlflow_server]) == 0  # fmt: skip
+    assert "already the champion: nothing to do" in capsys.readouterr().out
 
     # the runtime loads a registered model by alias
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)

@@ -79,8 +79,10 @@ class ClassifyBatchResponse(_message.Message):
     def __init__(self, responses: _Optional[_Iterable[_Union[ClassifyResponse, _Mapping]]] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("with_evaluation",)
+    WITH_EVALUATION_FIELD_NUMBER: _ClassVar[int]
+    with_evaluation: bool
+    def __init__(self, with_evaluation: _Optional[bool] = ...) -> None: ...
 
 class TierInfo(_message.Message):
     __slots__ = ("name", "price_input", "price_output")
