@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -132,11 +132,16 @@ class Router:
         cls, policy: RoutingPolicy, tiers: Sequence[TierPrices], default_cost_weight: float
     ) -> Router:
         names = tuple(t.name for t in tiers)
-        if not 0.0 <= policy.min_success <= 1.0:  # NaN fails too
-            raise PolicyError(f"min_success must be in [0, 1], got {policy.min_success}")
-        if policy.cost_weight is not None and not 0 <= policy.cost_weight < math.inf:
+        # the same ranges as every door's (POLICY_FIELDS), checked once more against a model
+        if not 0.0 <= policy.min_success <= FIELD["min_success"].hi:  # NaN fails too
+            raise PolicyError(f"min_success must be in [0, 1], got {clip(policy.min_success)}")
+        cap = FIELD["cost_weight"].hi
+        if policy.cost_weight is not None and not 0 <= policy.cost_weight <= cap:
             # inf x a zero cost is NaN, which would pick a tier outside allowed_tiers
-            raise PolicyError(f"cost_weight must be >= 0 and finite, got {policy.cost_weight}")
+            raise PolicyError(
+                f"cost_weight must be >= 0 and finite (at most {cap:g}), got "
+                f"{clip(policy.cost_weight)}"
+            )
         unknown = [t for t in policy.allowed_tiers if t not in names]
         if unknown:
             raise PolicyError(
@@ -201,7 +206,94 @@ def within_grant(
     return replace(policy, allowed_tiers=within)
 
 
-POLICY_KEYS = ("min_success", "allowed_tiers", "max_price", "cost_weight")
+@dataclass(frozen=True)
+class PolicyField:
+    """One field of :class:`RoutingPolicy` as every door names and checks it: the attribute is
+    also the policy-file key, the LiteLLM metadata key and the proto field; ``header`` follows
+    ``x-tierpick-``; the CLI flag is ``--`` + the name with dashes. Adding a policy field is an
+    entry here, the attribute, and the proto field."""
+
+    name: str
+    header: str
+    help: str
+    lo: float = 0.0
+    hi: float = math.inf
+    tiers: bool = False  # a list of tier names, not a number
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def number(self, value: object, where: str) -> float:
+        """A number in [lo, hi] (NaN refused; ``hi`` infinite means unbounded above)."""
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not self.lo <= value <= self.hi
+        ):
+            raise ConfigError(
+                f"{where}: must be a number in [{float(self.lo)}, {float(self.hi)}], got "
+                f"{clip(value)}"
+            )
+        return float(value)
+
+    def names(self, value: object, where: str) -> tuple[str, ...]:
+        if (
+            not isinstance(value, list | tuple)
+            or len(value) > MAX_TIERS
+            or not all(isinstance(t, str) for t in value)
+        ):
+            raise ConfigError(
+                f"{where}: must be a list of at most {MAX_TIERS} tier names, got {clip(value)}"
+            )
+        return tuple(value)
+
+    def from_value(self, value: object, where: str) -> Any:
+        """The field's value from JSON/YAML (a policy file, request metadata)."""
+        return self.names(value, where) if self.tiers else self.number(value, where)
+
+    def from_text(self, text: str, where: str) -> Any:
+        """The field's value from text (a header, a command-line flag): a comma list of tiers,
+        or a number; a bad one is a :class:`PolicyError` naming ``where``."""
+        if self.tiers:
+            names = tuple(t.strip() for t in text.split(",", MAX_TIERS) if t.strip())
+            if len(names) > MAX_TIERS:
+                raise PolicyError(f"{where}: more than {MAX_TIERS} tiers")
+            return names
+        try:
+            x = float(text)
+        except ValueError:
+            raise PolicyError(f"{where}: not a number: {clip(text, 100)}") from None
+        if not math.isfinite(x):
+            raise PolicyError(f"{where}: not a finite number: {clip(text, 100)}")
+        return x
+
+
+POLICY_FIELDS = (
+    PolicyField(
+        "min_success",
+        "min-success",
+        "threshold rule: the probability the chosen tier must reach (0: the utility rule)",
+        hi=1.0,
+    ),
+    PolicyField(
+        "allowed_tiers", "allowed-tiers", "the tiers that may be chosen (comma list)", tiers=True
+    ),
+    PolicyField(
+        "max_price", "max-price", "the highest USD per 1M output tokens a chosen tier may cost"
+    ),
+    PolicyField("cost_weight", "cost-weight", "utility rule: the price of cost", hi=1e12),
+)
+POLICY_KEYS = tuple(f.name for f in POLICY_FIELDS)
+FIELD = {f.name: f for f in POLICY_FIELDS}
+
+
+def overlay(base: RoutingPolicy, values: Mapping[str, Any]) -> RoutingPolicy:
+    """``base`` with each field in ``values`` (by name) replacing its own: how every door lays
+    a request's policy over the server's, the one step they share."""
+    return replace(base, **dict(values)) if values else base
+
+
 ECHO_CHARS = 200  # a value quoted back in an error is cut to this many characters
 MAX_TIERS = 64  # a list of tiers longer than this is not a real one (it comes from clients)
 
@@ -229,30 +321,14 @@ def policy_from_mapping(raw: object, where: str) -> RoutingPolicy:
             f"{where}: unknown key(s) {clip(unknown)}; allowed: {sorted(POLICY_KEYS)}"
         )
 
-    def number(key: str, lo: float, hi: float) -> float | None:
-        value = raw.get(key)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
-            raise ConfigError(f"{where}.{key}: must be a number in [{lo}, {hi}], got {clip(value)}")
-        return float(value)
-
-    tiers = raw.get("allowed_tiers") or []
-    if (
-        not isinstance(tiers, list)
-        or len(tiers) > MAX_TIERS
-        or not all(isinstance(t, str) for t in tiers)
-    ):
-        raise ConfigError(
-            f"{where}.allowed_tiers: must be a list of at most {MAX_TIERS} tier names, got "
-            f"{clip(tiers)}"
-        )
-    return RoutingPolicy(
-        min_success=number("min_success", 0.0, 1.0) or 0.0,
-        allowed_tiers=tuple(tiers),
-        max_price=number("max_price", 0.0, math.inf),
-        cost_weight=number("cost_weight", 0.0, 1e12),
-    )
+    values = {
+        f.name: f.from_value(raw[f.name], f"{where}.{f.name}")
+        for f in POLICY_FIELDS
+        if raw.get(f.name) is not None
+    }
+    if not values.get("min_success"):  # 0 or absent: the utility rule
+        values.pop("min_success", None)
+    return overlay(RoutingPolicy(), values)
 
 
 def policy_to_mapping(policy: RoutingPolicy) -> dict[str, Any]:
@@ -299,12 +375,16 @@ def write_policy(
 
 __all__ = [
     "ECHO_CHARS",
+    "FIELD",
+    "POLICY_FIELDS",
     "POLICY_KEYS",
+    "PolicyField",
     "Router",
     "RoutingPolicy",
     "TierPrices",
     "clip",
     "normalized_costs",
+    "overlay",
     "platt",
     "policy_from_mapping",
     "policy_to_mapping",

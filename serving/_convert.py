@@ -8,6 +8,7 @@ import numpy as np
 
 from tierpick.classifier import RoutingPolicy, TierClassifier, last_user_text
 from tierpick.classifier.errors import TierpickError
+from tierpick.classifier.routing import POLICY_FIELDS, POLICY_KEYS, overlay
 from tierpick.serving._proto.tierpick.v1 import tierpick_pb2 as pb
 from tierpick.serving.decisions import DecisionLog, policy_fields
 
@@ -39,12 +40,21 @@ def to_policy(msg: pb.RoutingPolicy | None, base: RoutingPolicy) -> RoutingPolic
     empty, ``max_price`` and ``cost_weight`` when present)."""
     if msg is None:
         return base
-    return RoutingPolicy(
-        min_success=msg.min_success or base.min_success,
-        allowed_tiers=tuple(msg.allowed_tiers) or base.allowed_tiers,
-        max_price=msg.max_price if msg.HasField("max_price") else base.max_price,
-        cost_weight=msg.cost_weight if msg.HasField("cost_weight") else base.cost_weight,
-    )
+    values = {}
+    for f in POLICY_FIELDS:  # proto field = policy field; set = present, or non-zero, non-empty
+        value = getattr(msg, f.name)
+        present = msg.HasField(f.name) if f.name in _OPTIONAL else bool(value)
+        if present:
+            values[f.name] = tuple(value) if f.tiers else value
+    return overlay(base, values)
+
+
+# the proto's `optional` fields (presence tracked); the others count when non-zero/non-empty
+_OPTIONAL = {
+    field.name
+    for field in pb.RoutingPolicy.DESCRIPTOR.fields
+    if field.has_presence and field.name in POLICY_KEYS
+}
 
 
 def classify(

@@ -26,12 +26,31 @@ def register_classify(sub: Any) -> None:
     )
     p.add_argument("--model", help="model directory or models:/ URI (default: shipped model)")
     p.add_argument("--policy", metavar="POLICY.yaml", help="a policy file (tierpick tune --out)")
-    p.add_argument("--min-success", type=float, help="threshold rule: the probability to reach")
-    p.add_argument("--cost-weight", type=float, help="utility rule: the price of cost")
-    p.add_argument("--allowed-tiers", help="comma list of tiers that may be chosen")
-    p.add_argument("--max-price", type=float, help="highest USD per 1M output tokens")
+    _policy_flags(p)
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
     p.set_defaults(func=_classify)
+
+
+def _policy_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per policy field (:data:`~tierpick.classifier.routing.POLICY_FIELDS`)."""
+    from tierpick.classifier.routing import POLICY_FIELDS
+
+    for f in POLICY_FIELDS:
+        p.add_argument(f.flag, metavar="TIERS" if f.tiers else "X", help=f.help)
+
+
+def _flag_policy(args: argparse.Namespace, base: Any) -> Any:
+    """``base`` with the policy flags given laid over it."""
+    from tierpick.classifier.routing import POLICY_FIELDS, overlay
+
+    return overlay(
+        base,
+        {
+            f.name: f.from_text(getattr(args, f.name), f.flag)
+            for f in POLICY_FIELDS
+            if getattr(args, f.name) is not None
+        },
+    )
 
 
 def explain(clf: Any, prompts: list[str], policy: Any) -> list[dict[str, Any]]:
@@ -81,23 +100,13 @@ def explain(clf: Any, prompts: list[str], policy: Any) -> list[dict[str, Any]]:
 
 def _classify(args: argparse.Namespace) -> int:
     import json
-    from dataclasses import replace
 
     from tierpick import classifier
     from tierpick.classifier import RoutingPolicy, read_policy
     from tierpick.classifier.table import format_table
 
     clf = classifier.load(args.model)
-    policy = read_policy(args.policy) if args.policy else RoutingPolicy()
-    if args.min_success is not None:
-        policy = replace(policy, min_success=args.min_success)
-    if args.cost_weight is not None:
-        policy = replace(policy, cost_weight=args.cost_weight)
-    if args.max_price is not None:
-        policy = replace(policy, max_price=args.max_price)
-    if args.allowed_tiers is not None:
-        tiers = tuple(t.strip() for t in args.allowed_tiers.split(",") if t.strip())
-        policy = replace(policy, allowed_tiers=tiers)
+    policy = _flag_policy(args, read_policy(args.policy) if args.policy else RoutingPolicy())
     prompts = [_prompt_argument(p) for p in args.prompts]
     for d in explain(clf, prompts, policy):
         if args.json:

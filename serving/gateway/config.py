@@ -14,10 +14,10 @@ from typing import Any
 from tierpick.classifier import RoutingPolicy, TierClassifier
 from tierpick.classifier.errors import ConfigError
 from tierpick.classifier.files import load_yaml
-from tierpick.classifier.routing import policy_from_mapping, read_policy
+from tierpick.classifier.routing import POLICY_FIELDS, policy_from_mapping, read_policy
 from tierpick.serving.decisions import MODES, DecisionLogConfig
 
-POLICY_HEADERS = ("min-success", "allowed-tiers", "cost-weight", "max-price")  # x-tierpick-...
+POLICY_HEADERS = tuple(f.header for f in POLICY_FIELDS)  # x-tierpick-...
 
 
 @dataclass(frozen=True)

@@ -9,15 +9,19 @@ import atexit
 import hashlib
 import json
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from typing import Any
 
 from tierpick.classifier import RoutingPolicy, TierClassifier, last_user_text
-from tierpick.classifier.errors import MissingDependencyError, PromptError, TierpickError
-from tierpick.classifier.routing import MAX_TIERS, clip, within_grant
+from tierpick.classifier.errors import (
+    MissingDependencyError,
+    PolicyError,
+    PromptError,
+    TierpickError,
+)
+from tierpick.classifier.routing import POLICY_FIELDS, clip, overlay, within_grant
 from tierpick.serving.decisions import DecisionLog, policy_fields
 from tierpick.serving.gateway.config import (
     POLICY_HEADERS,
@@ -103,34 +107,16 @@ def prompt_of(obj: Mapping[str, Any]) -> str:
 
 
 def request_policy(base: RoutingPolicy, headers: Mapping[str, str]) -> RoutingPolicy:
-    """``base`` with the per-request policy headers applied."""
-
-    def number(name: str) -> float | None:
-        value = headers.get(HEADER_PREFIX + name)
-        if value is None:
-            return None
-        try:
-            x = float(value)
-        except ValueError:
-            raise BadRequest(f"{HEADER_PREFIX}{name}: not a number: {clip(value, 100)}") from None
-        if not math.isfinite(x):
-            raise BadRequest(f"{HEADER_PREFIX}{name}: not a finite number: {clip(value, 100)}")
-        return x
-
-    policy = base
-    if (v := number("min-success")) is not None:
-        policy = replace(policy, min_success=v)
-    if (v := number("cost-weight")) is not None:
-        policy = replace(policy, cost_weight=v)
-    if (v := number("max-price")) is not None:
-        policy = replace(policy, max_price=v)
-    tiers = headers.get(HEADER_PREFIX + "allowed-tiers")
-    if tiers is not None:
-        names = tuple(t.strip() for t in tiers.split(",", MAX_TIERS) if t.strip())
-        if len(names) > MAX_TIERS:
-            raise BadRequest(f"{HEADER_PREFIX}allowed-tiers: more than {MAX_TIERS} tiers")
-        policy = replace(policy, allowed_tiers=names)
-    return policy
+    """``base`` with the per-request policy headers applied (one per policy field)."""
+    values = {}
+    for f in POLICY_FIELDS:
+        text = headers.get(HEADER_PREFIX + f.header)
+        if text is not None:
+            try:
+                values[f.name] = f.from_text(text, HEADER_PREFIX + f.header)
+            except PolicyError as exc:
+                raise BadRequest(str(exc)) from None
+    return overlay(base, values)
 
 
 class GatewayMetrics(Metrics):
