@@ -5,7 +5,8 @@ A row is a scored log's row (``tierpick score``'s columns: ``prompt`` when promp
 ``tier``, ``p_<tier>``, ``error``, ``model_version``) plus what the door knew: the time, the
 request id, the door, the mode (``route``: the decision was applied; ``shadow``: logged only,
 traffic went where it would have gone without tierpick), the model the request named, the
-policy (rule, cost weight, threshold, allowed tiers), ``prompt_sha256`` and ``prompt_chars``.
+policy (rule, cost weight, threshold, allowed tiers), ``prompt_sha256`` (of the prompt's first
+``max_prompt_chars`` characters) and ``prompt_chars``.
 So ``tierpick report`` and ``tune --scored`` read it as they read a scored log, and ``tierpick
 label`` draws its sample from it.
 
@@ -132,7 +133,10 @@ class DecisionLog:
             "request_id": request_id,
             "door": door,
             "mode": mode,
-            "prompt": prompt,  # hashed, cut or removed in the writer thread
+            # cut here (a slice), so the queue holds at most max_prompt_chars a row; hashed,
+            # and written or dropped, in the writer thread
+            "prompt": prompt[: self.config.max_prompt_chars],
+            "prompt_chars": len(prompt),
             "tier": tier,
             **{
                 f"p_{t}": None if p is None else round(float(p), 6)
@@ -152,14 +156,14 @@ class DecisionLog:
 
     def _finish(self, row: dict[str, Any]) -> str:
         text = row.pop("prompt")
-        cfg = self.config
-        extra = {
+        extra: dict[str, Any] = {
+            # of the text as kept (the first max_prompt_chars characters)
             "prompt_sha256": hashlib.sha256(text.encode("utf-8", "replace")).hexdigest(),
-            "prompt_chars": len(text),
+            "prompt_chars": row.pop("prompt_chars"),
         }
-        if cfg.prompts:
-            extra["prompt"] = text[: cfg.max_prompt_chars]
-            extra["prompt_cut"] = len(text) > cfg.max_prompt_chars
+        if self.config.prompts:
+            extra["prompt"] = text
+            extra["prompt_cut"] = extra["prompt_chars"] > len(text)
         return json.dumps({**extra, **row}, ensure_ascii=False) + "\n"
 
     def _run(self) -> None:
