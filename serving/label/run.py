@@ -17,9 +17,10 @@ The output directory holds:
   ``tierpick adapt --config``; ``label.md``/``label.json``: what was done and spent.
 
 Budget: before a prompt starts, its worst case (every tier's answer at ``max_tokens``, every
-grade) is reserved against ``budget_usd``; what a call really cost (the endpoint's ``usage``
-x the prices) replaces the reservation when it returns. A prompt that does not fit is left for
-a later run ("budget reached"), so the spend never passes the cap.
+grade, input tokens estimated as 1.5 x characters / 4) is reserved against ``budget_usd``; what
+a call really cost (the endpoint's ``usage`` x the prices) replaces the reservation when it
+returns. A prompt that does not fit is left for a later run ("budget reached"), so the spend
+stays under the cap unless an endpoint counts far more input tokens than the estimate.
 """
 
 from __future__ import annotations
