@@ -41,8 +41,18 @@ test-slow: $(STAMP)
 data: $(STAMP)
 	$(BIN)/tierpick data build --config training/configs/default.yaml --out build/dataset
 
-serve: $(STAMP)
-	$(BIN)/tierpick serve --host $(HOST) --port $(PORT)
+# Serving needs the runtime only (no torch, Ray, LiteLLM, Envoy or MLflow): its own small venv.
+SERVE_VENV ?= .venv-serve
+SERVE_STAMP := $(SERVE_VENV)/.tierpick-installed
+
+$(SERVE_STAMP): pyproject.toml
+	test -x $(SERVE_VENV)/bin/python || $(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(SERVE_VENV)/bin/python -m pip install --quiet -e .
+	touch $@
+
+serve: $(SERVE_STAMP)
+	$(SERVE_VENV)/bin/tierpick serve --host $(HOST) --port $(PORT)
 
 # Regenerate the Python gRPC stubs from proto/ (they are committed; never edit them by hand).
 proto: $(STAMP)

@@ -187,3 +187,27 @@ def test_classify_reads_stdin_and_chats(
         main(["classify", json.dumps({"messages": [{"role": "assistant", "content": "x"}]})]) == 2
     )
     assert "chat: no user message" in capsys.readouterr().err
+
+
+def test_a_command_whose_extra_is_missing_says_which_in_one_line(tmp_path: Path) -> None:
+    """From the runtime wheel, export/adapt/promote ended in ModuleNotFoundError tracebacks."""
+    code = (
+        "import sys; sys.modules['onnx'] = None; sys.modules['mlflow'] = None; "  # not installed
+        "from tierpick.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    for argv in (
+        [
+            "export",
+            "--model",
+            str(REPO / "models" / "default"),
+            "--out",
+            str(tmp_path / "x"),
+            "--int8",
+        ],
+        ["promote", "--name", "x", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"],
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 2, proc.stderr
+        assert "pip install 'tierpick[train]'" in proc.stderr and "Traceback" not in proc.stderr

@@ -163,6 +163,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except BrokenPipeError:  # the reader went away (`tierpick classify ... | head`)
         return 0
+    except ImportError as exc:  # a command's extra is not installed (a runtime-only install)
+        extra = _GROUPS[group][1] if group else None
+        needs = f"pip install 'tierpick[{extra}]'" if extra else "a fuller install"
+        print(f"tierpick: {args.command} needs {needs}: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:  # a file or directory that cannot be read or written: one line
         where = f": {exc.filename}" if exc.filename else ""
         print(f"tierpick: error: {exc.strerror or exc}{where}", file=sys.stderr)
