@@ -152,3 +152,37 @@ def test_serving_modules_import_only_down_the_flow(job: str) -> None:
         if parts[2] not in allowed:
             bad.append((f, m))
     assert not bad, sorted(bad)
+
+
+def test_no_module_imports_itself_through_others() -> None:
+    """Imports inside functions count too: they hid a cycle (training.pipeline ran the folds,
+    training.loso imported the pipeline's fitting back)."""
+    graph: dict[str, set[str]] = {}
+    for package in ("classifier", "training", "serving"):
+        for path in (REPO / package).rglob("*.py"):
+            if "_proto" in path.parts:
+                continue
+            rel = path.relative_to(REPO).with_suffix("")
+            name = "tierpick." + ".".join(p for p in rel.parts if p != "__init__")
+            deps = graph.setdefault(name, set())
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    if node.module.startswith("tierpick."):
+                        deps.add(node.module)
+    modules = set(graph)
+    cycles = []
+
+    def visit(module: str, path: list[str]) -> None:
+        for dep in sorted(graph.get(module, ())):
+            if dep not in modules:
+                continue
+            if dep in path:
+                cycles.append(path[path.index(dep) :] + [dep])
+            elif len(path) < 12:
+                visit(dep, [*path, dep])
+
+    for module in sorted(modules):
+        visit(module, [module])
+    # a package's __init__ re-exporting its modules is not a cycle of code
+    real = [c for c in cycles if not any(m.count(".") == 1 for m in c)]
+    assert not real, sorted({" -> ".join(c) for c in real})[:5]

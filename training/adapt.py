@@ -56,7 +56,7 @@ from tierpick.training.config import TierConfig
 from tierpick.training.dataset import BuiltDataset
 from tierpick.training.errors import DatasetError
 from tierpick.training.evaluate import SplitData, evaluate_split
-from tierpick.training.pipeline import split_arrays, tier_cost_vector
+from tierpick.training.fit import split_arrays, tier_cost_vector
 
 MIN_OUTCOMES = 100  # labelled prompts of a tier, in the fit part, to refit its calibration
 MIN_EACH = 5  # of them, successes and failures each (soft targets: counted at 0.5)

@@ -43,7 +43,7 @@ from tierpick.training.adapt_head import Head, fit_head
 from tierpick.training.adapt_memory import fit_memory, read_features
 from tierpick.training.errors import DatasetError
 from tierpick.training.evaluate import SplitData, evaluate_split
-from tierpick.training.pipeline import tier_cost_vector
+from tierpick.training.fit import tier_cost_vector
 
 SIZES = (250, 500, 1000, 2000)
 MIN_REST = 200  # prompts left to route, at least

@@ -414,8 +414,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def run_loso(config: Any, ds: Any, workdir: Path, families: str | None) -> dict[str, Any]:
     """Leave-one-family-out with the config's training settings (see ``training.loso``)."""
+    from tierpick.training.fit import Context, tier_cost_vector
     from tierpick.training.loso import leave_one_family_out, loso_families
-    from tierpick.training.pipeline import Context, tier_cost_vector
 
     if ds.tiers != config.tier_names:
         raise ConfigError(f"dataset tiers {ds.tiers} differ from the config's {config.tier_names}")

@@ -14,6 +14,7 @@ import numpy.typing as npt
 
 from tierpick.training.dataset import BuiltDataset
 from tierpick.training.evaluate import evaluate_split
+from tierpick.training.fit import compact, fit_router, routers_for, split_arrays
 
 log = logging.getLogger("tierpick.train")
 Array = npt.NDArray[np.float64]
@@ -48,7 +49,6 @@ def leave_one_family_out(
         ``{"families": {family: compact figures}, "mean_apgr": {router: mean N-tier APGR over
         the families}, "seconds": ...}``.
     """
-    from tierpick.training.pipeline import compact, fit_router, routers_for, split_arrays
 
     cfg = ctx.config.train
     families = families if families is not None else loso_families(ds, cfg.loso_min_prompts)

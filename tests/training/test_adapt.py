@@ -23,7 +23,7 @@ from tierpick.training.config import load_config
 from tierpick.training.dataset import build_dataset
 from tierpick.training.errors import DatasetError
 from tierpick.training.evaluate import SplitData
-from tierpick.training.pipeline import split_arrays
+from tierpick.training.fit import split_arrays
 
 TIERS = {
     "local": ["codegemma-7b", "mistral-7b-instruct-v0.3", "qwen2.5-7b-instruct"],

@@ -13,7 +13,8 @@ from tierpick.cli import main
 from tierpick.training.config import load_config
 from tierpick.training.dataset import build_dataset
 from tierpick.training.errors import DatasetError
-from tierpick.training.pipeline import check_trainable, run_training
+from tierpick.training.fit import check_trainable
+from tierpick.training.pipeline import run_training
 
 
 def test_pipeline_outputs(tiny_trained) -> None:  # type: ignore[no-untyped-def]
