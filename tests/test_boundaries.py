@@ -166,9 +166,12 @@ def test_no_module_imports_itself_through_others() -> None:
             name = "tierpick." + ".".join(p for p in rel.parts if p != "__init__")
             deps = graph.setdefault(name, set())
             for node in ast.walk(ast.parse(path.read_text(), str(path))):
-                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                    if node.module.startswith("tierpick."):
-                        deps.add(node.module)
+                if (
+                    isinstance(node, ast.ImportFrom)
+                    and node.level == 0
+                    and (node.module or "").startswith("tierpick.")
+                ):
+                    deps.add(str(node.module))
     modules = set(graph)
     cycles = []
 
