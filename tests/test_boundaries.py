@@ -180,7 +180,7 @@ def test_no_module_imports_itself_through_others() -> None:
             if dep not in modules:
                 continue
             if dep in path:
-                cycles.append(path[path.index(dep) :] + [dep])
+                cycles.append([*path[path.index(dep) :], dep])
             elif len(path) < 12:
                 visit(dep, [*path, dep])
 
