@@ -28,6 +28,12 @@ def _percentiles(samples: list[float]) -> tuple[float, float, float]:
     return float(np.percentile(a, 50)), float(np.percentile(a, 99)), float(a.mean())
 
 
+def _say(message: str) -> None:
+    """A progress line on stderr (the tables go to stdout): long benches said nothing for
+    minutes."""
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
 def _added_latency(
     call: Callable[[int, int], tuple[float, str]],
     names: list[str],
@@ -41,6 +47,7 @@ def _added_latency(
     its seconds and outcome. After ``warmup`` rounds, ``calls`` rounds call every path in turn,
     the order reversed every other round, so all paths see the same machine state; the table
     gives each path's p50/p99, what it adds over path ``ref``, and its outcomes counted."""
+    _say(f"{title}: warm-up, then {calls} rounds over {len(names)} paths")
     for i in range(warmup):  # connections, caches, channels
         for k in range(len(names)):
             call(k, i)
@@ -48,6 +55,8 @@ def _added_latency(
     outcomes: list[dict[str, int]] = [{} for _ in names]
     order = list(range(len(names)))
     for i in range(calls):
+        if calls >= 10 and i % (calls // 10) == 0 and i:
+            _say(f"{i} of {calls} rounds")
         for k in order if i % 2 == 0 else order[::-1]:
             dt, seen = call(k, i)
             samples[k].append(dt)
@@ -213,6 +222,7 @@ def run_grpc_bench(
     try:
         with TierpickClient(target, timeout=10) as client:
             client.wait_ready()
+            _say(f"server at {target}: {calls} Classify and GetModelInfo calls, interleaved")
             for p in prompts[:200]:  # warm-up
                 client.classify(p)
                 client.model_info()
@@ -240,6 +250,7 @@ def run_grpc_bench(
             )
             sweep = []
             for n_clients in (1, 4, 16):
+                _say(f"{n_clients} concurrent clients")
                 per = max(50, calls // n_clients)
                 results: list[tuple[list[float], int]] = [([], 0)] * n_clients
                 threads = [
@@ -400,6 +411,7 @@ def run_score_bench(
         table_rows = []
         ref = None
         for name, extra in configs:
+            _say(f"tierpick score on {lines:,} rows: {name}")
             out = tmp / "out.parquet"
             wall, rss, text = _run_measured([*base, str(out), *extra])
             rows_out = _parquet_rows(out)
