@@ -54,6 +54,16 @@ class Decision:
     met_threshold: bool = True  # threshold rule: False when no allowed tier reached it
 
 
+@dataclass(frozen=True)
+class Reading:
+    """:meth:`TierClassifier.read`'s result, one entry per prompt."""
+
+    proba: npt.NDArray[np.float32]
+    texts: list[str]  # as the model read them
+    ids: list[list[int]]
+    cut: list[bool]
+
+
 _ROUTER_CACHE = 64  # routers kept per model (Router is immutable, so they are shared)
 
 
@@ -259,6 +269,26 @@ class TierClassifier:
         """Calibrated success probability per tier, shape (n, n_tiers), cheapest tier first
         (``prepared`` as in :meth:`predict_logits`)."""
         return self.calibrate(self.predict_logits(prompts, prepared))
+
+    def read(self, prompts: Sequence[str]) -> Reading:
+        """What the model read of each prompt and what it made of it: the probabilities (as
+        :meth:`predict_proba`, at the same cost), the text and tokens it read, and whether
+        the prompt was cut before it (characters or tokens past the manifest's limits): what
+        every door reports as the basis of a decision.
+
+        Raises:
+            PromptError: a prompt has no text left once normalized.
+        """
+        m = self.manifest
+        raws = [p[: RAW_CHARS_FACTOR * m.max_chars] for p in prompts]
+        normalized = [normalize_prompt(r) for r in raws]
+        texts = [n[: m.max_chars] for n in normalized]
+        ids = self.token_ids(texts, prepared=True)
+        cut = [
+            len(p) > len(r) or len(n) > m.max_chars or len(i) >= m.max_tokens
+            for p, r, n, i in zip(prompts, raws, normalized, ids, strict=True)
+        ]
+        return Reading(self.calibrate(self.infer(ids)), texts, ids, cut)
 
     # ------------------------------------------------------------------ routing
 

@@ -76,7 +76,8 @@ def classify(
         groups.setdefault(p, []).append(i)
     # validated once per distinct policy (a batch usually shares one), before any inference
     routers = {p: clf.router(p) for p in groups}
-    proba = clf.predict_proba(prompts)
+    reading = clf.read(prompts)
+    proba = reading.proba
     chosen = np.zeros(len(requests), dtype=np.int64)
     met = np.ones(len(requests), dtype=bool)
     for p, rows in groups.items():
@@ -97,6 +98,8 @@ def classify(
             )
     out = []
     for i, r in enumerate(requests):
+        router = routers[policies[i]]
+        utility = router.utilities(proba[i : i + 1])[0]
         out.append(
             pb.ClassifyResponse(
                 tier=clf.tiers[int(chosen[i])],
@@ -106,12 +109,20 @@ def classify(
                         success_probability=float(p),
                         price_input=t.price_input,
                         price_output=t.price_output,
+                        allowed=bool(ok),
+                        utility=float(u) if ok else 0.0,
                     )
-                    for t, p in zip(tiers, proba[i], strict=True)
+                    for t, p, ok, u in zip(tiers, proba[i], router.allowed, utility, strict=True)
                 ],
                 model_version=clf.version,
                 request_id=r.request_id,
                 met_threshold=bool(met[i]),
+                basis=pb.DecisionBasis(
+                    rule=router.rule,
+                    cost_weight=router.cost_weight,
+                    min_success=router.min_success,
+                    prompt_cut=reading.cut[i],
+                ),
             )
         )
     return out

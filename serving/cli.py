@@ -55,20 +55,14 @@ def _flag_policy(args: argparse.Namespace, base: Any) -> Any:
 
 def explain(clf: Any, prompts: list[str], policy: Any) -> list[dict[str, Any]]:
     """Each prompt's decision and why, as ``tierpick classify`` prints it."""
-    from tierpick.classifier.runtime import RAW_CHARS_FACTOR
-    from tierpick.classifier.text import normalize_prompt
-
     router = clf.router(policy)
-    prepared = clf.prepare(prompts)
-    ids = clf.token_ids(prepared, prepared=True)
-    proba = clf.calibrate(clf.infer(ids))  # the ids just counted, not a second tokenization
+    reading = clf.read(prompts)
+    proba = reading.proba
     chosen, met = router.choose(proba)
     utility = router.utilities(proba)
     m = clf.manifest
     out = []
     for i, prompt in enumerate(prompts):
-        raw = prompt[: RAW_CHARS_FACTOR * m.max_chars]
-        chars_cut = len(prompt) > len(raw) or len(normalize_prompt(raw)) > m.max_chars
         out.append(
             {
                 "tier": clf.tiers[int(chosen[i])],
@@ -89,9 +83,9 @@ def explain(clf: Any, prompts: list[str], policy: Any) -> list[dict[str, Any]]:
                     for j, t in enumerate(clf.tiers)
                 ],
                 "prompt_chars": len(prompt),
-                "model_chars": len(prepared[i]),
-                "tokens": len(ids[i]),
-                "truncated": chars_cut or len(ids[i]) >= m.max_tokens,
+                "model_chars": len(reading.texts[i]),
+                "tokens": len(reading.ids[i]),
+                "truncated": reading.cut[i],
                 "model": {"name": m.model_name, "version": clf.version},
             }
         )

@@ -97,6 +97,37 @@ def policy_fields(router: Router) -> dict[str, Any]:
     }
 
 
+def basis(router: Router, proba_row: Sequence[float], cut: bool) -> dict[str, Any]:
+    """Why a tier was chosen, in plain values: the rule, its knob, each allowed tier's utility,
+    whether the prompt was cut (:func:`basis_headers` renders it for the HTTP doors)."""
+    import numpy as np
+
+    utility = router.utilities(np.asarray([proba_row], dtype=np.float64))[0]
+    return {
+        "rule": router.rule,
+        "cost_weight": router.cost_weight,
+        "min_success": router.min_success,
+        "prompt_cut": bool(cut),
+        "utilities": {
+            t: float(u)
+            for t, u, ok in zip(router.tiers, utility, router.allowed, strict=True)
+            if ok
+        },
+    }
+
+
+def basis_headers(b: Mapping[str, Any]) -> dict[str, str]:
+    """``basis`` and ``utilities`` header values (without the ``x-tierpick-`` prefix), each a
+    few dozen characters."""
+    return {
+        "basis": (
+            f"{b['rule']}; cost_weight={b['cost_weight']:.6g}; "
+            f"min_success={b['min_success']:g}; prompt_cut={'yes' if b['prompt_cut'] else 'no'}"
+        ),
+        "utilities": ",".join(f"{t}={u:.4f}" for t, u in b["utilities"].items()),
+    }
+
+
 class DecisionLog:
     """An append-only JSONL decision log written by one background thread (see the module)."""
 
@@ -216,4 +247,12 @@ class DecisionLog:
         self._fh.close()
 
 
-__all__ = ["DOORS", "MODES", "DecisionLog", "DecisionLogConfig", "policy_fields"]
+__all__ = [
+    "DOORS",
+    "MODES",
+    "DecisionLog",
+    "DecisionLogConfig",
+    "basis",
+    "basis_headers",
+    "policy_fields",
+]

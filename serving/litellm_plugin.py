@@ -74,7 +74,14 @@ from tierpick.classifier.routing import (
     read_policy,
     within_grant,
 )
-from tierpick.serving.decisions import MODES, DecisionLog, DecisionLogConfig, policy_fields
+from tierpick.serving.decisions import (
+    MODES,
+    DecisionLog,
+    DecisionLogConfig,
+    basis,
+    basis_headers,
+    policy_fields,
+)
 
 try:
     from litellm.integrations.custom_logger import CustomLogger
@@ -104,8 +111,9 @@ class NotClassified(TierpickError):
 class Decision(dict[str, Any]):
     """The decision on one request, kept in its metadata: ``tier`` (None: LiteLLM's
     ``fallback_tier``), ``status`` (one of :data:`OUTCOMES`), ``reason``, ``probabilities``,
-    ``model_version``, ``ms``. A dict, so LiteLLM logs it as it is; its own type, so a client
-    cannot forge one in JSON metadata."""
+    ``model_version``, ``basis`` (rule, knob, utilities, whether the prompt was cut), ``ms``.
+    A dict, so LiteLLM logs it as it is; its own type, so a client cannot forge one in JSON
+    metadata."""
 
 
 # ---------------------------------------------------------------------------------- settings
@@ -414,7 +422,7 @@ class Plugin(CustomLogger):
         for) is a failure too."""
         start = time.perf_counter()
         try:
-            tier, proba, version, note = await asyncio.wait_for(
+            tier, proba, version, note, why = await asyncio.wait_for(
                 self._classify(messages, raw_policy, requested_model), self.config.timeout_ms / 1000
             )
             if routable is not None and tier not in routable:
@@ -428,13 +436,18 @@ class Plugin(CustomLogger):
         except Exception as exc:  # the service is down, hung, or the model failed
             return self._failed(exc, start)
         decision = Decision(
-            tier=tier, status="classified", probabilities=proba, model_version=version, reason=note
+            tier=tier,
+            status="classified",
+            probabilities=proba,
+            model_version=version,
+            reason=note,
+            basis=why,
         )
         return self._done(decision, start)
 
     async def _classify(
         self, messages: object, raw_policy: object, requested_model: str | None = None
-    ) -> tuple[str, dict[str, float], str, str]:
+    ) -> tuple[str, dict[str, float], str, str, dict[str, Any] | None]:
         if self._clf is None and self._info is None:
             await self._fetch_info()
         policy, ignored = self.request_policy(raw_policy)
@@ -452,10 +465,11 @@ class Plugin(CustomLogger):
         if self._clf is not None:  # ~0.3 ms: on the loop, as the gateway's processor does
             clf = self._clf
             assert router is not None
-            d = clf.route_proba(clf.predict_proba([prompt]), router)[0]
+            reading = clf.read([prompt])
+            d = clf.route_proba(reading.proba, router)[0]
             self._log(prompt, d.tier, d.probabilities, clf.version, router, requested_model)
             proba = {t: round(p, 4) for t, p in d.probabilities.items()}
-            return d.tier, proba, clf.version, note
+            return d.tier, proba, clf.version, note, basis(router, reading.proba[0], reading.cut[0])
         from tierpick.serving.client import policy as pb_policy
 
         try:
@@ -475,7 +489,18 @@ class Plugin(CustomLogger):
             applied = Router.for_tiers(policy, list(info.tiers), info.default_cost_weight)
             self._log(prompt, resp.tier, exact, resp.model_version, applied, requested_model)
         proba = {t: round(p, 4) for t, p in exact.items()}
-        return resp.tier, proba, resp.model_version, note
+        why = (
+            {
+                "rule": resp.basis.rule,
+                "cost_weight": resp.basis.cost_weight,
+                "min_success": resp.basis.min_success,
+                "prompt_cut": resp.basis.prompt_cut,
+                "utilities": {s.tier: s.utility for s in resp.scores if s.allowed},
+            }
+            if resp.basis.rule  # an older service sends none
+            else None
+        )
+        return resp.tier, proba, resp.model_version, note, why
 
     def _log(
         self,
@@ -657,6 +682,8 @@ def decision_headers(decision: Mapping[str, Any]) -> dict[str, str]:
         out["model-version"] = decision["model_version"]
     if decision.get("reason"):
         out["reason"] = str(decision["reason"])[:300]
+    if decision.get("basis"):
+        out.update(basis_headers(decision["basis"]))
     return {HEADER_PREFIX + k: v for k, v in out.items() if v}
 
 

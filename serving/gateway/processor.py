@@ -22,7 +22,7 @@ from tierpick.classifier.errors import (
     TierpickError,
 )
 from tierpick.classifier.routing import POLICY_FIELDS, clip, overlay, within_grant
-from tierpick.serving.decisions import DecisionLog, policy_fields
+from tierpick.serving.decisions import DecisionLog, basis, basis_headers, policy_fields
 from tierpick.serving.gateway.config import (
     POLICY_HEADERS,
     GatewayConfig,
@@ -43,7 +43,15 @@ log = logging.getLogger("tierpick.gateway")
 HEADER_PREFIX = "x-tierpick-"
 MAX_HEADER_CHARS = 512  # an x-tierpick-* header value is cut to this many characters
 MAX_EXT_PROC_BYTES = (64 << 20) + (1 << 20)  # envoy.MAX_BODY_BYTES and the message around it
-DECISION_HEADERS = ("tier", "model-version", "probabilities", "status", "reason")
+DECISION_HEADERS = (
+    "tier",
+    "model-version",
+    "probabilities",
+    "status",
+    "reason",
+    "basis",
+    "utilities",
+)
 OUTCOMES = (
     "classified",
     "not-classified",
@@ -275,7 +283,8 @@ class TierpickProcessor:
                 ignored = [*ignored, "explicit-model"]
                 explicit = False
             prompt = prompt_of(obj)
-            proba = clf.predict_proba([prompt])
+            reading = clf.read([prompt])
+            proba = reading.proba
             decision = clf.route_proba(proba, router)[0]
         except (NotClassifiable, PromptError) as exc:
             if explicit:  # shadow mode: nothing to log, the request goes as it would
@@ -311,6 +320,7 @@ class TierpickProcessor:
             "model-version": clf.version,
             "probabilities": ",".join(f"{t}={p:.4f}" for t, p in decision.probabilities.items()),
             "status": "classified",
+            **basis_headers(basis(router, proba[0], reading.cut[0])),
         }
         if ignored:
             named = [h for h in ignored if h != "explicit-model"]

@@ -208,3 +208,25 @@ def test_the_litellm_plugin_in_shadow_mode_logs_and_sends_to_the_fallback(tmp_pa
         ("litellm", "shadow", "gpt-x"),
     ]
     assert rows[0]["tier"] == decision["shadow_tier"] and rows[0]["prompt"] == PROMPTS[1]
+
+
+def test_the_litellm_plugin_says_why_this_tier() -> None:
+    pytest.importorskip("litellm", reason="the litellm extra is not installed")
+    from tierpick.serving.litellm_plugin import (
+        Plugin,
+        RoutedGroup,
+        decision_headers,
+        parse_plugin_config,
+    )
+
+    plugin = Plugin(parse_plugin_config({"model": "default"}))
+    plugin.routed = {
+        "smart": RoutedGroup(
+            "smart", {t: [f"{t}-llm"] for t in ("local", "mid", "frontier")}, "mid"
+        )
+    }
+    data = {"model": "smart", "messages": [{"role": "user", "content": PROMPTS[0]}]}
+    out = asyncio.run(plugin.async_pre_call_hook(None, None, data, "completion"))
+    headers = decision_headers(out["metadata"]["tierpick_decision"])
+    assert headers["x-tierpick-basis"].startswith("utility; cost_weight=")
+    assert len(headers["x-tierpick-utilities"].split(",")) == 3

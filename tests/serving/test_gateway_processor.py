@@ -303,3 +303,11 @@ def test_virtual_model_names_match_without_case_or_spaces() -> None:
     for model in ("AUTO", " auto", "Tierpick/Auto "):
         _, got, _ = _send(proc, _chat("What is 2+2?", model))
         assert got["x-tierpick-status"] == "classified", model
+
+
+def test_the_decision_headers_say_why() -> None:
+    proc = _processor()
+    _, got, _ = _send(proc, _chat("What is 2+2?"))
+    assert got["x-tierpick-basis"].startswith("utility; cost_weight=0.135")
+    assert got["x-tierpick-basis"].endswith("prompt_cut=no")
+    assert [u.split("=")[0] for u in got["x-tierpick-utilities"].split(",")] == list(TIERS)

@@ -751,3 +751,26 @@ def test_an_open_health_watch_does_not_hold_the_stop(model_copy: Path) -> None:
     took = time.monotonic() - start
     c.close()
     assert took < 10.0, took  # the drain timeout is 30 s
+
+
+def test_the_answer_says_why_this_tier(client: TierpickClient) -> None:
+    """Rule, knob, each allowed tier's utility and whether the prompt was cut, over the wire."""
+    r = client.classify(
+        "What is 2 + 2?", routing=policy(cost_weight=0.5, allowed_tiers=["local", "mid"])
+    )
+    assert (r.basis.rule, r.basis.cost_weight, r.basis.prompt_cut) == ("utility", 0.5, False)
+    costs = {
+        "local": 0.0,
+        "mid": (0.5 + 1.5) / 20.0,
+    }  # normalized: (in + out) price over the dearest
+    for s in r.scores:
+        if s.tier in costs:
+            assert s.allowed and s.utility == pytest.approx(
+                s.success_probability - 0.5 * costs[s.tier]
+            )
+        else:
+            assert not s.allowed and s.utility == 0.0
+    assert r.tier == max((s for s in r.scores if s.allowed), key=lambda s: s.utility).tier
+    long = client.classify("Summarize this. " + "lorem ipsum dolor sit amet " * 3000)
+    assert long.basis.prompt_cut and long.basis.rule == "utility"
+    assert client.classify("x", routing=policy(min_success=0.7)).basis.rule == "threshold"

@@ -39,30 +39,48 @@ class ClassifyRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., policy: _Optional[_Union[RoutingPolicy, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class TierScore(_message.Message):
-    __slots__ = ("tier", "success_probability", "price_input", "price_output")
+    __slots__ = ("tier", "success_probability", "price_input", "price_output", "allowed", "utility")
     TIER_FIELD_NUMBER: _ClassVar[int]
     SUCCESS_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     PRICE_INPUT_FIELD_NUMBER: _ClassVar[int]
     PRICE_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_FIELD_NUMBER: _ClassVar[int]
+    UTILITY_FIELD_NUMBER: _ClassVar[int]
     tier: str
     success_probability: float
     price_input: float
     price_output: float
-    def __init__(self, tier: _Optional[str] = ..., success_probability: _Optional[float] = ..., price_input: _Optional[float] = ..., price_output: _Optional[float] = ...) -> None: ...
+    allowed: bool
+    utility: float
+    def __init__(self, tier: _Optional[str] = ..., success_probability: _Optional[float] = ..., price_input: _Optional[float] = ..., price_output: _Optional[float] = ..., allowed: _Optional[bool] = ..., utility: _Optional[float] = ...) -> None: ...
+
+class DecisionBasis(_message.Message):
+    __slots__ = ("rule", "cost_weight", "min_success", "prompt_cut")
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    COST_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    MIN_SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_CUT_FIELD_NUMBER: _ClassVar[int]
+    rule: str
+    cost_weight: float
+    min_success: float
+    prompt_cut: bool
+    def __init__(self, rule: _Optional[str] = ..., cost_weight: _Optional[float] = ..., min_success: _Optional[float] = ..., prompt_cut: _Optional[bool] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
-    __slots__ = ("tier", "scores", "model_version", "request_id", "met_threshold")
+    __slots__ = ("tier", "scores", "model_version", "request_id", "met_threshold", "basis")
     TIER_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MET_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    BASIS_FIELD_NUMBER: _ClassVar[int]
     tier: str
     scores: _containers.RepeatedCompositeFieldContainer[TierScore]
     model_version: str
     request_id: str
     met_threshold: bool
-    def __init__(self, tier: _Optional[str] = ..., scores: _Optional[_Iterable[_Union[TierScore, _Mapping]]] = ..., model_version: _Optional[str] = ..., request_id: _Optional[str] = ..., met_threshold: _Optional[bool] = ...) -> None: ...
+    basis: DecisionBasis
+    def __init__(self, tier: _Optional[str] = ..., scores: _Optional[_Iterable[_Union[TierScore, _Mapping]]] = ..., model_version: _Optional[str] = ..., request_id: _Optional[str] = ..., met_threshold: _Optional[bool] = ..., basis: _Optional[_Union[DecisionBasis, _Mapping]] = ...) -> None: ...
 
 class ClassifyBatchRequest(_message.Message):
     __slots__ = ("requests", "policy")
