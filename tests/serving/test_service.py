@@ -260,7 +260,13 @@ def test_a_stop_during_a_large_answer_delivers_it(model_copy: Path) -> None:
             str(model_copy),
             dataclasses.replace(BIG_BATCHES, max_batch=30000, drain_timeout=60),
         )
-        with TierpickClient(f"127.0.0.1:{app.port}", timeout=60) as c:
+        # a 30,000-prompt answer (each tier's utility and the basis included) is over the 4 MB
+        # a gRPC client receives by default
+        with TierpickClient(
+            f"127.0.0.1:{app.port}",
+            timeout=60,
+            options=[("grpc.max_receive_message_length", 64 << 20)],
+        ) as c:
             c.wait_ready()
             big = pb.ClassifyBatchRequest(
                 requests=[request(f"{i} " + "word " * 100) for i in range(30000)]
