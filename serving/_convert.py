@@ -80,8 +80,10 @@ def classify(
     proba = reading.proba
     chosen = np.zeros(len(requests), dtype=np.int64)
     met = np.ones(len(requests), dtype=bool)
-    for p, rows in groups.items():
+    utility = np.zeros(proba.shape, dtype=np.float64)
+    for p, rows in groups.items():  # one vectorized pass per distinct policy
         chosen[rows], met[rows] = routers[p].choose(proba[rows])
+        utility[rows] = routers[p].utilities(proba[rows])
     tiers = clf.manifest.tiers
     if decisions is not None:
         for i, r in enumerate(requests):
@@ -99,7 +101,6 @@ def classify(
     out = []
     for i, r in enumerate(requests):
         router = routers[policies[i]]
-        utility = router.utilities(proba[i : i + 1])[0]
         out.append(
             pb.ClassifyResponse(
                 tier=clf.tiers[int(chosen[i])],
@@ -112,7 +113,7 @@ def classify(
                         allowed=bool(ok),
                         utility=float(u) if ok else 0.0,
                     )
-                    for t, p, ok, u in zip(tiers, proba[i], router.allowed, utility, strict=True)
+                    for t, p, ok, u in zip(tiers, proba[i], router.allowed, utility[i], strict=True)
                 ],
                 model_version=clf.version,
                 request_id=r.request_id,
