@@ -38,7 +38,6 @@ from tierpick.classifier.routing import Router
 
 log = logging.getLogger("tierpick.decisions")
 
-DOORS = ("grpc", "envoy", "litellm")
 MODES = ("route", "shadow")
 
 
@@ -248,7 +247,6 @@ class DecisionLog:
 
 
 __all__ = [
-    "DOORS",
     "MODES",
     "DecisionLog",
     "DecisionLogConfig",

@@ -194,20 +194,11 @@ class CrossFit:
 
 
 def adapt(
-    config: TierConfig,
-    ds: BuiltDataset,
-    model: str | None,
-    out: Path,
-    folds: int = 5,
-    seed: int = 0,
-    min_outcomes: int = MIN_OUTCOMES,
-    force: bool = False,
-    min_head: int = MIN_HEAD_OUTCOMES,
-    methods: tuple[str, ...] = METHODS,
+    config: TierConfig, ds: BuiltDataset, model: str | None, out: Path, **options: Any
 ) -> Adapted:
     """Adapt ``model`` to the outcomes of ``ds`` (built from ``config``) into ``out``: every
-    way in ``methods`` the data supports is cross-fitted, the best N-tier APGR among those with
-    a mean ECE of at most ``MAX_ECE`` is kept (see the module)."""
+    way the data supports is cross-fitted, the best N-tier APGR among those with a mean ECE of
+    at most ``MAX_ECE`` is kept (see the module); ``options`` are :func:`adapt_data`'s."""
     clf = classifier.load(model)
     if config.tier_names != clf.tiers:
         raise ConfigError(
@@ -217,9 +208,7 @@ def adapt(
         )
     specs = tuple(TierSpec(t.name, t.price_input, t.price_output) for t in config.tiers)
     data = split_arrays(ds, None)
-    return adapt_data(
-        clf, data, specs, ds.fingerprint, out, folds, seed, min_outcomes, force, min_head, methods
-    )
+    return adapt_data(clf, data, specs, ds.fingerprint, out, **options)
 
 
 def adapt_data(

@@ -23,6 +23,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +61,33 @@ def _measure(
     return float(apgr), float(np.mean(eces)) if eces else float("nan")
 
 
-def one_draw(fam_dir: Path, data: SplitData, n: int, seed: int) -> dict[str, Any]:
+@dataclass
+class Family:
+    """A family's fold model and what it reads of every prompt, computed once for all draws."""
+
+    clf: Any
+    data: SplitData
+    z: np.ndarray
+    emb: np.ndarray
+    head: Head | None = None
+    feats: np.ndarray | None = None  # the head's input, read when a draw first needs it
+
+    @classmethod
+    def load(cls, loso_dir: Path, family: str) -> Family:
+        clf = classifier.load(loso_dir / family)
+        data = load_family(loso_dir, family)
+        return cls(clf, data, *read_features(clf, data.prompts))
+
+    def head_features(self) -> tuple[Head, np.ndarray]:
+        if self.head is None or self.feats is None:
+            self.head = Head(Path(self.clf.model_dir) / self.clf.manifest.graph)
+            self.feats = self.head.features(self.clf, self.data.prompts)
+        return self.head, self.feats
+
+
+def one_draw(fam: Family, n: int, seed: int) -> dict[str, Any]:
     """Every row of the study for one family, one n, one random draw."""
-    clf = classifier.load(fam_dir)
+    clf, data, z, emb = fam.clf, fam.data, fam.z, fam.emb
     tiers = clf.tiers
     costs = tier_cost_vector(clf.manifest.tiers)
     order = np.random.default_rng(seed).permutation(len(data.prompts))
@@ -70,7 +95,6 @@ def one_draw(fam_dir: Path, data: SplitData, n: int, seed: int) -> dict[str, Any
     keep = np.zeros(len(order), dtype=bool)
     keep[graded_rows] = True
     graded, rest = data.subset(keep, "graded"), data.subset(~keep, "rest")
-    z, emb = read_features(clf, data.prompts)
     a0 = np.array(clf.manifest.calibration["a"], dtype=float)
     b0 = np.array(clf.manifest.calibration["b"], dtype=float)
     out: dict[str, Any] = {"n": n, "seed": seed, "rest": len(rest_rows)}
@@ -82,8 +106,7 @@ def one_draw(fam_dir: Path, data: SplitData, n: int, seed: int) -> dict[str, Any
     p["memory"] = mem.proba(z[rest_rows], emb[rest_rows])
     head_cols = [j for j in cols if (graded.mask[:, j] > 0).sum() >= MIN_HEAD_OUTCOMES]
     if head_cols:
-        head = Head(fam_dir / clf.manifest.graph)
-        feats = head.features(clf, data.prompts)
+        head, feats = fam.head_features()
         w, hb = fit_head(
             feats[graded_rows], graded.targets, graded.mask, head.weight, head.bias, head_cols, 30.0
         )
@@ -138,13 +161,14 @@ def run_study(
     fams = families or sorted(p.stem for p in loso_dir.glob("*.npz"))
     results: dict[str, Any] = {"families": {}, "sizes": list(sizes), "draws": draws}
     for fam in fams:
-        data = load_family(loso_dir, fam)
+        family = Family.load(loso_dir, fam)
+        data = family.data
         per: dict[str, Any] = {"prompts": len(data.prompts), "by_n": {}}
         for n in sizes:
             if len(data.prompts) - n < MIN_REST:
                 continue
             t0 = time.perf_counter()
-            runs = [one_draw(loso_dir / fam, data, n, seed) for seed in range(draws)]
+            runs = [one_draw(family, n, seed) for seed in range(draws)]
             per["by_n"][str(n)] = {
                 "mean": {
                     row: float(np.mean([r["apgr"][row] for r in runs]))

@@ -124,12 +124,12 @@ def _adapt(args: argparse.Namespace) -> int:
         ds,
         args.model,
         out,
-        args.folds,
-        args.seed,
-        args.min_outcomes,
-        args.force,
-        args.min_head_outcomes,
-        tuple(m.strip() for m in args.methods.split(",") if m.strip() not in ("", "none")),
+        folds=args.folds,
+        seed=args.seed,
+        min_outcomes=args.min_outcomes,
+        force=args.force,
+        min_head=args.min_head_outcomes,
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip() not in ("", "none")),
     )
     text = render(result, config.tier_names)
     sys.stdout.write(text)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from tierpick.classifier import TierClassifier
+from tierpick.classifier.artifact import EMBEDDING_OUTPUT
 from tierpick.classifier.cluster import assign, kmeans
 from tierpick.classifier.errors import ConfigError, TierpickError
 from tierpick.serving.scoring.read import log_rows
@@ -178,23 +179,24 @@ def draw(
     cands = pool.candidates
     prompts = [c.prompt for c in cands]
     notes: list[str] = []
-    keep = [i for i, p in enumerate(clf.prepare(prompts)) if p]
+    texts = clf.prepare(prompts)
+    keep = [i for i, t in enumerate(texts) if t]
     if len(keep) < len(cands):
         notes.append(f"{len(cands) - len(keep)} prompts have no text once normalized: not drawn")
         cands = [cands[i] for i in keep]
-        prompts = [prompts[i] for i in keep]
     if not cands:
         raise TierpickError("no prompt with text in the pool")
+    ids = clf.token_ids([texts[i] for i in keep], prepared=True)  # once, for both uses below
     logged = [c.tier for c in cands]
     if all(t in clf.tiers for t in logged):
         tiers = [str(t) for t in logged]
         notes.append("current tier: the log's own tier column")
     else:
-        decisions = clf.route(prompts)
+        decisions = clf.route_proba(clf.calibrate(clf.infer(ids)))
         tiers = [d.tier for d in decisions]
         notes.append("current tier: the model's choice under its default policy")
     if clf.has_embedding and clusters > 1 and len(cands) > clusters:
-        emb = clf.embed(prompts)
+        emb = clf.infer(ids, output=EMBEDDING_OUTPUT)
         labels = assign(emb, kmeans(emb, clusters, seed))
         notes.append(f"clusters: k-means ({clusters}) over the model's prompt embedding")
     else:
