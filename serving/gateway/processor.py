@@ -30,10 +30,12 @@ from tierpick.serving.gateway.config import (
     check_model_tiers,
 )
 from tierpick.serving.lifecycle import (
+    AppSpec,
     GrpcApp,
     Metrics,
     ModelHolder,
     ServerConfig,
+    enable_reflection,
     run_app,
     start_app,
 )
@@ -458,7 +460,9 @@ def create_gateway(
     SERVING once the model is loaded, hot reload, NOT_SERVING then a drain on stop
     (:meth:`~tierpick.serving.lifecycle.GrpcApp.shutdown`)."""
     try:
+        from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
         from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+        from grpc_health.v1.health import SERVICE_NAME as health_service
     except ImportError as exc:
         raise MissingDependencyError(
             f"the gateway needs Envoy's ext_proc stubs (pip install 'tierpick[gateway]'): {exc}"
@@ -474,20 +478,26 @@ def create_gateway(
     if decisions is not None:
         metrics.watch_decision_log(decisions)
 
+    service = ep.DESCRIPTOR.services_by_name["ExternalProcessor"].full_name
+
     def add_services(server: Any) -> None:
         ep_grpc.add_ExternalProcessorServicer_to_server(
             TierpickProcessor(cfg, holder, metrics, decisions), server
         )
+        enable_reflection(server, (service, health_service))
 
     app = start_app(
-        "tierpick-gateway",
-        holder,
-        metrics,
-        config,
-        address or cfg.processor_address,
-        add_services,
-        logger=log,
-        on_stop=[decisions.close] if decisions is not None else [],
+        AppSpec(
+            "tierpick-gateway",
+            address or cfg.processor_address,
+            holder,
+            metrics,
+            config,
+            add_services,
+            services=(service,),
+            logger=log,
+            on_stop=(decisions.close,) if decisions is not None else (),
+        )
     )
     atexit.register(app.shutdown, 0)  # a running aio server would hold the interpreter at exit
     log.info("tierpick ext_proc processor on port %d (model %s)", app.port, holder.current.version)

@@ -194,10 +194,13 @@ def test_every_dashboard_query_names_a_metric_the_servers_export() -> None:
     from prometheus_client import generate_latest
 
     from tests.conftest import REPO
-    from tierpick.serving.service import ServiceMetrics
+    from tierpick.serving.lifecycle import Metrics
 
     exported: set[str] = set()
-    service = ServiceMetrics()
+    from tierpick.serving.service import SERVICE_NAME
+
+    service = Metrics()
+    service.track((SERVICE_NAME,))  # as the service's start does: every method's series
     ModelHolder(None, service)  # publishes the model info and the tiers' series
     for registry in (service.registry, _processor().metrics.registry):
         for line in generate_latest(registry).decode().splitlines():
@@ -311,3 +314,76 @@ def test_the_decision_headers_say_why() -> None:
     assert got["x-tierpick-basis"].startswith("utility; cost_weight=0.135")
     assert got["x-tierpick-basis"].endswith("prompt_cut=no")
     assert [u.split("=")[0] for u in got["x-tierpick-utilities"].split(",")] == list(TIERS)
+
+
+def test_the_gateway_server_limits_counts_and_reflects_like_the_service() -> None:
+    """The lifecycle's call guard and metrics serve every gRPC app: the ext_proc streams are
+    counted under grpc_server_*, held to max_concurrency, and listed by reflection v1."""
+    import threading
+    from collections.abc import Iterator
+
+    import grpc
+    from grpc_reflection.v1alpha import reflection_pb2 as r
+
+    from tierpick.serving.gateway import create_gateway
+    from tierpick.serving.lifecycle import ServerConfig
+
+    proc = _processor()
+    app = create_gateway(proc.cfg, "127.0.0.1:0", ServerConfig(max_concurrency=1, watch_seconds=0))
+    ep, base = proc.ep, proc.base
+    service = "envoy.service.ext_proc.v3.ExternalProcessor"
+    key = {"grpc_type": "bidi_stream", "grpc_service": service, "grpc_method": "Process"}
+    body = json.dumps(_chat(HARD)).encode()
+    headers = ep.ProcessingRequest(
+        request_headers=ep.HttpHeaders(headers=base.HeaderMap(headers=[]))
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            process = channel.stream_stream(
+                f"/{service}/Process",
+                request_serializer=ep.ProcessingRequest.SerializeToString,
+                response_deserializer=ep.ProcessingResponse.FromString,
+            )
+            answers = list(
+                process(
+                    iter(
+                        [
+                            headers,
+                            ep.ProcessingRequest(
+                                request_body=ep.HttpBody(body=body, end_of_stream=True)
+                            ),
+                        ]
+                    ),
+                    timeout=10,
+                )
+            )
+            assert answers[1].request_body.response.body_mutation.body  # routed: model rewritten
+            # one stream held open (its headers sent, no body yet) takes the only slot
+            release = threading.Event()
+
+            def headers_then_wait() -> Iterator[Any]:
+                yield headers
+                release.wait(10)
+
+            held = process(headers_then_wait(), timeout=10)
+            assert next(held).HasField("request_headers")
+            with pytest.raises(grpc.RpcError) as refused:
+                list(process(iter([headers]), timeout=10))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            release.set()
+            held.cancel()
+            info = channel.stream_stream(
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                request_serializer=r.ServerReflectionRequest.SerializeToString,
+                response_deserializer=r.ServerReflectionResponse.FromString,
+            )
+            (listed,) = info(iter([r.ServerReflectionRequest(list_services="")]), timeout=5)
+            assert service in {s.name for s in listed.list_services_response.service}
+        registry = app.metrics.registry
+        assert registry.get_sample_value("grpc_server_handled_total", {**key, "grpc_code": "OK"})
+        assert registry.get_sample_value(
+            "grpc_server_handled_total", {**key, "grpc_code": "RESOURCE_EXHAUSTED"}
+        )
+        assert registry.get_sample_value("grpc_server_started_total", key) >= 3
+    finally:
+        app.shutdown(0)

@@ -135,6 +135,40 @@ def test_health_and_reflection(client: TierpickClient) -> None:
     assert SERVICE_NAME in names and "grpc.health.v1.Health" in names
 
 
+def test_reflection_v1_lists_and_describes_the_service(client: TierpickClient) -> None:
+    """v1, which grpcurl and most tools ask first, answers as v1alpha does: the services, and
+    the file that defines each (the reflection services' own included)."""
+    from google.protobuf import descriptor_pb2
+    from grpc_reflection.v1alpha import reflection_pb2 as r  # v1's messages, same wire format
+
+    info = client.channel.stream_stream(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=r.ServerReflectionRequest.SerializeToString,
+        response_deserializer=r.ServerReflectionResponse.FromString,
+    )
+    asks = [
+        r.ServerReflectionRequest(list_services=""),
+        r.ServerReflectionRequest(file_containing_symbol=SERVICE_NAME),
+        r.ServerReflectionRequest(file_containing_symbol="grpc.reflection.v1.ServerReflection"),
+        r.ServerReflectionRequest(file_containing_symbol="tierpick.v1.NoSuchThing"),
+    ]
+    listed, mine, v1, missing = list(info(iter(asks), timeout=5))
+    names = {s.name for s in listed.list_services_response.service}
+    assert {SERVICE_NAME, "grpc.reflection.v1.ServerReflection"} <= names
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(b)
+        for b in mine.file_descriptor_response.file_descriptor_proto
+    ]
+    assert "TierRouter" in [s.name for f in files for s in f.service]
+    (v1_file,) = [
+        descriptor_pb2.FileDescriptorProto.FromString(b)
+        for b in v1.file_descriptor_response.file_descriptor_proto
+    ]
+    assert v1_file.package == "grpc.reflection.v1"
+    assert v1_file.service[0].method[0].input_type == ".grpc.reflection.v1.ServerReflectionRequest"
+    assert missing.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
+
+
 def test_concurrent_load_has_no_errors(client: TierpickClient) -> None:
     prompts = [f"Question {i}: what is {i} + {i}?" for i in range(250)]
 
