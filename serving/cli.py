@@ -658,6 +658,37 @@ def _serve(args: argparse.Namespace) -> int:
     )
 
 
+def register_health(sub: Any) -> None:
+    p = sub.add_parser(
+        "health",
+        help="ask a tierpick server (service or gateway processor) whether it serves: exit 0 "
+        "when SERVING (a container's health probe)",
+    )
+    p.add_argument("address", nargs="?", default="127.0.0.1:50051", help="host:port")
+    p.add_argument("--service", default="", help="the service asked about ('' = the server)")
+    p.add_argument("--timeout", type=float, default=2.0, help="seconds")
+    p.set_defaults(func=_health)
+
+
+def _health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            status = (
+                health_pb2_grpc.HealthStub(channel)
+                .Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+                .status
+            )
+        except grpc.RpcError as exc:
+            print(f"{args.address}: {exc.code().name}: {exc.details()}")
+            return 1
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+    print(f"{args.address}: {name}")
+    return 0 if status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 def register_bench(sub: Any) -> None:
     p = sub.add_parser("bench", help="print latency tables measured on real prompts")
     p.add_argument("--model", help="model directory (default: shipped model)")

@@ -30,6 +30,7 @@ _GROUPS: dict[str, tuple[str, str | None]] = {
     "tune": ("tierpick.serving.cli:register_tune", None),
     "label": ("tierpick.serving.cli:register_label", "label"),
     "serve": ("tierpick.serving.cli:register_serve", None),
+    "health": ("tierpick.serving.cli:register_health", None),
     "bench": ("tierpick.serving.cli:register_bench", None),
     "gateway": ("tierpick.serving.cli:register_gateway", "gateway"),
 }
