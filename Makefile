@@ -28,7 +28,7 @@ venv: $(STAMP)
 check: $(STAMP)
 	$(BIN)/ruff check tierpick classifier training serving tests
 	$(BIN)/ruff format --check tierpick classifier training serving tests
-	$(BIN)/mypy
+	$(BIN)/python tests/typecheck.py
 
 test: check
 	$(BIN)/pytest -m "not slow" --durations=10
@@ -55,9 +55,13 @@ serve: $(SERVE_STAMP)
 	$(SERVE_VENV)/bin/tierpick serve --host $(HOST) --port $(PORT)
 
 # Regenerate the Python gRPC stubs from proto/ (they are committed; never edit them by hand).
+# The import path maps tierpick/serving/_proto to proto/, so the stubs import each other by their
+# installed names; they are written under build/ and copied to serving/_proto.
 proto: $(STAMP)
-	$(BIN)/python -m grpc_tools.protoc -Itierpick/serving/_proto=proto --python_out=. \
-		--grpc_python_out=. --pyi_out=. tierpick/serving/_proto/tierpick/v1/tierpick.proto
+	rm -rf build/proto && mkdir -p build/proto
+	$(BIN)/python -m grpc_tools.protoc -Itierpick/serving/_proto=proto --python_out=build/proto \
+		--grpc_python_out=build/proto --pyi_out=build/proto tierpick/serving/_proto/tierpick/v1/tierpick.proto
+	cp build/proto/tierpick/serving/_proto/tierpick/v1/tierpick_pb2* serving/_proto/tierpick/v1/
 
 # Full retrain of the shipped default from ../shared/data: dataset, teacher, student, evaluation,
 # export to models/default (with REPORT.md), MLflow run in sqlite:///mlflow.db (or $$MLFLOW_TRACKING_URI).

@@ -9,7 +9,8 @@
   :mod:`tierpick.serving.report` the spend report over its output.
 - :mod:`tierpick.serving.gateway`: the Envoy external processor (``tierpick gateway``).
 
-:mod:`tierpick.serving.cli` and :mod:`tierpick.serving.bench` sit on top. The jobs never import
+:mod:`tierpick.serving.cli` sits on top; :mod:`tierpick.serving.harness` (benchmarks, real Envoy and
+LiteLLM processes) is for a checkout and not in the wheel. The jobs never import
 each other (``tests/test_boundaries.py``); the package imports ``classifier``, never
 ``training``.
 """

@@ -736,21 +736,30 @@ def register_bench(sub: Any) -> None:
 
 def _bench(args: argparse.Namespace) -> int:
     from tierpick.classifier.errors import ConfigError
-    from tierpick.serving.bench import run_grpc_bench, run_inprocess_bench
+
+    try:
+        from tierpick.serving.harness.bench import run_grpc_bench, run_inprocess_bench
+    except ModuleNotFoundError as exc:
+        if exc.name != "tierpick.serving.harness":
+            raise
+        raise ConfigError(
+            "tierpick bench runs from a checkout of tierpick (its harnesses are not in the "
+            "wheel): clone it, then `make venv` and `.venv/bin/tierpick bench`"
+        ) from None
 
     if args.teacher and not Path(args.teacher).is_file():
         raise ConfigError(f"--teacher {args.teacher}: no such ONNX file")
 
     if args.litellm:
-        from tierpick.serving.bench import run_litellm_bench
+        from tierpick.serving.harness.bench import run_litellm_bench
 
         sys.stdout.write(run_litellm_bench(args.model, Path(args.prompts), args.calls))
     elif args.gateway:
-        from tierpick.serving.bench import run_gateway_bench
+        from tierpick.serving.harness.bench import run_gateway_bench
 
         sys.stdout.write(run_gateway_bench(args.model, Path(args.prompts), args.calls))
     elif args.score:
-        from tierpick.serving.bench import run_score_bench
+        from tierpick.serving.harness.bench import run_score_bench
 
         sys.stdout.write(
             run_score_bench(args.model, Path(args.prompts), args.rows, ray=not args.no_ray)
@@ -800,7 +809,7 @@ def register_gateway(sub: Any) -> None:
 
 def _gateway_demo_upstreams(args: argparse.Namespace) -> int:
     from tierpick.serving.gateway import load_gateway_config
-    from tierpick.serving.gateway.local_envoy import Upstream
+    from tierpick.serving.gateway.demo import Upstream
     from tierpick.serving.lifecycle import run_until_signalled
 
     cfg = load_gateway_config(args.config)

@@ -2,6 +2,9 @@
 training or torch, and serving never imports training."""
 
 import ast
+import subprocess
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -189,3 +192,53 @@ def test_no_module_imports_itself_through_others() -> None:
     # a package's __init__ re-exporting its modules is not a cycle of code
     real = [c for c in cycles if not any(m.count(".") == 1 for m in c)]
     assert not real, sorted({" -> ".join(c) for c in real})[:5]
+
+
+def _setuptools() -> dict[str, Any]:
+    import tomllib
+
+    found: dict[str, Any] = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"][
+        "setuptools"
+    ]
+    return found
+
+
+CHECKOUT_ONLY = {"tierpick.serving.harness"}  # the harnesses: run from a checkout, not shipped
+
+
+def test_the_wheel_lists_every_folder_of_code_and_no_symlink_is_needed() -> None:
+    """The package is mapped, not linked: every folder with an ``__init__.py`` under a mapped
+    folder is a listed package (the harnesses excepted), every listed package is a folder, and
+    no file of the checkout is a symlink."""
+    cfg = _setuptools()
+    found = set()
+    for package, folder in cfg["package-dir"].items():
+        for init in (REPO / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(REPO / folder).parts
+            if package == "tierpick" and rel:
+                continue  # tierpick/ holds the root only
+            found.add(".".join([package, *rel]))
+    listed = set(cfg["packages"])
+    assert found - CHECKOUT_ONLY <= listed, sorted(found - CHECKOUT_ONLY - listed)
+    assert not listed & CHECKOUT_ONLY
+    for package in listed:
+        root = max((p for p in cfg["package-dir"] if package.startswith(p)), key=len)
+        folder = REPO / cfg["package-dir"][root] / Path(*package[len(root) + 1 :].split("."))
+        assert folder.is_dir(), package
+    tracked = subprocess.run(
+        ["git", "-C", str(REPO), "ls-files", "-s"], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert not [line for line in tracked if line.startswith("120000")]  # git's symlink mode
+
+
+def test_nothing_shipped_imports_the_harnesses() -> None:
+    """Only the CLI's ``bench`` (which says so when they are missing) and tests import them."""
+    bad = sorted(
+        (f, m)
+        for package in ("classifier", "training", "serving", "tierpick")
+        for f, m in _raw_modules(package)
+        if m.startswith("tierpick.serving.harness")
+        and not f.startswith("serving/harness/")
+        and f != "serving/cli.py"
+    )
+    assert not bad, bad

@@ -104,6 +104,22 @@ def test_wheel_serves_without_the_checkout(wheel: Path, tmp_path: Path, version:
     assert scored.returncode == 0, scored.stderr
     assert len((work / "scored.jsonl").read_text().splitlines()) == 20
 
+    # what the wheel leaves out says so in one line: the harnesses (a checkout's), the extras
+    for command, says in (
+        (["bench"], "from a checkout"),
+        (["promote", "--name", "x"], "tierpick[train]"),
+    ):
+        left_out = subprocess.run(
+            [str(bin_ / "tierpick"), *command],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert left_out.returncode != 0 and says in left_out.stderr, left_out.stderr
+        assert "Traceback" not in left_out.stderr and len(left_out.stderr.splitlines()) <= 2
+
     server = subprocess.Popen(
         [str(bin_ / "tierpick"), "serve", "--port", "0", "--watch", "0"],
         cwd=work,

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tierpick.serving.gateway.local_envoy import Upstream
+from tierpick.serving.gateway.demo import Upstream
 
 TIERS = ("local", "mid", "frontier")
 

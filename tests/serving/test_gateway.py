@@ -27,7 +27,9 @@ from tierpick.serving.gateway import (
     parse_gateway_config,
     render_envoy_config,
 )
-from tierpick.serving.gateway.local_envoy import Envoy, Upstream, envoy_binary, free_port
+from tierpick.serving.gateway.demo import Upstream
+from tierpick.serving.harness.envoy import Envoy, envoy_binary
+from tierpick.serving.harness.processes import free_port
 from tierpick.serving.lifecycle import GrpcApp
 
 pytestmark = pytest.mark.slow  # a real Envoy process

@@ -221,7 +221,7 @@ def test_demo_upstreams_answer_on_each_tiers_address(tmp_path: Any) -> None:
     import subprocess
     import sys
 
-    from tierpick.serving.gateway.local_envoy import free_port
+    from tierpick.serving.harness.processes import free_port
 
     ports = {t: free_port() for t in TIERS}
     config = tmp_path / "gateway.yaml"

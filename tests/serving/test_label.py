@@ -21,7 +21,7 @@ import pytest
 from tests.conftest import DATA, REPO
 from tests.serving.fake_llm import digest, grade
 from tierpick.cli import main
-from tierpick.serving.gateway.local_envoy import free_port, stop_process
+from tierpick.serving.harness.processes import free_port, stop_process
 
 KEY = "sk-test-0123456789abcdef"  # must never leave the environment
 TIER_MODELS = {"local": "fake-local", "mid": "fake-mid", "frontier": "fake-frontier"}

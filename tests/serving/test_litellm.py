@@ -23,7 +23,9 @@ pytest.importorskip("litellm", reason="the litellm extra is not installed")
 from tests.conftest import DATA, REPO
 from tierpick import classifier
 from tierpick.classifier.errors import ConfigError
-from tierpick.serving.gateway.local_envoy import Upstream, free_port
+from tierpick.serving.gateway.demo import Upstream
+from tierpick.serving.harness.litellm import LiteLLMProxy, litellm_config
+from tierpick.serving.harness.processes import free_port
 from tierpick.serving.litellm_plugin import (
     DECISION_KEY,
     Plugin,
@@ -32,7 +34,6 @@ from tierpick.serving.litellm_plugin import (
     from_litellm_config,
     parse_plugin_config,
 )
-from tierpick.serving.local_litellm import LiteLLMProxy, litellm_config
 
 TIERS = ("local", "mid", "frontier")
 

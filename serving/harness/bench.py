@@ -458,7 +458,9 @@ def run_gateway_bench(model: str | None, prompts_path: Path, calls: int = 2000) 
     import yaml
 
     from tierpick.serving.gateway import parse_gateway_config, render_envoy_config
-    from tierpick.serving.gateway.local_envoy import Envoy, Upstream, free_port
+    from tierpick.serving.gateway.demo import Upstream
+    from tierpick.serving.harness.envoy import Envoy
+    from tierpick.serving.harness.processes import free_port
 
     prompts = read_prompts(prompts_path)
     upstreams = {t: Upstream(t) for t in ("local", "mid", "frontier")}
@@ -560,8 +562,9 @@ def run_litellm_bench(model: str | None, prompts_path: Path, calls: int = 500) -
     the requests alternate between them, so all see the same machine state."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from tierpick.serving.gateway.local_envoy import Upstream, free_port
-    from tierpick.serving.local_litellm import LiteLLMProxy, litellm_config
+    from tierpick.serving.gateway.demo import Upstream
+    from tierpick.serving.harness.litellm import LiteLLMProxy, litellm_config
+    from tierpick.serving.harness.processes import free_port
 
     prompts = read_prompts(prompts_path)
     upstreams = {t: Upstream(t) for t in ("local", "mid", "frontier")}

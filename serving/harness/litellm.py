@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from tierpick.classifier.errors import MissingDependencyError, TierpickError
-from tierpick.serving.gateway.local_envoy import log_tail, stop_process
+from tierpick.serving.harness.processes import log_tail, stop_process
 
 PLUGIN = "tierpick.serving.litellm_plugin.plugin"
 MASTER_KEY = "sk-tierpick-local"
