@@ -10,7 +10,7 @@ DATA ?= ../shared/data
 HOST ?= 127.0.0.1
 PORT ?= 50051
 
-.PHONY: venv check test test-slow serve model adapt-study data proto clean
+.PHONY: venv check test test-slow serve model adapt-study default-rule data proto clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -69,6 +69,14 @@ model: $(STAMP)
 	TIERPICK_DATA_ROOT=$(abspath $(DATA)) $(BIN)/tierpick train --config training/configs/default.yaml \
 		--out models/default --workdir build/model
 	$(MAKE) adapt-study
+	$(MAKE) default-rule
+
+# every candidate rule on the leave-one-family-out folds `make model` exported, and the
+# first-impression set (training/first_impression) routed by the shipped model: the table goes
+# into models/default/REPORT.md beside leave-one-family-out (seconds)
+default-rule: $(STAMP)
+	$(BIN)/python -m tierpick.training.default_rule build/model/loso-models --out build/default-rule \
+		--report models/default/REPORT.md
 
 # adapt, played as a team, from each leave-one-family-out model `make model` exported: the
 # tables go to build/adapt-study/ and into models/default/REPORT.md (about 12 minutes)
