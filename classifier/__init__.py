@@ -17,6 +17,7 @@ from tierpick.classifier.errors import (
 from tierpick.classifier.routing import Router, RoutingPolicy, read_policy, write_policy
 from tierpick.classifier.runtime import Decision, TierClassifier, load, prepare_prompt
 from tierpick.classifier.text import (
+    conversation_text,
     last_user_text,
     messages_to_prompt,
     normalize_prompt,
@@ -37,6 +38,7 @@ __all__ = [
     "TierClassifier",
     "TierSpec",
     "TierpickError",
+    "conversation_text",
     "last_user_text",
     "load",
     "messages_to_prompt",

@@ -21,7 +21,7 @@ from tierpick.classifier.artifact import (
 )
 from tierpick.classifier.errors import ArtifactError, MissingDependencyError, PromptError
 from tierpick.classifier.routing import Router, RoutingPolicy, platt
-from tierpick.classifier.text import normalize_prompt
+from tierpick.classifier.text import conversation_text, normalize_prompt
 
 DEFAULT_MODEL_ENV = "TIERPICK_MODEL"
 _REPO_MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -269,6 +269,15 @@ class TierClassifier:
         """Calibrated success probability per tier, shape (n, n_tiers), cheapest tier first
         (``prepared`` as in :meth:`predict_logits`)."""
         return self.calibrate(self.predict_logits(prompts, prepared))
+
+    def chat_text(self, messages: object) -> str:
+        """What this model classifies of a chat (OpenAI ``messages``): its last user turn, then
+        the user turns before it as far as the model reads (:func:`conversation_text`).
+
+        Raises:
+            ValueError: malformed messages, or no user turn with text.
+        """
+        return conversation_text(messages, self.manifest.max_chars)
 
     def read(self, prompts: Sequence[str]) -> Reading:
         """What the model read of each prompt and what it made of it: the probabilities (as

@@ -145,29 +145,65 @@ def strip_harness(text: str) -> str:
 
 
 def last_user_text(messages: object) -> str:
-    """The text classified for a served chat request (OpenAI ``messages``): the last user turn
-    that holds text of its own.
+    """The last user turn of a chat (OpenAI ``messages``) that holds text of its own.
 
     Stricter than :func:`messages_to_prompt`, which reads training data: system prompts,
     assistant turns and tool results are skipped, agent-harness blocks are removed from user
     turns (:func:`strip_harness`), and a user turn left with no text (a reminder only, a tool
     result carried in a user turn, an image) is skipped, so an agent loop is classified on the
-    task its user gave.
+    task its user gave. What a served chat is classified on is :func:`conversation_text`: this
+    turn, with the user turns before it.
 
     Raises:
         ValueError: naming the problem: ``messages`` is not a list of objects, a content part is
             not an object, a text part's ``text`` is not a string, or no user turn has text.
     """
+    return conversation_text(messages, 0)
+
+
+# an earlier turn cut to fit the context is kept only with at least this much of it left
+MIN_CONTEXT_CHARS = 64
+
+
+def conversation_text(messages: object, limit: int) -> str:
+    """The text classified for a served chat request: its last user turn with text of its own
+    (:func:`last_user_text`), then the user turns before it, newest first, as many as fit in
+    ``limit`` characters (the last one that does not fit is cut), separated by blank lines.
+
+    So a follow-up ("ok continue", "and now in Rust", "fix it") is read with the request it
+    continues, while a new request in a long chat is read first. The model pools over the
+    tokens it reads, so the order only decides what is cut; ``limit`` is what a model reads
+    (its ``max_chars``), so context never cuts the turn asked. Only the turns read are
+    processed, newest first: the work is bounded whatever the chat's length.
+
+    Raises:
+        ValueError: as :func:`last_user_text`.
+    """
     if not isinstance(messages, list):
         raise ValueError(f"messages must be a list, got {type(messages).__name__}")
     texts = [_checked_user_text(i, m) for i, m in enumerate(messages)]  # shapes: cheap
-    for text in reversed(texts):  # the text work: from the last turn back, until one has text
-        if text is not None and (stripped := strip_harness(text[:MAX_TURN_CHARS])):
-            return stripped
-    raise ValueError(
-        "no user message with text to classify (only system, assistant or tool messages, "
-        "non-text parts, or agent-harness blocks)"
-    )
+    parts: list[str] = []
+    size = 0
+    for text in reversed(texts):  # the text work: from the last turn back, while it fits
+        if text is None or not (stripped := strip_harness(text[:MAX_TURN_CHARS])):
+            continue
+        if not parts:
+            parts.append(stripped)
+            size = len(stripped)
+            if size >= limit:
+                break
+            continue
+        room = limit - size - 2
+        if room < MIN_CONTEXT_CHARS:
+            break
+        parts.append(stripped[:room])
+        size += 2 + len(parts[-1])
+    if not parts:
+        raise ValueError(
+            "no user message with text to classify (only system, assistant or tool messages, "
+            "non-text parts, or agent-harness blocks)"
+        )
+    return "\n\n".join(parts)
 
 
 # A user turn is read up to this many characters: the work one request costs is bounded before

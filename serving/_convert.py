@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from tierpick.classifier import RoutingPolicy, TierClassifier, last_user_text
+from tierpick.classifier import RoutingPolicy, TierClassifier
 from tierpick.classifier.errors import TierpickError
 from tierpick.classifier.routing import POLICY_FIELDS, POLICY_KEYS, overlay
 from tierpick.serving._proto.tierpick.v1 import tierpick_pb2 as pb
@@ -17,14 +17,15 @@ class RequestError(TierpickError):
     """A request that cannot be served as sent (INVALID_ARGUMENT)."""
 
 
-def request_prompt(req: pb.ClassifyRequest) -> str:
-    """The text to classify: ``prompt``, or the last user turn of ``messages`` with text of its
-    own (:func:`~tierpick.classifier.last_user_text`)."""
+def request_prompt(req: pb.ClassifyRequest, clf: TierClassifier) -> str:
+    """The text to classify: ``prompt``, or of ``messages`` the last user turn with text of its
+    own, then the user turns before it as far as the model reads
+    (:meth:`~tierpick.classifier.TierClassifier.chat_text`)."""
     if req.prompt and req.messages:
         raise RequestError("give prompt or messages, not both")
     if req.messages:
         try:
-            text = last_user_text([{"role": m.role, "content": m.content} for m in req.messages])
+            text = clf.chat_text([{"role": m.role, "content": m.content} for m in req.messages])
         except ValueError as exc:
             raise RequestError(f"messages: {exc}") from exc
     else:
@@ -69,7 +70,7 @@ def classify(
     A request's policy is its own, else the batch's ``default``, laid over the server's
     ``base`` policy (see :func:`to_policy`). Each decision goes to ``decisions`` when given."""
     base = base or RoutingPolicy()
-    prompts = [request_prompt(r) for r in requests]
+    prompts = [request_prompt(r, clf) for r in requests]
     policies = [to_policy(r.policy if r.HasField("policy") else default, base) for r in requests]
     groups: dict[RoutingPolicy, list[int]] = {}
     for i, p in enumerate(policies):

@@ -101,7 +101,7 @@ def _classify(args: argparse.Namespace) -> int:
 
     clf = classifier.load(args.model)
     policy = _flag_policy(args, read_policy(args.policy) if args.policy else RoutingPolicy())
-    prompts = [_prompt_argument(p) for p in args.prompts]
+    prompts = [_prompt_argument(p, clf) for p in args.prompts]
     for d in explain(clf, prompts, policy):
         if args.json:
             print(json.dumps(d))
@@ -131,12 +131,12 @@ def _classify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prompt_argument(text: str) -> str:
+def _prompt_argument(text: str, clf: Any) -> str:
     """A ``classify`` argument as the text classified: ``-`` is standard input; a chat (JSON
-    messages) its last user turn with text (:func:`~tierpick.classifier.last_user_text`)."""
+    messages) as served: its last user turn with text, then the user turns before it as far as
+    the model reads (:meth:`~tierpick.classifier.TierClassifier.chat_text`)."""
     import json
 
-    from tierpick.classifier import last_user_text
     from tierpick.classifier.errors import PromptError
 
     if text == "-":
@@ -154,7 +154,7 @@ def _prompt_argument(text: str) -> str:
             and all(isinstance(m, dict) and "role" in m for m in messages)
         ):
             try:
-                return last_user_text(messages)
+                return str(clf.chat_text(messages))
             except ValueError as exc:
                 raise PromptError(f"chat: {exc}") from None
     return text

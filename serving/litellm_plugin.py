@@ -22,10 +22,11 @@ proxy it adds what a classifier alone cannot do:
 With the Python ``Router`` (no proxy hooks) the classifier classifies itself: a bad policy or
 a classifier failure goes to the fallback tier, counted and logged.
 
-What is classified: the last user turn with text of its own
-(:func:`~tierpick.classifier.last_user_text`): system prompts, assistant turns and tool
-results are skipped, agent-harness blocks (``<system-reminder>``, Codex's environment and
-AGENTS.md blocks, ...) are removed, and a user turn left empty is skipped.
+What is classified: the last user turn with text of its own, then the user turns before it as
+far as the model reads (:func:`~tierpick.classifier.conversation_text`), so a follow-up is read
+with what it continues: system prompts, assistant turns and tool results are skipped,
+agent-harness blocks (``<system-reminder>``, Codex's environment and AGENTS.md blocks, ...) are
+removed, and a user turn left empty is skipped.
 
 Settings: a ``tierpick:`` section of the LiteLLM config file (LiteLLM ignores it), or the YAML
 file named by ``$TIERPICK_LITELLM_CONFIG``::
@@ -59,7 +60,7 @@ from typing import Any
 import grpc
 
 from tierpick import classifier
-from tierpick.classifier import Router, RoutingPolicy, TierClassifier, last_user_text
+from tierpick.classifier import Router, RoutingPolicy, TierClassifier, conversation_text
 from tierpick.classifier.errors import (
     ConfigError,
     MissingDependencyError,
@@ -458,13 +459,13 @@ class Plugin(CustomLogger):
             if ignored
             else ""
         )
-        try:
-            prompt = last_user_text(messages)
-        except ValueError as exc:
-            raise NotClassified(str(exc)) from None
         if self._clf is not None:  # ~0.3 ms: on the loop, as the gateway's processor does
             clf = self._clf
             assert router is not None
+            try:
+                prompt = clf.chat_text(messages)
+            except ValueError as exc:
+                raise NotClassified(str(exc)) from None
             reading = clf.read([prompt])
             d = clf.route_proba(reading.proba, router)[0]
             self._log(prompt, d.tier, d.probabilities, clf.version, router, requested_model)
@@ -472,6 +473,10 @@ class Plugin(CustomLogger):
             return d.tier, proba, clf.version, note, basis(router, reading.proba[0], reading.cut[0])
         from tierpick.serving.client import policy as pb_policy
 
+        try:  # the conversation as the service's model reads it
+            prompt = conversation_text(messages, self._info.max_prompt_chars)
+        except ValueError as exc:
+            raise NotClassified(str(exc)) from None
         try:
             resp = await self._client().classify(
                 prompt,

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from typing import Any
 
-from tierpick.classifier import RoutingPolicy, TierClassifier, last_user_text
+from tierpick.classifier import RoutingPolicy, TierClassifier
 from tierpick.classifier.errors import (
     MissingDependencyError,
     PolicyError,
@@ -96,13 +96,14 @@ def parse_body(body: bytes) -> dict[str, Any]:
     return obj
 
 
-def prompt_of(obj: Mapping[str, Any]) -> str:
-    """The text to classify in a parsed request body: the last user turn of ``messages`` with
-    text of its own (chat/completions; :func:`~tierpick.classifier.last_user_text`), or
-    ``prompt`` (completions)."""
+def prompt_of(obj: Mapping[str, Any], clf: TierClassifier) -> str:
+    """The text to classify in a parsed request body: of ``messages`` (chat/completions) the
+    last user turn with text of its own, then the user turns before it as far as the model
+    reads (:meth:`~tierpick.classifier.TierClassifier.chat_text`); or ``prompt``
+    (completions)."""
     if "messages" in obj:
         try:
-            text = last_user_text(obj["messages"])
+            text = clf.chat_text(obj["messages"])
         except ValueError as exc:
             raise NotClassifiable(str(exc)) from exc
     elif isinstance(obj.get("prompt"), str):
@@ -284,7 +285,7 @@ class TierpickProcessor:
                 # (no client reaches the dearest tier by naming its model)
                 ignored = [*ignored, "explicit-model"]
                 explicit = False
-            prompt = prompt_of(obj)
+            prompt = prompt_of(obj, clf)
             reading = clf.read([prompt])
             proba = reading.proba
             decision = clf.route_proba(proba, router)[0]

@@ -73,3 +73,53 @@ def test_last_user_text_skips_harness_text_and_names_bad_parts() -> None:
         with pytest.raises(ValueError) as err:
             last_user_text(bad)
         assert where in str(err.value), bad
+
+
+RAFT = (
+    "Design a Raft-based replicated key-value store in Rust with linearizable lease reads and "
+    "joint-consensus membership changes; prove the read path safe under clock drift."
+)
+
+
+def test_a_follow_up_is_read_with_the_turns_it_continues() -> None:
+    from tierpick.classifier import conversation_text, last_user_text
+
+    chat = [
+        {"role": "system", "content": "You are helpful."},
+        {"role": "user", "content": RAFT},
+        {"role": "assistant", "content": "Here is a design ..."},
+        {"role": "tool", "content": "tool output that is not the user's"},
+        {"role": "user", "content": [{"type": "text", "text": "ok continue"}]},
+    ]
+    assert conversation_text(chat, 2000) == "ok continue\n\n" + RAFT  # newest first
+    assert last_user_text(chat) == conversation_text(chat, 0) == "ok continue"
+    # context is cut to the limit, never the turn asked; a sliver of a turn is not kept
+    assert conversation_text(chat, 11 + 2 + 80) == "ok continue\n\n" + RAFT[:80]
+    assert conversation_text(chat, 11 + 2 + 40) == "ok continue"
+    long_ask = "x" * 500
+    assert conversation_text([*chat[:-1], {"role": "user", "content": long_ask}], 100) == long_ask
+    # turns further back come after nearer ones, while they fit
+    three = [{"role": "user", "content": t} for t in ("first" * 20, "second" * 20, "go")]
+    assert conversation_text(three, 10_000).split("\n\n") == [
+        "go",
+        "second" * 20,
+        "first" * 20,
+    ]
+    # the older turn gets what is left (70 characters), the oldest nothing more
+    assert conversation_text(three, 2 + 2 + 120 + 2 + 70).split("\n\n") == [
+        "go",
+        "second" * 20,
+        ("first" * 20)[:70],
+    ]
+
+
+def test_an_agent_loop_is_read_on_the_task_its_user_gave() -> None:
+    from tierpick.classifier import conversation_text
+
+    loop = [
+        {"role": "user", "content": "Refactor the parser to stream its input."},
+        {"role": "assistant", "content": None, "tool_calls": []},
+        {"role": "user", "content": [{"type": "tool_result", "content": "ok"}]},  # no text
+        {"role": "user", "content": "<system-reminder>3 files changed</system-reminder>"},
+    ]
+    assert conversation_text(loop, 5000) == "Refactor the parser to stream its input."

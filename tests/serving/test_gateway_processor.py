@@ -387,3 +387,19 @@ def test_the_gateway_server_limits_counts_and_reflects_like_the_service() -> Non
         assert registry.get_sample_value("grpc_server_started_total", key) >= 3
     finally:
         app.shutdown(0)
+
+
+def test_a_follow_up_through_the_gateway_goes_where_its_conversation_goes() -> None:
+    proc = _processor()
+    hard = (
+        "Design a Raft-based replicated key-value store in Rust with linearizable lease reads "
+        "and joint-consensus membership changes; prove the read path safe under clock drift."
+    )
+    chat = [
+        {"role": "user", "content": hard},
+        {"role": "assistant", "content": "Here is a design: ..."},
+        {"role": "user", "content": "ok continue"},
+    ]
+    _, alone, _ = _send(proc, {"model": "tierpick/auto", "messages": chat[-1:]})
+    _, follow_up, _ = _send(proc, {"model": "tierpick/auto", "messages": chat})
+    assert (alone["x-tierpick-tier"], follow_up["x-tierpick-tier"]) == ("local", "frontier")

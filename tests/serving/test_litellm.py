@@ -403,3 +403,41 @@ def test_a_tier_litellm_cannot_route_is_a_counted_failure() -> None:
     assert decision["status"] == "fallback" and decision["tier"] is None
     assert "'frontier' has no model group" in decision["reason"]
     assert plugin.counts["classified"] == 1 and plugin.counts["fallback"] == 1
+
+
+FOLLOW_UP = [
+    {
+        "role": "user",
+        "content": "Design a Raft-based replicated key-value store in Rust with linearizable "
+        "lease reads and joint-consensus membership changes; prove the read path safe under "
+        "clock drift.",
+    },
+    {"role": "assistant", "content": "Here is a design: ..."},
+    {"role": "user", "content": "ok continue"},
+]
+
+
+def test_a_follow_up_inherits_the_tier_of_what_it_continues_in_process_and_served() -> None:
+    """'ok continue' alone goes local; after a hard request it goes where the request goes, in
+    the plug-in's own model and through the service alike."""
+    from tierpick.serving.service import create_server
+
+    def tier(plugin: Plugin, messages: list[dict[str, str]]) -> str:
+        data = {"model": "tierpick/auto", "messages": messages, "metadata": {}}
+        out = asyncio.run(plugin.async_pre_call_hook(None, None, data, "completion"))
+        return str(out["metadata"][DECISION_KEY]["tier"])
+
+    server = create_server("127.0.0.1:0")
+    try:
+        ups = {t: f"127.0.0.1:{9000 + i}" for i, t in enumerate(TIERS)}
+        model_list = litellm_config(ups, {})["model_list"]
+        for config in (
+            PluginConfig(model="default"),
+            PluginConfig(service=f"127.0.0.1:{server.port}", timeout_ms=5000),
+        ):
+            plugin = Plugin(config)
+            plugin.check(model_list)
+            assert tier(plugin, FOLLOW_UP[-1:]) == "local"
+            assert tier(plugin, FOLLOW_UP) == "frontier"
+    finally:
+        server.shutdown(0)

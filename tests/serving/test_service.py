@@ -9,6 +9,7 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 
@@ -814,3 +815,28 @@ def test_the_answer_says_why_this_tier(client: TierpickClient) -> None:
     long = client.classify("Summarize this. " + "lorem ipsum dolor sit amet " * 3000)
     assert long.basis.prompt_cut and long.basis.rule == "utility"
     assert client.classify("x", routing=policy(min_success=0.7)).basis.rule == "threshold"
+
+
+def test_a_follow_up_is_classified_with_the_turns_it_continues(
+    client: TierpickClient, model_copy: Path
+) -> None:
+    """The served model reads a chat's last user turn and the user turns before it (the tiers
+    this gives with the shipped model are checked at the gateway and the plug-in)."""
+    from tierpick import classifier
+
+    hard = (
+        "Design a Raft-based replicated key-value store in Rust with linearizable lease reads "
+        "and joint-consensus membership changes; prove the read path safe under clock drift."
+    )
+    chat = [
+        {"role": "user", "content": hard},
+        {"role": "assistant", "content": "Here is a design: ..."},
+        {"role": "user", "content": "ok continue"},
+    ]
+    clf = classifier.load(str(model_copy))
+    expected = clf.predict_proba([clf.chat_text(chat), "ok continue"])
+    for messages, want in ((chat, expected[0]), (chat[-1:], expected[1])):
+        got = [s.success_probability for s in client.classify(messages=messages).scores]
+        assert got == pytest.approx(want.tolist(), abs=1e-6)
+    assert clf.chat_text(chat) == "ok continue\n\n" + hard
+    assert not np.allclose(expected[0], expected[1], atol=1e-3)
