@@ -95,12 +95,15 @@ class RoutingPolicy:
             (None: no cap).
         cost_weight: the utility rule's price of cost, finite and >= 0 (None: the model's
             default).
+        sticky: a conversation is never routed below the dearest tier it was routed to
+            before (among the tiers this request allows); the serving doors keep that state.
     """
 
     min_success: float = 0.0
     allowed_tiers: tuple[str, ...] = ()
     max_price: float | None = None
     cost_weight: float | None = None
+    sticky: bool = False
 
 
 class TierPrices(Protocol):
@@ -126,6 +129,7 @@ class Router:
     allowed: Mask
     min_success: float
     cost_weight: float
+    sticky: bool = False
 
     @classmethod
     def for_tiers(
@@ -156,7 +160,7 @@ class Router:
             raise PolicyError("no tier is allowed by allowed_tiers and max_price together")
         costs = normalized_costs([t.price_input for t in tiers], [t.price_output for t in tiers])
         weight = default_cost_weight if policy.cost_weight is None else policy.cost_weight
-        return cls(names, costs, allowed, policy.min_success, float(weight))
+        return cls(names, costs, allowed, policy.min_success, float(weight), policy.sticky)
 
     @property
     def rule(self) -> str:
@@ -219,6 +223,7 @@ class PolicyField:
     lo: float = 0.0
     hi: float = math.inf
     tiers: bool = False  # a list of tier names, not a number
+    switch: bool = False  # true or false, not a number
 
     @property
     def flag(self) -> str:
@@ -250,11 +255,20 @@ class PolicyField:
 
     def from_value(self, value: object, where: str) -> Any:
         """The field's value from JSON/YAML (a policy file, request metadata)."""
+        if self.switch:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: must be true or false, got {clip(value)}")
+            return value
         return self.names(value, where) if self.tiers else self.number(value, where)
 
     def from_text(self, text: str, where: str) -> Any:
         """The field's value from text (a header, a command-line flag): a comma list of tiers,
         or a number; a bad one is a :class:`PolicyError` naming ``where``."""
+        if self.switch:
+            word = text.strip().lower()
+            if word not in SWITCH_WORDS:
+                raise PolicyError(f"{where}: not true or false: {clip(text, 100)}")
+            return SWITCH_WORDS[word]
         if self.tiers:
             names = tuple(t.strip() for t in text.split(",", MAX_TIERS) if t.strip())
             if len(names) > MAX_TIERS:
@@ -283,7 +297,14 @@ POLICY_FIELDS = (
         "max_price", "max-price", "the highest USD per 1M output tokens a chosen tier may cost"
     ),
     PolicyField("cost_weight", "cost-weight", "utility rule: the price of cost", hi=1e12),
+    PolicyField(
+        "sticky",
+        "sticky",
+        "never route a conversation below the dearest tier it was routed to (true or false)",
+        switch=True,
+    ),
 )
+SWITCH_WORDS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
 POLICY_KEYS = tuple(f.name for f in POLICY_FIELDS)
 FIELD = {f.name: f for f in POLICY_FIELDS}
 
@@ -338,6 +359,7 @@ def policy_to_mapping(policy: RoutingPolicy) -> dict[str, Any]:
         "allowed_tiers": list(policy.allowed_tiers),
         "max_price": policy.max_price,
         "cost_weight": policy.cost_weight,
+        "sticky": policy.sticky,
     }
 
 

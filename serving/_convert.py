@@ -10,6 +10,7 @@ from tierpick.classifier import RoutingPolicy, TierClassifier
 from tierpick.classifier.errors import TierpickError
 from tierpick.classifier.routing import POLICY_FIELDS, POLICY_KEYS, overlay
 from tierpick.serving._proto.tierpick.v1 import tierpick_pb2 as pb
+from tierpick.serving.conversations import Conversations, conversation_key
 from tierpick.serving.decisions import DecisionLog, policy_fields
 
 
@@ -64,14 +65,25 @@ def classify(
     default: pb.RoutingPolicy | None,
     base: RoutingPolicy | None = None,
     decisions: DecisionLog | None = None,
+    conversations: Conversations | None = None,
 ) -> list[pb.ClassifyResponse]:
     """Validate every request first (nothing is computed for a bad batch), then predict once.
 
     A request's policy is its own, else the batch's ``default``, laid over the server's
-    ``base`` policy (see :func:`to_policy`). Each decision goes to ``decisions`` when given."""
+    ``base`` policy (see :func:`to_policy`). Under a sticky policy, ``conversations`` holds
+    each conversation's tier (:mod:`~tierpick.serving.conversations`). Each decision goes to
+    ``decisions`` when given."""
     base = base or RoutingPolicy()
     prompts = [request_prompt(r, clf) for r in requests]
     policies = [to_policy(r.policy if r.HasField("policy") else default, base) for r in requests]
+    keys = [
+        conversation_key(
+            r.conversation_id, [{"role": m.role, "content": m.content} for m in r.messages]
+        )
+        if p.sticky
+        else None
+        for r, p in zip(requests, policies, strict=True)
+    ]
     groups: dict[RoutingPolicy, list[int]] = {}
     for i, p in enumerate(policies):
         groups.setdefault(p, []).append(i)
@@ -85,6 +97,14 @@ def classify(
     for p, rows in groups.items():  # one vectorized pass per distinct policy
         chosen[rows], met[rows] = routers[p].choose(proba[rows])
         utility[rows] = routers[p].utilities(proba[rows])
+    held = np.zeros(len(requests), dtype=bool)
+    if conversations is not None:
+        for i, key in enumerate(keys):
+            if key is not None:
+                tier, held[i] = conversations.hold(
+                    key, int(chosen[i]), routers[policies[i]].allowed
+                )
+                chosen[i] = tier
     tiers = clf.manifest.tiers
     if decisions is not None:
         for i, r in enumerate(requests):
@@ -124,6 +144,7 @@ def classify(
                     cost_weight=router.cost_weight,
                     min_success=router.min_success,
                     prompt_cut=reading.cut[i],
+                    held_by_conversation=bool(held[i]),
                 ),
             )
         )

@@ -36,7 +36,8 @@ def _policy_flags(p: argparse.ArgumentParser) -> None:
     from tierpick.classifier.routing import POLICY_FIELDS
 
     for f in POLICY_FIELDS:
-        p.add_argument(f.flag, metavar="TIERS" if f.tiers else "X", help=f.help)
+        metavar = "TIERS" if f.tiers else "true|false" if f.switch else "X"
+        p.add_argument(f.flag, metavar=metavar, help=f.help)
 
 
 def _flag_policy(args: argparse.Namespace, base: Any) -> Any:

@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tierpick.classifier.routing import POLICY_FIELDS, RoutingPolicy
 from tierpick.serving._proto.tierpick.v1 import tierpick_pb2 as pb
 from tierpick.serving._proto.tierpick.v1 import tierpick_pb2_grpc as pb_grpc
 
@@ -18,14 +19,29 @@ def policy(
     allowed_tiers: Sequence[str] = (),
     max_price: float | None = None,
     cost_weight: float | None = None,
+    sticky: bool = False,
 ) -> pb.RoutingPolicy:
     """Build a RoutingPolicy message (unset optional fields stay unset)."""
-    msg = pb.RoutingPolicy(min_success=min_success, allowed_tiers=list(allowed_tiers))
-    if max_price is not None:
-        msg.max_price = max_price
-    if cost_weight is not None:
-        msg.cost_weight = cost_weight
+    return policy_message(
+        RoutingPolicy(min_success, tuple(allowed_tiers), max_price, cost_weight, sticky)
+    )
+
+
+def policy_message(p: RoutingPolicy) -> pb.RoutingPolicy:
+    """A :class:`~tierpick.classifier.RoutingPolicy` as the request message, field by field
+    (:data:`~tierpick.classifier.routing.POLICY_FIELDS`); a field at its default stays unset,
+    so the server's policy applies there."""
+    msg = pb.RoutingPolicy()
+    for f in POLICY_FIELDS:
+        value, default = getattr(p, f.name), getattr(_DEFAULT, f.name)
+        if f.tiers:
+            getattr(msg, f.name).extend(value)
+        elif value is not None and (default is None or value != default):
+            setattr(msg, f.name, value)
     return msg
+
+
+_DEFAULT = RoutingPolicy()
 
 
 def request(
@@ -33,11 +49,13 @@ def request(
     messages: Iterable[Mapping[str, str]] = (),
     routing: pb.RoutingPolicy | None = None,
     request_id: str = "",
+    conversation_id: str = "",
 ) -> pb.ClassifyRequest:
     req = pb.ClassifyRequest(
         prompt=prompt,
         messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
         request_id=request_id,
+        conversation_id=conversation_id,
     )
     if routing is not None:
         req.policy.CopyFrom(routing)
@@ -80,9 +98,11 @@ class _Stub:
         routing: pb.RoutingPolicy | None,
         request_id: str,
         timeout: float | None,
+        conversation_id: str = "",
     ) -> Any:
         return self.stub.Classify(
-            request(prompt, messages, routing, request_id), timeout=timeout or self.timeout
+            request(prompt, messages, routing, request_id, conversation_id),
+            timeout=timeout or self.timeout,
         )
 
     def _model_info(self, timeout: float | None, with_evaluation: bool = False) -> Any:
@@ -112,8 +132,11 @@ class TierpickClient(_Stub):
         routing: pb.RoutingPolicy | None = None,
         request_id: str = "",
         timeout: float | None = None,
+        conversation_id: str = "",
     ) -> pb.ClassifyResponse:
-        resp: pb.ClassifyResponse = self._classify(prompt, messages, routing, request_id, timeout)
+        resp: pb.ClassifyResponse = self._classify(
+            prompt, messages, routing, request_id, timeout, conversation_id
+        )
         return resp
 
     def classify_batch(
@@ -186,9 +209,10 @@ class AsyncTierpickClient(_Stub):
         routing: pb.RoutingPolicy | None = None,
         request_id: str = "",
         timeout: float | None = None,
+        conversation_id: str = "",
     ) -> pb.ClassifyResponse:
         resp: pb.ClassifyResponse = await self._classify(
-            prompt, messages, routing, request_id, timeout
+            prompt, messages, routing, request_id, timeout, conversation_id
         )
         return resp
 

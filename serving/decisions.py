@@ -96,9 +96,12 @@ def policy_fields(router: Router) -> dict[str, Any]:
     }
 
 
-def basis(router: Router, proba_row: Sequence[float], cut: bool) -> dict[str, Any]:
+def basis(
+    router: Router, proba_row: Sequence[float], cut: bool, held: bool = False
+) -> dict[str, Any]:
     """Why a tier was chosen, in plain values: the rule, its knob, each allowed tier's utility,
-    whether the prompt was cut (:func:`basis_headers` renders it for the HTTP doors)."""
+    whether the prompt was cut, whether a sticky policy held the tier to its conversation's
+    (:func:`basis_headers` renders it for the HTTP doors)."""
     import numpy as np
 
     utility = router.utilities(np.asarray([proba_row], dtype=np.float64))[0]
@@ -107,6 +110,7 @@ def basis(router: Router, proba_row: Sequence[float], cut: bool) -> dict[str, An
         "cost_weight": router.cost_weight,
         "min_success": router.min_success,
         "prompt_cut": bool(cut),
+        "held_by_conversation": bool(held),
         "utilities": {
             t: float(u)
             for t, u, ok in zip(router.tiers, utility, router.allowed, strict=True)
@@ -122,6 +126,7 @@ def basis_headers(b: Mapping[str, Any]) -> dict[str, str]:
         "basis": (
             f"{b['rule']}; cost_weight={b['cost_weight']:.6g}; "
             f"min_success={b['min_success']:g}; prompt_cut={'yes' if b['prompt_cut'] else 'no'}"
+            + ("; held_by_conversation=yes" if b.get("held_by_conversation") else "")
         ),
         "utilities": ",".join(f"{t}={u:.4f}" for t, u in b["utilities"].items()),
     }

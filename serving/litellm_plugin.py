@@ -75,6 +75,7 @@ from tierpick.classifier.routing import (
     read_policy,
     within_grant,
 )
+from tierpick.serving.conversations import Conversations, conversation_key
 from tierpick.serving.decisions import (
     MODES,
     DecisionLog,
@@ -294,6 +295,26 @@ def check_model_list(
 # ---------------------------------------------------------------------------------- plug-in
 
 
+CONVERSATION_KEY = "conversation_id"  # in metadata.tierpick: a sticky policy's conversation
+
+
+def _conversation_id(raw: object) -> tuple[str, object]:
+    """``metadata.tierpick``'s conversation id (checked: a string of at most
+    :data:`~tierpick.serving.conversations.MAX_ID_CHARS` printable characters), and the rest
+    of the mapping, the policy fields."""
+    if not isinstance(raw, Mapping) or CONVERSATION_KEY not in raw:
+        return "", raw
+    value = raw[CONVERSATION_KEY]
+    where = f"metadata.{POLICY_KEY}.{CONVERSATION_KEY}"
+    if not isinstance(value, str):
+        raise BadRequest(f"{where}: must be a string, got {type(value).__name__}")
+    try:
+        conversation_key(value, None)
+    except PolicyError as exc:
+        raise BadRequest(f"{where}: {exc}") from None
+    return value, {k: v for k, v in raw.items() if k != CONVERSATION_KEY}
+
+
 class Plugin(CustomLogger):
     """tierpick as LiteLLM's complexity-router classifier (``classify``) and callback."""
 
@@ -304,6 +325,7 @@ class Plugin(CustomLogger):
         self.routed: dict[str, RoutedGroup] = {}  # model group name -> its tiers (proxy)
         self._clf: TierClassifier | None = None
         self._info: Any = None  # the service's ModelInfo, fetched once
+        self.conversations = Conversations()  # a sticky policy's state (in-process model)
         self._service_checked: RoutingPolicy | None = None  # the config's, once valid
         self._clients: dict[int, tuple[Any, Any]] = {}  # one grpc.aio channel per event loop
         cfg_log = self.config.decision_log
@@ -451,6 +473,7 @@ class Plugin(CustomLogger):
     ) -> tuple[str, dict[str, float], str, str, dict[str, Any] | None]:
         if self._clf is None and self._info is None:
             await self._fetch_info()
+        conversation, raw_policy = _conversation_id(raw_policy)
         policy, ignored = self.request_policy(raw_policy)
         router = self._router(policy)
         note = (
@@ -468,10 +491,16 @@ class Plugin(CustomLogger):
                 raise NotClassified(str(exc)) from None
             reading = clf.read([prompt])
             d = clf.route_proba(reading.proba, router)[0]
+            held = False
+            if router.sticky:
+                key = conversation_key(conversation, messages)
+                index, held = self.conversations.hold(key, clf.tiers.index(d.tier), router.allowed)
+                d = replace(d, tier=clf.tiers[index])
             self._log(prompt, d.tier, d.probabilities, clf.version, router, requested_model)
             proba = {t: round(p, 4) for t, p in d.probabilities.items()}
-            return d.tier, proba, clf.version, note, basis(router, reading.proba[0], reading.cut[0])
-        from tierpick.serving.client import policy as pb_policy
+            made = basis(router, reading.proba[0], reading.cut[0], held)
+            return d.tier, proba, clf.version, note, made
+        from tierpick.serving.client import policy_message
 
         try:  # the conversation as the service's model reads it
             prompt = conversation_text(messages, self._info.max_prompt_chars)
@@ -480,9 +509,11 @@ class Plugin(CustomLogger):
         try:
             resp = await self._client().classify(
                 prompt,
-                routing=pb_policy(
-                    policy.min_success, policy.allowed_tiers, policy.max_price, policy.cost_weight
-                ),
+                routing=policy_message(policy),
+                # the service sees the text only: the conversation is named for it
+                conversation_id=(conversation_key(conversation, messages) or "")
+                if policy.sticky
+                else "",
             )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:  # the policy was checked: the prompt
@@ -500,6 +531,7 @@ class Plugin(CustomLogger):
                 "cost_weight": resp.basis.cost_weight,
                 "min_success": resp.basis.min_success,
                 "prompt_cut": resp.basis.prompt_cut,
+                "held_by_conversation": resp.basis.held_by_conversation,
                 "utilities": {s.tier: s.utility for s in resp.scores if s.allowed},
             }
             if resp.basis.rule  # an older service sends none

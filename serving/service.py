@@ -21,6 +21,7 @@ from tierpick.classifier import RoutingPolicy, TierClassifier
 from tierpick.serving import _convert
 from tierpick.serving._proto.tierpick.v1 import tierpick_pb2 as pb
 from tierpick.serving._proto.tierpick.v1 import tierpick_pb2_grpc as pb_grpc
+from tierpick.serving.conversations import Conversations
 from tierpick.serving.decisions import DecisionLog, DecisionLogConfig
 from tierpick.serving.lifecycle import (
     TLS,
@@ -80,11 +81,19 @@ class TierRouterServicer(pb_grpc.TierRouterServicer):
         self.config = config
         self.metrics = metrics
         self.pool = pool
+        self.conversations = Conversations()  # a sticky policy's state: this server's
 
     async def Classify(
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyResponse:
-        args = (self.holder.current, [request], None, self.policy, self.decisions)
+        args = (
+            self.holder.current,
+            [request],
+            None,
+            self.policy,
+            self.decisions,
+            self.conversations,
+        )
         if _text_chars(request) <= LOOP_CHARS:  # tens of microseconds: on the loop
             resp = _convert.classify(*args)[0]
         else:  # a large request is worked on a thread: the loop keeps answering everyone else
@@ -118,7 +127,9 @@ class TierRouterServicer(pb_grpc.TierRouterServicer):
         self, clf: TierClassifier, requests: list[pb.ClassifyRequest], default: Any
     ) -> list[pb.ClassifyResponse]:
         """A batch on a worker thread; a large one hands its memory back when done."""
-        responses = _convert.classify(clf, requests, default, self.policy, self.decisions)
+        responses = _convert.classify(
+            clf, requests, default, self.policy, self.decisions, self.conversations
+        )
         if sum(_text_chars(r) for r in requests) > RELEASE_CHARS:
             release_memory()
         return responses

@@ -22,6 +22,7 @@ from tierpick.classifier.errors import (
     TierpickError,
 )
 from tierpick.classifier.routing import POLICY_FIELDS, clip, overlay, within_grant
+from tierpick.serving.conversations import Conversations, conversation_key
 from tierpick.serving.decisions import DecisionLog, basis, basis_headers, policy_fields
 from tierpick.serving.gateway.config import (
     POLICY_HEADERS,
@@ -43,6 +44,7 @@ from tierpick.serving.lifecycle import (
 log = logging.getLogger("tierpick.gateway")
 
 HEADER_PREFIX = "x-tierpick-"
+CONVERSATION_HEADER = "x-tierpick-conversation"  # a sticky policy's conversation id
 MAX_HEADER_CHARS = 512  # an x-tierpick-* header value is cut to this many characters
 MAX_EXT_PROC_BYTES = (64 << 20) + (1 << 20)  # envoy.MAX_BODY_BYTES and the message around it
 DECISION_HEADERS = (
@@ -179,6 +181,7 @@ class TierpickProcessor:
 
         self.cfg, self.holder, self.metrics = cfg, holder, metrics
         self.decisions = decisions
+        self.conversations = Conversations()  # a sticky policy's state: this processor's
         self.ep, self.base, self.http_status = ep, base_pb2, http_status_pb2
 
     async def Process(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
@@ -261,8 +264,11 @@ class TierpickProcessor:
     def _on_body(self, body: bytes, headers: Mapping[str, str]) -> Any:
         cfg = self.cfg
         clf = self.holder.current
+        conversation = headers.get(CONVERSATION_HEADER, "")
         try:
             router, ignored = self._policy(headers, clf)
+            if conversation:  # a client's: bounded, a bad one is refused
+                conversation_key(conversation, None)
         except TierpickError as exc:
             self.metrics.decisions.labels("bad-request").inc()
             return self._reject(400, "invalid_request_error", str(exc))
@@ -289,6 +295,13 @@ class TierpickProcessor:
             reading = clf.read([prompt])
             proba = reading.proba
             decision = clf.route_proba(proba, router)[0]
+            held = False
+            if router.sticky:
+                key = conversation_key(conversation, obj.get("messages"))
+                index, held = self.conversations.hold(
+                    key, clf.tiers.index(decision.tier), router.allowed
+                )
+                decision = replace(decision, tier=clf.tiers[index])
         except (NotClassifiable, PromptError) as exc:
             if explicit:  # shadow mode: nothing to log, the request goes as it would
                 return self._explicit_model(model)
@@ -323,7 +336,7 @@ class TierpickProcessor:
             "model-version": clf.version,
             "probabilities": ",".join(f"{t}={p:.4f}" for t, p in decision.probabilities.items()),
             "status": "classified",
-            **basis_headers(basis(router, proba[0], reading.cut[0])),
+            **basis_headers(basis(router, proba[0], reading.cut[0], held)),
         }
         if ignored:
             named = [h for h in ignored if h != "explicit-model"]

@@ -61,7 +61,7 @@ def test_contract(client: TierpickClient) -> None:
     assert all(0 < s.success_probability < 1 for s in resp.scores)
     assert resp.scores[2].price_output == 15.0
     assert resp.model_version == info.model_version
-    # chat: the last user turn is classified, so it matches the plain prompt
+    # chat: the last user turn is classified, with the user turns before it after it
     chat = client.classify(
         messages=[
             {"role": "system", "content": "be brief"},
@@ -70,8 +70,9 @@ def test_contract(client: TierpickClient) -> None:
             {"role": "user", "content": "What is 2 + 2?"},
         ]
     )
+    read = client.classify("What is 2 + 2?\n\nhello")
     assert [s.success_probability for s in chat.scores] == pytest.approx(
-        [s.success_probability for s in resp.scores]
+        [s.success_probability for s in read.scores]
     )
     forced = client.classify("What is 2 + 2?", routing=policy(min_success=1.0))
     assert forced.tier == "frontier" and not forced.met_threshold

@@ -15,28 +15,32 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class RoutingPolicy(_message.Message):
-    __slots__ = ("min_success", "allowed_tiers", "max_price", "cost_weight")
+    __slots__ = ("min_success", "allowed_tiers", "max_price", "cost_weight", "sticky")
     MIN_SUCCESS_FIELD_NUMBER: _ClassVar[int]
     ALLOWED_TIERS_FIELD_NUMBER: _ClassVar[int]
     MAX_PRICE_FIELD_NUMBER: _ClassVar[int]
     COST_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    STICKY_FIELD_NUMBER: _ClassVar[int]
     min_success: float
     allowed_tiers: _containers.RepeatedScalarFieldContainer[str]
     max_price: float
     cost_weight: float
-    def __init__(self, min_success: _Optional[float] = ..., allowed_tiers: _Optional[_Iterable[str]] = ..., max_price: _Optional[float] = ..., cost_weight: _Optional[float] = ...) -> None: ...
+    sticky: bool
+    def __init__(self, min_success: _Optional[float] = ..., allowed_tiers: _Optional[_Iterable[str]] = ..., max_price: _Optional[float] = ..., cost_weight: _Optional[float] = ..., sticky: _Optional[bool] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("prompt", "messages", "policy", "request_id")
+    __slots__ = ("prompt", "messages", "policy", "request_id", "conversation_id")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     messages: _containers.RepeatedCompositeFieldContainer[ChatMessage]
     policy: RoutingPolicy
     request_id: str
-    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., policy: _Optional[_Union[RoutingPolicy, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    conversation_id: str
+    def __init__(self, prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., policy: _Optional[_Union[RoutingPolicy, _Mapping]] = ..., request_id: _Optional[str] = ..., conversation_id: _Optional[str] = ...) -> None: ...
 
 class TierScore(_message.Message):
     __slots__ = ("tier", "success_probability", "price_input", "price_output", "allowed", "utility")
@@ -55,16 +59,18 @@ class TierScore(_message.Message):
     def __init__(self, tier: _Optional[str] = ..., success_probability: _Optional[float] = ..., price_input: _Optional[float] = ..., price_output: _Optional[float] = ..., allowed: _Optional[bool] = ..., utility: _Optional[float] = ...) -> None: ...
 
 class DecisionBasis(_message.Message):
-    __slots__ = ("rule", "cost_weight", "min_success", "prompt_cut")
+    __slots__ = ("rule", "cost_weight", "min_success", "prompt_cut", "held_by_conversation")
     RULE_FIELD_NUMBER: _ClassVar[int]
     COST_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     MIN_SUCCESS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_CUT_FIELD_NUMBER: _ClassVar[int]
+    HELD_BY_CONVERSATION_FIELD_NUMBER: _ClassVar[int]
     rule: str
     cost_weight: float
     min_success: float
     prompt_cut: bool
-    def __init__(self, rule: _Optional[str] = ..., cost_weight: _Optional[float] = ..., min_success: _Optional[float] = ..., prompt_cut: _Optional[bool] = ...) -> None: ...
+    held_by_conversation: bool
+    def __init__(self, rule: _Optional[str] = ..., cost_weight: _Optional[float] = ..., min_success: _Optional[float] = ..., prompt_cut: _Optional[bool] = ..., held_by_conversation: _Optional[bool] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
     __slots__ = ("tier", "scores", "model_version", "request_id", "met_threshold", "basis")
