@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -12,6 +13,7 @@ from tierpick.classifier.routing import POLICY_FIELDS, POLICY_KEYS, overlay
 from tierpick.serving._proto.tierpick.v1 import tierpick_pb2 as pb
 from tierpick.serving.conversations import Conversations, conversation_key
 from tierpick.serving.decisions import DecisionLog, policy_fields
+from tierpick.serving.guard import BudgetGuard
 
 
 class RequestError(TierpickError):
@@ -66,14 +68,18 @@ def classify(
     base: RoutingPolicy | None = None,
     decisions: DecisionLog | None = None,
     conversations: Conversations | None = None,
+    guard: BudgetGuard | None = None,
 ) -> list[pb.ClassifyResponse]:
     """Validate every request first (nothing is computed for a bad batch), then predict once.
 
     A request's policy is its own, else the batch's ``default``, laid over the server's
     ``base`` policy (see :func:`to_policy`). Under a sticky policy, ``conversations`` holds
     each conversation's tier (:mod:`~tierpick.serving.conversations`). Each decision goes to
-    ``decisions`` when given."""
+    ``decisions`` when given. With a ``guard``, the server's policy routes at the guard's cost
+    weight, and the requests routed by it are what the guard observes."""
     base = base or RoutingPolicy()
+    if guard is not None:
+        base = replace(base, cost_weight=guard.weight)
     prompts = [request_prompt(r, clf) for r in requests]
     policies = [to_policy(r.policy if r.HasField("policy") else default, base) for r in requests]
     keys = [
@@ -97,6 +103,9 @@ def classify(
     for p, rows in groups.items():  # one vectorized pass per distinct policy
         chosen[rows], met[rows] = routers[p].choose(proba[rows])
         utility[rows] = routers[p].utilities(proba[rows])
+    if guard is not None and base in groups:
+        rows = groups[base]
+        guard.observe(proba[rows], chosen[rows], routers[base].costs)
     held = np.zeros(len(requests), dtype=bool)
     if conversations is not None:
         for i, key in enumerate(keys):

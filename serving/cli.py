@@ -579,6 +579,18 @@ def register_serve(sub: Any) -> None:
     )
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     p.add_argument(
+        "--hold-share",
+        metavar="TIER=SHARE",
+        help="live budget guard: hold TIER (and dearer) at SHARE of the traffic the server's "
+        "policy routes, by adjusting its cost weight (e.g. frontier=0.2)",
+    )
+    p.add_argument(
+        "--guard-window",
+        type=int,
+        default=1000,
+        help="decisions the guard solves its cost weight on (default 1000)",
+    )
+    p.add_argument(
         "--watch",
         type=float,
         default=d.watch_seconds,
@@ -632,6 +644,7 @@ def _serve(args: argparse.Namespace) -> int:
     from tierpick.classifier import read_policy
     from tierpick.classifier.errors import ConfigError
     from tierpick.serving.decisions import DecisionLogConfig
+    from tierpick.serving.guard import ShareTarget
     from tierpick.serving.lifecycle import TLS, ServerConfig
     from tierpick.serving.service import serve
 
@@ -654,8 +667,9 @@ def _serve(args: argparse.Namespace) -> int:
         if args.decision_log
         else None
     )
+    hold = ShareTarget.parse(args.hold_share, args.guard_window) if args.hold_share else None
     return serve(
-        args.host, args.port, args.model, config, args.metrics_port, tls, policy, decisions
+        args.host, args.port, args.model, config, args.metrics_port, tls, policy, decisions, hold
     )
 
 

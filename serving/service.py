@@ -17,12 +17,14 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health
 
-from tierpick.classifier import RoutingPolicy, TierClassifier
+from tierpick.classifier import Router, RoutingPolicy, TierClassifier
+from tierpick.classifier.errors import ConfigError
 from tierpick.serving import _convert
 from tierpick.serving._proto.tierpick.v1 import tierpick_pb2 as pb
 from tierpick.serving._proto.tierpick.v1 import tierpick_pb2_grpc as pb_grpc
 from tierpick.serving.conversations import Conversations
 from tierpick.serving.decisions import DecisionLog, DecisionLogConfig
+from tierpick.serving.guard import BudgetGuard, ShareTarget
 from tierpick.serving.lifecycle import (
     TLS,
     AppSpec,
@@ -74,8 +76,10 @@ class TierRouterServicer(pb_grpc.TierRouterServicer):
         pool: futures.ThreadPoolExecutor,
         policy: RoutingPolicy | None = None,
         decisions: DecisionLog | None = None,
+        guard: BudgetGuard | None = None,
     ) -> None:
         self.policy = policy or RoutingPolicy()  # the server's policy; requests override fields
+        self.guard = guard
         self.decisions = decisions
         self.holder = holder
         self.config = config
@@ -93,6 +97,7 @@ class TierRouterServicer(pb_grpc.TierRouterServicer):
             self.policy,
             self.decisions,
             self.conversations,
+            self.guard,
         )
         if _text_chars(request) <= LOOP_CHARS:  # tens of microseconds: on the loop
             resp = _convert.classify(*args)[0]
@@ -128,7 +133,7 @@ class TierRouterServicer(pb_grpc.TierRouterServicer):
     ) -> list[pb.ClassifyResponse]:
         """A batch on a worker thread; a large one hands its memory back when done."""
         responses = _convert.classify(
-            clf, requests, default, self.policy, self.decisions, self.conversations
+            clf, requests, default, self.policy, self.decisions, self.conversations, self.guard
         )
         if sum(_text_chars(r) for r in requests) > RELEASE_CHARS:
             release_memory()
@@ -149,6 +154,7 @@ def create_server(
     tls: TLS | tuple[bytes, bytes] | None = None,
     policy: RoutingPolicy | None = None,
     decision_log: DecisionLogConfig | None = None,
+    hold_share: ShareTarget | None = None,
 ) -> GrpcApp:
     """Build, load and start a server; health is SERVING once the model is loaded and warm.
 
@@ -162,6 +168,8 @@ def create_server(
             fields a call sets override it. Checked against the model at start and at every
             reload (a model whose tiers it does not fit is refused).
         decision_log: log every decision there (:mod:`tierpick.serving.decisions`).
+        hold_share: hold a tier's share of the traffic the server's policy routes at a target
+            (:mod:`tierpick.serving.guard`); the policy must use the utility rule.
     """
     config = config or ServerConfig()
     if isinstance(tls, tuple):
@@ -171,8 +179,24 @@ def create_server(
 
     def fits(clf: TierClassifier) -> None:  # the policy must fit every model served
         clf.router(policy)
+        if hold_share is not None and hold_share.tier not in clf.tiers:
+            raise ConfigError(f"--hold-share: no tier {hold_share.tier!r} in {list(clf.tiers)}")
 
+    if hold_share is not None and policy.min_success > 0:
+        raise ConfigError(
+            "--hold-share adjusts the utility rule's cost weight: min_success must be 0"
+        )
     holder = ModelHolder(model, metrics, check=fits)  # loaded and warmed before anything listens
+    guard = None
+    if hold_share is not None:
+        clf = holder.current
+        start = (
+            policy.cost_weight
+            if policy.cost_weight is not None
+            else clf.manifest.default_cost_weight
+        )
+        guard = BudgetGuard(hold_share, clf.tiers, start)
+        metrics.watch_guard(guard)
     pool = futures.ThreadPoolExecutor(config.workers, thread_name_prefix="tierpick-batch")
     decisions = DecisionLog(decision_log) if decision_log is not None else None
     if decisions is not None:
@@ -180,7 +204,7 @@ def create_server(
 
     def add_services(server: Any) -> None:
         pb_grpc.add_TierRouterServicer_to_server(
-            TierRouterServicer(holder, config, metrics, pool, policy, decisions), server
+            TierRouterServicer(holder, config, metrics, pool, policy, decisions, guard), server
         )
         enable_reflection(server, (SERVICE_NAME, health.SERVICE_NAME))
 
@@ -200,10 +224,11 @@ def create_server(
         )
     )
     log.info(
-        "serving %s (%s) on port %d",
+        "serving %s (%s) on port %d; policy: %s",
         holder.current.manifest.model_name,
         holder.current.version,
         app.port,
+        describe_policy(holder.current.router(policy), hold_share),
     )
     return app
 
@@ -217,7 +242,27 @@ def serve(
     tls: TLS | None = None,
     policy: RoutingPolicy | None = None,
     decision_log: DecisionLogConfig | None = None,
+    hold_share: ShareTarget | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT (graceful: :meth:`GrpcApp.shutdown`); SIGHUP reloads the model."""
-    app = create_server(f"{host}:{port}", model, config, tls, policy, decision_log)
+    app = create_server(f"{host}:{port}", model, config, tls, policy, decision_log, hold_share)
     return run_app(app, "tierpick serving", metrics_port, host)
+
+
+def describe_policy(router: Router, hold_share: ShareTarget | None = None) -> str:
+    """The active policy in one line (the start-up log)."""
+    if router.rule == "threshold":
+        what = f"threshold rule, min_success {router.min_success:g}"
+    elif hold_share is not None:
+        what = (
+            f"utility rule, cost weight adjusted to hold {hold_share.tier} and dearer at "
+            f"{hold_share.share:.0%} of the traffic (window {hold_share.window})"
+        )
+    else:
+        what = f"utility rule, cost_weight {router.cost_weight:g}"
+    allowed = [t for t, ok in zip(router.tiers, router.allowed, strict=True) if ok]
+    return (
+        what
+        + (f"; tiers {allowed}" if len(allowed) < len(router.tiers) else "")
+        + ("; sticky conversations" if router.sticky else "")
+    )
