@@ -21,7 +21,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -469,6 +469,13 @@ class _Sized:
     size: int
 
 
+@dataclass
+class _Outcome:
+    """How an accepted call's handler ended: None, or the status it is refused with."""
+
+    refused: tuple[grpc.StatusCode, str] | None = None
+
+
 class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Every call of an app's own services goes through here, whatever the app: calls that
     arrive while the server stops and calls over the concurrency limit are refused, exceptions
@@ -517,11 +524,31 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             )
         return None
 
-    def _failure(self, method: str, exc: Exception) -> tuple[grpc.StatusCode, str]:
-        if isinstance(exc, TierpickError):  # bad request: PolicyError, RequestError, ...
-            return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-        log.exception("internal error in %s", method)
-        return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
+    @contextlib.asynccontextmanager
+    async def _handled(
+        self, key: tuple[str, str, str], start: float, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[_Outcome]:
+        """An accepted call's handler: the call is open until its status is sent; an exception
+        becomes the status it is refused with (bad input, :class:`TierpickError` ->
+        INVALID_ARGUMENT, anything else -> INTERNAL, logged); success and cancellation are
+        counted here, a refusal by the caller once it aborts."""
+        outcome = _Outcome()
+        self.calls.enter(context)
+        try:
+            yield outcome
+        except grpc.aio.AbortError:
+            raise  # the apps' handlers raise, they do not abort
+        except asyncio.CancelledError:
+            self.metrics.count(key, grpc.StatusCode.CANCELLED, time.perf_counter() - start)
+            raise
+        except Exception as exc:
+            if isinstance(exc, TierpickError):  # bad request: PolicyError, RequestError, ...
+                outcome.refused = grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+            else:
+                log.exception("internal error in %s", key[2])
+                outcome.refused = grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}"
+        else:
+            self.metrics.count(key, grpc.StatusCode.OK, time.perf_counter() - start)
 
     async def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
         handler = await continuation(details)
@@ -557,19 +584,11 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 request = request.message
             refused = self._refusal(method, request, context)
             if refused is None:
-                self.calls.enter(context)
-                try:
+                async with self._handled(key, start, context) as outcome:
                     response = await inner(request, context)
-                except grpc.aio.AbortError:
-                    raise  # the apps' handlers raise, they do not abort
-                except asyncio.CancelledError:
-                    self.metrics.count(key, grpc.StatusCode.CANCELLED, time.perf_counter() - start)
-                    raise
-                except Exception as exc:
-                    refused = self._failure(method, exc)
-                else:
-                    self.metrics.count(key, grpc.StatusCode.OK, time.perf_counter() - start)
+                if outcome.refused is None:
                     return response
+                refused = outcome.refused
             self.metrics.count(key, refused[0], time.perf_counter() - start)
             await context.abort(*refused)
 
@@ -589,20 +608,12 @@ class CallGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             self.metrics.grpc_started.labels(*key).inc()
             refused = self._refusal(method, None, context)
             if refused is None:
-                self.calls.enter(context)
-                try:
+                async with self._handled(key, start, context) as outcome:
                     async for response in inner(requests, context):
                         yield response
-                except grpc.aio.AbortError:
-                    raise
-                except asyncio.CancelledError:
-                    self.metrics.count(key, grpc.StatusCode.CANCELLED, time.perf_counter() - start)
-                    raise
-                except Exception as exc:
-                    refused = self._failure(method, exc)
-                else:
-                    self.metrics.count(key, grpc.StatusCode.OK, time.perf_counter() - start)
+                if outcome.refused is None:
                     return
+                refused = outcome.refused
             self.metrics.count(key, refused[0], time.perf_counter() - start)
             await context.abort(*refused)
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 pytest.importorskip("envoy.service.ext_proc.v3", reason="the gateway extra is not installed")
+from tests.serving.conftest import FOLLOW_UP_CHAT
 from tierpick.classifier.errors import ConfigError
 from tierpick.serving.gateway import parse_gateway_config
 from tierpick.serving.gateway.processor import (
@@ -391,15 +392,7 @@ def test_the_gateway_server_limits_counts_and_reflects_like_the_service() -> Non
 
 def test_a_follow_up_through_the_gateway_goes_where_its_conversation_goes() -> None:
     proc = _processor()
-    hard = (
-        "Design a Raft-based replicated key-value store in Rust with linearizable lease reads "
-        "and joint-consensus membership changes; prove the read path safe under clock drift."
-    )
-    chat = [
-        {"role": "user", "content": hard},
-        {"role": "assistant", "content": "Here is a design: ..."},
-        {"role": "user", "content": "ok continue"},
-    ]
+    chat = FOLLOW_UP_CHAT
     _, alone, _ = _send(proc, {"model": "tierpick/auto", "messages": chat[-1:]})
     _, follow_up, _ = _send(proc, {"model": "tierpick/auto", "messages": chat})
     assert (alone["x-tierpick-tier"], follow_up["x-tierpick-tier"]) == ("local", "frontier")

@@ -21,6 +21,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no download of 
 pytest.importorskip("litellm", reason="the litellm extra is not installed")
 
 from tests.conftest import DATA, REPO
+from tests.serving.conftest import FOLLOW_UP_CHAT
 from tierpick import classifier
 from tierpick.classifier.errors import ConfigError
 from tierpick.serving.gateway.demo import Upstream
@@ -405,16 +406,7 @@ def test_a_tier_litellm_cannot_route_is_a_counted_failure() -> None:
     assert plugin.counts["classified"] == 1 and plugin.counts["fallback"] == 1
 
 
-FOLLOW_UP = [
-    {
-        "role": "user",
-        "content": "Design a Raft-based replicated key-value store in Rust with linearizable "
-        "lease reads and joint-consensus membership changes; prove the read path safe under "
-        "clock drift.",
-    },
-    {"role": "assistant", "content": "Here is a design: ..."},
-    {"role": "user", "content": "ok continue"},
-]
+FOLLOW_UP = FOLLOW_UP_CHAT
 
 
 def test_a_follow_up_inherits_the_tier_of_what_it_continues_in_process_and_served() -> None:

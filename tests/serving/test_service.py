@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
 
+from tests.serving.conftest import FOLLOW_UP_CHAT, HARD_REQUEST
 from tierpick.serving._proto.tierpick.v1 import tierpick_pb2 as pb
 from tierpick.serving.client import TierpickClient, policy, request
 from tierpick.serving.lifecycle import ServerConfig
@@ -825,19 +826,11 @@ def test_a_follow_up_is_classified_with_the_turns_it_continues(
     this gives with the shipped model are checked at the gateway and the plug-in)."""
     from tierpick import classifier
 
-    hard = (
-        "Design a Raft-based replicated key-value store in Rust with linearizable lease reads "
-        "and joint-consensus membership changes; prove the read path safe under clock drift."
-    )
-    chat = [
-        {"role": "user", "content": hard},
-        {"role": "assistant", "content": "Here is a design: ..."},
-        {"role": "user", "content": "ok continue"},
-    ]
+    chat = FOLLOW_UP_CHAT
     clf = classifier.load(str(model_copy))
     expected = clf.predict_proba([clf.chat_text(chat), "ok continue"])
     for messages, want in ((chat, expected[0]), (chat[-1:], expected[1])):
         got = [s.success_probability for s in client.classify(messages=messages).scores]
         assert got == pytest.approx(want.tolist(), abs=1e-6)
-    assert clf.chat_text(chat) == "ok continue\n\n" + hard
+    assert clf.chat_text(chat) == "ok continue\n\n" + HARD_REQUEST
     assert not np.allclose(expected[0], expected[1], atol=1e-3)
