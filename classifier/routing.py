@@ -315,6 +315,27 @@ def overlay(base: RoutingPolicy, values: Mapping[str, Any]) -> RoutingPolicy:
     return replace(base, **dict(values)) if values else base
 
 
+# How a call's cost is estimated where only its prompt is known (report, tune, savings, label's
+# budget, the live guard): input tokens from the prompt's characters, a fixed output length.
+CHARS_PER_TOKEN = 4.0
+OUTPUT_TOKENS = 300
+
+
+def call_costs(
+    chars: npt.ArrayLike,
+    tiers: Sequence[TierPrices],
+    output_tokens: int = OUTPUT_TOKENS,
+    chars_per_token: float = CHARS_PER_TOKEN,
+) -> npt.NDArray[np.float64]:
+    """USD per call, (prompts, tiers): ceil(characters / chars_per_token) input tokens and
+    ``output_tokens`` output tokens at each tier's prices per 1M tokens."""
+    tokens = np.ceil(np.asarray(chars, dtype=np.float64) / chars_per_token)
+    p_in = np.array([t.price_input for t in tiers], dtype=np.float64)
+    p_out = np.array([t.price_output for t in tiers], dtype=np.float64)
+    cost: npt.NDArray[np.float64] = (tokens[:, None] * p_in + output_tokens * p_out) / 1e6
+    return cost
+
+
 ECHO_CHARS = 200  # a value quoted back in an error is cut to this many characters
 MAX_TIERS = 64  # a list of tiers longer than this is not a real one (it comes from clients)
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from tierpick.classifier import RoutingPolicy, TierClassifier
 from tierpick.classifier.errors import TierpickError
-from tierpick.classifier.routing import POLICY_FIELDS, POLICY_KEYS, overlay
+from tierpick.classifier.routing import POLICY_FIELDS, POLICY_KEYS, call_costs, overlay
 from tierpick.serving._proto.tierpick.v1 import tierpick_pb2 as pb
 from tierpick.serving.conversations import Conversations, conversation_key
 from tierpick.serving.decisions import DecisionLog, policy_fields
@@ -105,7 +105,8 @@ def classify(
         utility[rows] = routers[p].utilities(proba[rows])
     if guard is not None and base in groups:
         rows = groups[base]
-        guard.observe(proba[rows], chosen[rows], routers[base].costs)
+        usd = call_costs([len(prompts[i]) for i in rows], clf.manifest.tiers)
+        guard.observe(proba[rows], chosen[rows], usd, routers[base].costs)
     held = np.zeros(len(requests), dtype=bool)
     if conversations is not None:
         for i, key in enumerate(keys):

@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tierpick.classifier.routing import CHARS_PER_TOKEN, OUTPUT_TOKENS
+
 
 def register_classify(sub: Any) -> None:
     p = sub.add_parser(
@@ -315,9 +317,14 @@ def register_report(sub: Any) -> None:
     p.add_argument(
         "--output-prefix", default="", help="the --output-prefix the log was scored with"
     )
-    p.add_argument("--output-tokens", type=int, default=300, help="assumed output tokens per call")
     p.add_argument(
-        "--chars-per-token", type=float, default=4.0, help="assumed characters per input token"
+        "--output-tokens", type=int, default=OUTPUT_TOKENS, help="assumed output tokens per call"
+    )
+    p.add_argument(
+        "--chars-per-token",
+        type=float,
+        default=CHARS_PER_TOKEN,
+        help="assumed characters per input token",
     )
     p.set_defaults(func=_report)
 
@@ -407,9 +414,14 @@ def register_tune(sub: Any) -> None:
     p.add_argument(
         "--output-prefix", default=d.output_prefix, help="with --scored: the log's --output-prefix"
     )
-    p.add_argument("--output-tokens", type=int, default=300, help="assumed output tokens per call")
     p.add_argument(
-        "--chars-per-token", type=float, default=4.0, help="assumed characters per input token"
+        "--output-tokens", type=int, default=OUTPUT_TOKENS, help="assumed output tokens per call"
+    )
+    p.add_argument(
+        "--chars-per-token",
+        type=float,
+        default=CHARS_PER_TOKEN,
+        help="assumed characters per input token",
     )
     p.add_argument("--workers", type=int, help="scoring processes (default: the CPUs available)")
     p.set_defaults(func=_tune)
@@ -579,10 +591,12 @@ def register_serve(sub: Any) -> None:
     )
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     p.add_argument(
-        "--hold-share",
-        metavar="TIER=SHARE",
-        help="live budget guard: hold TIER (and dearer) at SHARE of the traffic the server's "
-        "policy routes, by adjusting its cost weight (e.g. frontier=0.2)",
+        "--hold",
+        metavar="TARGET",
+        help="live budget guard, a policy in plain terms held on the traffic the server's "
+        "policy routes by adjusting its cost weight: frontier=0.2 (at most 20%% to frontier "
+        "and dearer), spend=2 (at most $2 per 1k requests), quality=0.95 (predicted success "
+        "at least 95%% of always-the-dearest-tier's)",
     )
     p.add_argument(
         "--guard-window",
@@ -644,7 +658,7 @@ def _serve(args: argparse.Namespace) -> int:
     from tierpick.classifier import read_policy
     from tierpick.classifier.errors import ConfigError
     from tierpick.serving.decisions import DecisionLogConfig
-    from tierpick.serving.guard import ShareTarget
+    from tierpick.serving.guard import Target
     from tierpick.serving.lifecycle import TLS, ServerConfig
     from tierpick.serving.service import serve
 
@@ -667,7 +681,7 @@ def _serve(args: argparse.Namespace) -> int:
         if args.decision_log
         else None
     )
-    hold = ShareTarget.parse(args.hold_share, args.guard_window) if args.hold_share else None
+    hold = Target.parse(args.hold, args.guard_window) if args.hold else None
     return serve(
         args.host, args.port, args.model, config, args.metrics_port, tls, policy, decisions, hold
     )

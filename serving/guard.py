@@ -1,18 +1,28 @@
-"""The live budget guard: hold a tier's share of live traffic at a target by adjusting the
+"""The live budget guard: a policy stated in plain terms, held on live traffic by adjusting the
 utility rule's cost weight.
 
-``tierpick serve --hold-share frontier=0.2`` keeps the share of requests routed to ``frontier``
-(and any dearer tier) at 20% of the traffic the server's own policy routes: every ``every``
-decisions, the cost weight that would have met the target on the last ``window`` of them is
-solved for (their probabilities are kept), and the guard moves toward it by at most a factor of
-``max_step``. A shift in the prompt mix is followed within about one window; a request that
-sets its own cost weight or rule is routed as it asks and not counted.
+A target is one of (``tierpick serve --hold ...``):
 
-State (the cost weight, the window's share, the target) is exported as metrics.
+- ``share``: at most SHARE of the traffic to a tier and the tiers dearer than it
+  (``--hold frontier=0.2``: "at most 20% frontier");
+- ``spend``: at most USD per 1,000 requests (``--hold spend=2``: "at most $2 per 1k requests"),
+  each request's cost estimated as tune and report estimate it (input tokens from the prompt's
+  characters, :data:`~tierpick.classifier.routing.OUTPUT_TOKENS` output tokens, the model's
+  prices);
+- ``quality``: a predicted success of at least Q times always-the-dearest-tier's
+  (``--hold quality=0.95``: "quality at least 95% of always-frontier"), by the model's own
+  calibrated probabilities.
+
+Every ``every`` decisions, the cost weight that would have met the target on the last
+``window`` of them is solved for (their probabilities and costs are kept), and the guard moves
+toward it by at most a factor of ``max_step``, so a shift in the prompt mix is followed within
+about one window. A request that sets its own cost weight or rule is routed as it asks and not
+counted. State (the weight, the window's figure, the target) is exported as metrics.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 
@@ -23,101 +33,138 @@ from tierpick.classifier.errors import ConfigError
 from tierpick.classifier.routing import utility_choice
 
 LOWEST_WEIGHT, HIGHEST_WEIGHT = 1e-4, 1e3  # the cost weights the guard may use
+KINDS = ("share", "spend", "quality")
+Floats = npt.NDArray[np.float64]
 
 
 @dataclass(frozen=True)
-class ShareTarget:
-    """At most ``share`` of the guarded traffic to ``tier`` and the tiers dearer than it."""
+class Target:
+    """What the guard holds: ``kind`` (:data:`KINDS`), its ``value``, and for a share the
+    ``tier`` (its share and that of the tiers dearer than it)."""
 
-    tier: str
-    share: float
+    kind: str
+    value: float
+    tier: str = ""
     window: int = 1000
     every: int = 50
     max_step: float = 2.0
 
     @classmethod
-    def parse(cls, text: str, window: int = 1000) -> ShareTarget:
-        """``TIER=SHARE``, as ``--hold-share`` takes it."""
-        tier, sep, value = text.partition("=")
+    def parse(cls, text: str, window: int = 1000) -> Target:
+        """``TIER=SHARE``, ``spend=USD_PER_1K`` or ``quality=FRACTION``, as ``--hold`` takes
+        it."""
+        name, sep, raw = text.partition("=")
+        name = name.strip()
         try:
-            share = float(value)
+            value = float(raw)
         except ValueError:
-            share = float("nan")
-        if not sep or not tier.strip() or not 0.0 <= share <= 1.0:
+            value = math.nan
+        kind = name if name in ("spend", "quality") else "share"
+        ok = {
+            "share": 0.0 <= value <= 1.0,
+            "spend": 0.0 <= value < math.inf,
+            "quality": 0.0 < value <= 1.0,
+        }[kind]
+        if not sep or not name or not ok:
             raise ConfigError(
-                f"--hold-share: expected TIER=SHARE with SHARE in [0, 1], got {text[:100]!r}"
+                "--hold: expected TIER=SHARE (a share in [0, 1]), spend=USD per 1k requests "
+                f"(>= 0) or quality=FRACTION of always-the-dearest-tier (in (0, 1]), got "
+                f"{text[:100]!r}"
             )
         if window < 100:
             raise ConfigError(f"--guard-window: at least 100 decisions, got {window}")
-        return cls(tier.strip(), share, window, max(10, window // 20))
+        return cls(kind, value, name if kind == "share" else "", window, max(10, window // 20))
+
+    def describe(self) -> str:
+        return {
+            "share": f"{self.tier} and dearer at {self.value:.0%} of the traffic",
+            "spend": f"spend at ${self.value:g} per 1k requests",
+            "quality": f"predicted quality at {self.value:.0%} of always-the-dearest-tier",
+        }[self.kind] + f" (window {self.window})"
 
 
 class BudgetGuard:
-    """The cost weight the server's policy routes with, held to a :class:`ShareTarget`;
+    """The cost weight the server's policy routes with, held to a :class:`Target`;
     thread-safe."""
 
-    def __init__(self, target: ShareTarget, tiers: tuple[str, ...], start_weight: float) -> None:
-        if target.tier not in tiers:
-            raise ConfigError(f"--hold-share: no tier {target.tier!r}; the model's: {list(tiers)}")
+    def __init__(self, target: Target, tiers: tuple[str, ...], start_weight: float) -> None:
         self.target, self.tiers = target, tiers
-        self.first = tiers.index(target.tier)
-        if self.first == 0 and target.share < 1.0:  # the cheapest tier and dearer: everything
-            raise ConfigError(
-                f"--hold-share {target.tier}={target.share:g}: {target.tier} and the tiers "
-                "dearer than it take all the traffic at any cost weight (share 1.0); hold a "
-                "dearer tier's share instead"
-            )
+        if target.kind == "share":
+            if target.tier not in tiers:
+                raise ConfigError(f"--hold: no tier {target.tier!r}; the model's: {list(tiers)}")
+            if tiers.index(target.tier) == 0 and target.value < 1.0:
+                raise ConfigError(
+                    f"--hold {target.tier}={target.value:g}: {target.tier} and the tiers dearer "
+                    "than it take all the traffic at any cost weight (share 1.0); hold a dearer "
+                    "tier's share instead"
+                )
+        self.first = tiers.index(target.tier) if target.kind == "share" else 0
         self.weight = min(max(start_weight, LOWEST_WEIGHT), HIGHEST_WEIGHT)
-        self._proba = np.zeros((target.window, len(tiers)), dtype=np.float32)
+        n, k = target.window, len(tiers)
+        self._proba = np.zeros((n, k), dtype=np.float64)
+        self._usd = np.zeros((n, k), dtype=np.float64)  # each tier's estimated cost per call
+        self._chosen = np.zeros(n, dtype=np.int64)
         self._seen = 0  # decisions observed, all time
         self._since = 0  # since the last adjustment
         self._lock = threading.Lock()
-        self.window_share = float("nan")  # of the last window, at the weights then in force
-        self._chosen = np.zeros(target.window, dtype=np.int64)
-
-    @property
-    def filled(self) -> int:
-        return min(self._seen, self.target.window)
+        self.window_value = math.nan  # the target's figure over the last window, as routed
 
     def observe(
-        self,
-        proba: npt.NDArray[np.floating],
-        chosen: npt.NDArray[np.int64],
-        costs: npt.NDArray[np.float64],
+        self, proba: npt.ArrayLike, chosen: npt.ArrayLike, usd: npt.ArrayLike, norm_costs: Floats
     ) -> None:
-        """Decisions made at the current weight: their probabilities and tiers."""
+        """Decisions made at the current weight: their probabilities, tiers, and each tier's
+        estimated cost per call (USD); ``norm_costs`` the router's normalized tier costs."""
         n = self.target.window
+        proba, chosen, usd = np.asarray(proba), np.asarray(chosen), np.asarray(usd)
         with self._lock:
-            for row, tier in zip(proba, chosen, strict=True):
-                self._proba[self._seen % n] = row
-                self._chosen[self._seen % n] = tier
+            for row, tier, cost in zip(proba, chosen, usd, strict=True):
+                at = self._seen % n
+                self._proba[at], self._chosen[at], self._usd[at] = row, tier, cost
                 self._seen += 1
             self._since += len(proba)
-            k = self.filled
-            self.window_share = float((self._chosen[:k] >= self.first).mean())
+            k = min(self._seen, n)
+            self.window_value = self.figure(self._chosen[:k], self._proba[:k], self._usd[:k])
             if self._since >= self.target.every and k >= min(n, 100):
                 self._since = 0
-                solved = self.solve(self._proba[:k], costs)
+                solved = self.solve(self._proba[:k], self._usd[:k], norm_costs)
                 step = self.target.max_step
                 self.weight = float(np.clip(solved, self.weight / step, self.weight * step))
 
-    def solve(self, proba: npt.NDArray[np.floating], costs: npt.NDArray[np.float64]) -> float:
-        """The smallest cost weight whose routing of ``proba`` sends at most the target share
-        to the target tier and dearer (bisection: the share falls as the weight rises)."""
-        p = np.asarray(proba, dtype=np.float64)
+    def figure(self, chosen: npt.NDArray[np.int64], proba: Floats, usd: Floats) -> float:
+        """The target's figure for decisions ``chosen``: the share, USD per 1k requests, or the
+        predicted success over always-the-dearest-tier's."""
+        rows = np.arange(len(chosen))
+        if self.target.kind == "share":
+            return float((chosen >= self.first).mean())
+        if self.target.kind == "spend":
+            return float(usd[rows, chosen].mean() * 1000)
+        top = float(proba[:, -1].mean())
+        return float(proba[rows, chosen].mean() / top) if top > 0 else math.nan
 
-        def share(w: float) -> float:
-            return float((utility_choice(p, costs, w) >= self.first).mean())
+    def meets(self, figure: float) -> bool:
+        if self.target.kind == "quality":
+            return figure >= self.target.value
+        return figure <= self.target.value
 
-        lo, hi = np.log(LOWEST_WEIGHT), np.log(HIGHEST_WEIGHT)
-        if share(LOWEST_WEIGHT) <= self.target.share:
-            return LOWEST_WEIGHT
-        if share(HIGHEST_WEIGHT) > self.target.share:
-            return HIGHEST_WEIGHT
+    def solve(self, proba: Floats, usd: Floats, norm_costs: Floats) -> float:
+        """The cost weight that meets the target on these decisions at the least cost pressure
+        the target allows: the smallest weight that keeps a share or a spend under it, the
+        largest that keeps quality above it (bisection over the weight's logarithm; each
+        figure moves one way as the weight rises)."""
+
+        def ok(w: float) -> bool:
+            return self.meets(self.figure(utility_choice(proba, norm_costs, w), proba, usd))
+
+        rising = self.target.kind != "quality"  # met above the boundary, else below it
+        lo, hi = math.log(LOWEST_WEIGHT), math.log(HIGHEST_WEIGHT)
+        if (rising and ok(LOWEST_WEIGHT)) or (not rising and ok(HIGHEST_WEIGHT)):
+            return LOWEST_WEIGHT if rising else HIGHEST_WEIGHT
+        if (rising and not ok(HIGHEST_WEIGHT)) or (not rising and not ok(LOWEST_WEIGHT)):
+            return HIGHEST_WEIGHT if rising else LOWEST_WEIGHT  # as near as it gets
         for _ in range(40):
             mid = (lo + hi) / 2
-            if share(float(np.exp(mid))) <= self.target.share:
+            if ok(math.exp(mid)) == rising:
                 hi = mid
             else:
                 lo = mid
-        return float(np.exp(hi))
+        return math.exp(hi if rising else lo)

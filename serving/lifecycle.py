@@ -191,11 +191,11 @@ class Metrics:
         for name, what, read in (
             ("cost_weight", "The cost weight the budget guard routes with", lambda: guard.weight),
             (
-                "window_share",
-                f"Share of the guard's last window routed to {t.tier} and dearer",
-                lambda: guard.window_share,
+                "window_value",
+                f"The guard's figure over its last window: {t.describe()}",
+                lambda: guard.window_value,
             ),
-            ("target_share", f"The guard's target share for {t.tier} and dearer", lambda: t.share),
+            ("target_value", f"The guard's target: {t.describe()}", lambda: t.value),
         ):
             Gauge(f"tierpick_guard_{name}", what, registry=self.registry).set_function(read)
 

@@ -28,7 +28,13 @@ import numpy.typing as npt
 from tierpick.classifier import TierClassifier
 from tierpick.classifier.errors import ConfigError, MissingDependencyError, TierpickError
 from tierpick.classifier.files import open_text
-from tierpick.classifier.routing import clip, threshold_choice
+from tierpick.classifier.routing import (
+    CHARS_PER_TOKEN,
+    OUTPUT_TOKENS,
+    call_costs,
+    clip,
+    threshold_choice,
+)
 from tierpick.serving.scoring import ScoreOptions, expand_inputs, kind_of
 from tierpick.serving.scoring.options import MODEL_VERSION
 
@@ -204,8 +210,8 @@ class Costs:
         cls,
         log: ScoredLog,
         clf: TierClassifier,
-        output_tokens: int = 300,
-        chars_per_token: float = 4.0,
+        output_tokens: int = OUTPUT_TOKENS,
+        chars_per_token: float = CHARS_PER_TOKEN,
     ) -> Costs:
         """Input tokens estimated as ceil(characters / chars_per_token), ``output_tokens`` per
         call, the tiers' prices from the model's manifest; error rows are left out."""
@@ -213,10 +219,8 @@ class Costs:
         ok = log.tier >= 0
         if not ok.any():
             raise TierpickError("the scored log has no routed row")
-        p_in = np.array([t.price_input for t in clf.manifest.tiers])
-        p_out = np.array([t.price_output for t in clf.manifest.tiers])
         in_tokens = np.ceil(log.chars[ok] / chars_per_token)
-        cost = (in_tokens[:, None] * p_in[None, :] + output_tokens * p_out[None, :]) / 1e6
+        cost = call_costs(log.chars[ok], clf.manifest.tiers, output_tokens, chars_per_token)
         return cls(list(clf.tiers), log.proba[ok], cost, in_tokens)
 
     @staticmethod
@@ -248,7 +252,10 @@ class Costs:
 
 
 def build_report(
-    log: ScoredLog, clf: TierClassifier, output_tokens: int = 300, chars_per_token: float = 4.0
+    log: ScoredLog,
+    clf: TierClassifier,
+    output_tokens: int = OUTPUT_TOKENS,
+    chars_per_token: float = 4.0,
 ) -> dict[str, Any]:
     """The savings report as a JSON-ready dict."""
     costs = Costs.of(log, clf, output_tokens, chars_per_token)
@@ -392,8 +399,8 @@ def write_report(
     out_dir: Path,
     clf: TierClassifier,
     prompt_field: str = ScoreOptions.prompt_field,
-    output_tokens: int = 300,
-    chars_per_token: float = 4.0,
+    output_tokens: int = OUTPUT_TOKENS,
+    chars_per_token: float = CHARS_PER_TOKEN,
     prefix: str = "",
 ) -> tuple[dict[str, Any], str, str | None]:
     """Write report.md, report.json and cost_curve.png; returns the report, its Markdown and

@@ -30,11 +30,10 @@ import numpy as np
 from tierpick.classifier import RoutingPolicy, TierClassifier
 from tierpick.classifier.errors import ConfigError, MissingDependencyError, TierpickError
 from tierpick.classifier.files import open_text
+from tierpick.classifier.routing import CHARS_PER_TOKEN, OUTPUT_TOKENS
 from tierpick.classifier.table import format_table
 
 RESAMPLES = 2000
-CHARS_PER_TOKEN = 4.0
-OUTPUT_TOKENS = 300
 
 
 @dataclass

@@ -24,7 +24,7 @@ from tierpick.serving._proto.tierpick.v1 import tierpick_pb2 as pb
 from tierpick.serving._proto.tierpick.v1 import tierpick_pb2_grpc as pb_grpc
 from tierpick.serving.conversations import Conversations
 from tierpick.serving.decisions import DecisionLog, DecisionLogConfig
-from tierpick.serving.guard import BudgetGuard, ShareTarget
+from tierpick.serving.guard import BudgetGuard, Target
 from tierpick.serving.lifecycle import (
     TLS,
     AppSpec,
@@ -154,7 +154,7 @@ def create_server(
     tls: TLS | tuple[bytes, bytes] | None = None,
     policy: RoutingPolicy | None = None,
     decision_log: DecisionLogConfig | None = None,
-    hold_share: ShareTarget | None = None,
+    hold: Target | None = None,
 ) -> GrpcApp:
     """Build, load and start a server; health is SERVING once the model is loaded and warm.
 
@@ -168,8 +168,9 @@ def create_server(
             fields a call sets override it. Checked against the model at start and at every
             reload (a model whose tiers it does not fit is refused).
         decision_log: log every decision there (:mod:`tierpick.serving.decisions`).
-        hold_share: hold a tier's share of the traffic the server's policy routes at a target
-            (:mod:`tierpick.serving.guard`); the policy must use the utility rule.
+        hold: a target in plain terms (a tier's share, a spend, a quality) held on the
+            traffic the server's policy routes (:mod:`tierpick.serving.guard`); the policy
+            must use the utility rule.
     """
     config = config or ServerConfig()
     if isinstance(tls, tuple):
@@ -179,23 +180,21 @@ def create_server(
 
     def fits(clf: TierClassifier) -> None:  # the policy must fit every model served
         clf.router(policy)
-        if hold_share is not None and hold_share.tier not in clf.tiers:
-            raise ConfigError(f"--hold-share: no tier {hold_share.tier!r} in {list(clf.tiers)}")
+        if hold is not None and hold.kind == "share" and hold.tier not in clf.tiers:
+            raise ConfigError(f"--hold: no tier {hold.tier!r} in {list(clf.tiers)}")
 
-    if hold_share is not None and policy.min_success > 0:
-        raise ConfigError(
-            "--hold-share adjusts the utility rule's cost weight: min_success must be 0"
-        )
+    if hold is not None and policy.min_success > 0:
+        raise ConfigError("--hold adjusts the utility rule's cost weight: min_success must be 0")
     holder = ModelHolder(model, metrics, check=fits)  # loaded and warmed before anything listens
     guard = None
-    if hold_share is not None:
+    if hold is not None:
         clf = holder.current
         start = (
             policy.cost_weight
             if policy.cost_weight is not None
             else clf.manifest.default_cost_weight
         )
-        guard = BudgetGuard(hold_share, clf.tiers, start)
+        guard = BudgetGuard(hold, clf.tiers, start)
         metrics.watch_guard(guard)
     pool = futures.ThreadPoolExecutor(config.workers, thread_name_prefix="tierpick-batch")
     decisions = DecisionLog(decision_log) if decision_log is not None else None
@@ -228,7 +227,7 @@ def create_server(
         holder.current.manifest.model_name,
         holder.current.version,
         app.port,
-        describe_policy(holder.current.router(policy), hold_share),
+        describe_policy(holder.current.router(policy), hold),
     )
     return app
 
@@ -242,22 +241,19 @@ def serve(
     tls: TLS | None = None,
     policy: RoutingPolicy | None = None,
     decision_log: DecisionLogConfig | None = None,
-    hold_share: ShareTarget | None = None,
+    hold: Target | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT (graceful: :meth:`GrpcApp.shutdown`); SIGHUP reloads the model."""
-    app = create_server(f"{host}:{port}", model, config, tls, policy, decision_log, hold_share)
+    app = create_server(f"{host}:{port}", model, config, tls, policy, decision_log, hold)
     return run_app(app, "tierpick serving", metrics_port, host)
 
 
-def describe_policy(router: Router, hold_share: ShareTarget | None = None) -> str:
+def describe_policy(router: Router, hold: Target | None = None) -> str:
     """The active policy in one line (the start-up log)."""
     if router.rule == "threshold":
         what = f"threshold rule, min_success {router.min_success:g}"
-    elif hold_share is not None:
-        what = (
-            f"utility rule, cost weight adjusted to hold {hold_share.tier} and dearer at "
-            f"{hold_share.share:.0%} of the traffic (window {hold_share.window})"
-        )
+    elif hold is not None:
+        what = f"utility rule, cost weight adjusted to hold {hold.describe()}"
     else:
         what = f"utility rule, cost_weight {router.cost_weight:g}"
     allowed = [t for t, ok in zip(router.tiers, router.allowed, strict=True) if ok]

@@ -33,6 +33,7 @@ import numpy.typing as npt
 
 from tierpick.classifier import RoutingPolicy, TierClassifier
 from tierpick.classifier.errors import ConfigError, MissingDependencyError, TierpickError
+from tierpick.classifier.routing import CHARS_PER_TOKEN, OUTPUT_TOKENS
 from tierpick.serving.report import Costs, read_scored
 from tierpick.serving.scoring import ScoreOptions, score
 
@@ -424,8 +425,8 @@ def run_tune(
     opts: ScoreOptions | None = None,
     workers: int | None = None,
     engine: str = "local",
-    output_tokens: int = 300,
-    chars_per_token: float = 4.0,
+    output_tokens: int = OUTPUT_TOKENS,
+    chars_per_token: float = CHARS_PER_TOKEN,
     out: Path | None = None,
     report_dir: Path | None = None,
 ) -> tuple[Tuned, str, str | None]:

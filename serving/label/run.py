@@ -45,6 +45,7 @@ import yaml
 
 from tierpick.classifier import TierClassifier
 from tierpick.classifier.errors import ConfigError
+from tierpick.classifier.routing import CHARS_PER_TOKEN
 from tierpick.serving.label.calls import CallFailed, Client, Redactor, judge_answer
 from tierpick.serving.label.config import LabelConfig
 from tierpick.serving.label.sample import Candidate, Sampled, draw, read_pool
@@ -58,7 +59,6 @@ SAMPLE, JOURNAL, OUTCOMES, PROBLEMS = (
     "problems.jsonl",
 )
 STATE = "label.json"
-CHARS_PER_TOKEN = 4.0  # input tokens estimated from characters for the budget's reservation
 JUDGE_OVERHEAD_TOKENS = 300  # the judge prompt's own words
 
 

@@ -1,5 +1,6 @@
 """The live budget guard on a real server under a shifting prompt mix: real arena-hard prompts,
-then real Natural Questions prompts, each sending about 60% to frontier unguarded; held to 20%."""
+then real Natural Questions prompts, each sending over half to frontier unguarded. Each plain
+target (a share, a spend, a quality) is held after the window in both."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from tests.conftest import DATA
 from tierpick.classifier.errors import ConfigError
 from tierpick.serving.client import TierpickClient, policy
-from tierpick.serving.guard import ShareTarget
+from tierpick.serving.guard import Target
 from tierpick.serving.lifecycle import ServerConfig
 from tierpick.serving.service import create_server
 
@@ -31,10 +32,17 @@ def _prompts() -> tuple[list[str], list[str]]:
     return arena, questions
 
 
-def test_the_guard_holds_the_frontier_share_through_a_shift_in_the_mix() -> None:
+@pytest.mark.parametrize(
+    ("target", "tolerance"),
+    [("frontier=0.2", 0.03), ("spend=2", 0.2), ("quality=0.95", 0.01)],
+)
+def test_the_guard_holds_a_plain_target_through_a_shift_in_the_mix(
+    target: str, tolerance: float
+) -> None:
     arena, questions = _prompts()
-    target = ShareTarget.parse("frontier=0.2", WINDOW)
-    app = create_server("127.0.0.1:0", config=ServerConfig(watch_seconds=0), hold_share=target)
+    hold = Target.parse(target, WINDOW)
+    app = create_server("127.0.0.1:0", config=ServerConfig(watch_seconds=0), hold=hold)
+    registry = app.metrics.registry
     try:
         with TierpickClient(f"127.0.0.1:{app.port}", timeout=10) as client:
             unguarded = [
@@ -42,35 +50,41 @@ def test_the_guard_holds_the_frontier_share_through_a_shift_in_the_mix() -> None
                 for p in arena[:200]
             ]
             assert np.mean(unguarded) > 0.5  # the guard has work to do
-            weights, shares = [], []
+            weights, figures = [], []
             for phase in (arena, questions):
                 tiers = [client.classify(phase[i % len(phase)]).tier for i in range(2 * WINDOW)]
-                after = np.mean([t == "frontier" for t in tiers[WINDOW:]])
-                shares.append(float(after))
-                weights.append(app.metrics.registry.get_sample_value("tierpick_guard_cost_weight"))
+                # the window is the phase's second half: the guard's own figure of it, and for
+                # a share, the tiers as the client got them
+                figure = registry.get_sample_value("tierpick_guard_window_value")
+                if hold.kind == "share":
+                    assert figure == pytest.approx(
+                        np.mean([t == "frontier" for t in tiers[WINDOW:]])
+                    )
+                figures.append(figure)
+                weights.append(registry.get_sample_value("tierpick_guard_cost_weight"))
             # a request that sets its own cost weight is routed as it asks, and not counted
             assert client.classify(arena[0], routing=policy(cost_weight=0.0)).tier == "frontier"
     finally:
         app.shutdown(0)
-    print(f"frontier share after the window: {shares}; cost weights {weights}")
-    assert all(abs(s - target.share) <= 0.03 for s in shares), shares
+    print(f"{target}: after the window {figures}; cost weights {weights}")
+    assert all(abs(f - hold.value) <= tolerance for f in figures), figures
     assert weights[0] != weights[1]  # the knob moved with the mix
-    registry = app.metrics.registry
-    assert registry.get_sample_value("tierpick_guard_target_share") == 0.2
+    assert registry.get_sample_value("tierpick_guard_target_value") == hold.value
 
 
 def test_a_target_that_cannot_be_held_is_refused_at_start() -> None:
-    with pytest.raises(ConfigError, match="TIER=SHARE"):
-        ShareTarget.parse("frontier=1.5")
+    for bad in ("frontier=1.5", "spend=-1", "quality=0", "quality=1.2", "frontier", "=0.2"):
+        with pytest.raises(ConfigError, match="TIER=SHARE"):
+            Target.parse(bad)
     with pytest.raises(ConfigError, match="all the traffic"):
-        create_server("127.0.0.1:0", hold_share=ShareTarget.parse("local=0.5"))
+        create_server("127.0.0.1:0", hold=Target.parse("local=0.5"))
     with pytest.raises(ConfigError, match="no tier"):
-        create_server("127.0.0.1:0", hold_share=ShareTarget.parse("gold=0.2"))
+        create_server("127.0.0.1:0", hold=Target.parse("gold=0.2"))
     with pytest.raises(ConfigError, match="min_success"):
         from tierpick.classifier import RoutingPolicy
 
         create_server(
             "127.0.0.1:0",
             policy=RoutingPolicy(min_success=0.7),
-            hold_share=ShareTarget.parse("frontier=0.2"),
+            hold=Target.parse("frontier=0.2"),
         )
