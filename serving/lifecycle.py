@@ -122,6 +122,9 @@ class Metrics:
             "tierpick_routed", "Prompts routed, by tier", ["tier"], registry=self.registry
         )
         self.model = Info("tierpick_model", "The model being served", registry=self.registry)
+        self.policy = Info(
+            "tierpick_policy", "The policy of calls that set none", registry=self.registry
+        )
         self.reloads = Counter(
             "tierpick_reloads", "Model reloads by outcome", ["outcome"], registry=self.registry
         )

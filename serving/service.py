@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import logging
 from concurrent import futures
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -142,9 +143,17 @@ class TierRouterServicer(pb_grpc.TierRouterServicer):
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
-        return _convert.model_info(
-            self.holder.current, self.config.max_batch, request.with_evaluation
-        )
+        clf = self.holder.current
+        info = _convert.model_info(clf, self.config.max_batch, request.with_evaluation)
+        info.active_policy = self.describe_policy(clf)
+        return info
+
+    def describe_policy(self, clf: TierClassifier) -> str:
+        """The policy calls that set none are routed by, now (the guard's weight included)."""
+        policy = self.policy
+        if self.guard is not None:
+            policy = replace(policy, cost_weight=self.guard.weight)
+        return describe_policy(clf.router(policy), self.guard.target if self.guard else None)
 
 
 def create_server(
@@ -229,6 +238,7 @@ def create_server(
         app.port,
         describe_policy(holder.current.router(policy), hold),
     )
+    metrics.policy.info({"policy": describe_policy(holder.current.router(policy), hold)})
     return app
 
 
@@ -253,7 +263,10 @@ def describe_policy(router: Router, hold: Target | None = None) -> str:
     if router.rule == "threshold":
         what = f"threshold rule, min_success {router.min_success:g}"
     elif hold is not None:
-        what = f"utility rule, cost weight adjusted to hold {hold.describe()}"
+        what = (
+            f"utility rule, cost weight adjusted to hold {hold.describe()}; now "
+            f"{router.cost_weight:.4g}"
+        )
     else:
         what = f"utility rule, cost_weight {router.cost_weight:g}"
     allowed = [t for t, ok in zip(router.tiers, router.allowed, strict=True) if ok]

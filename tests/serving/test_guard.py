@@ -62,6 +62,9 @@ def test_the_guard_holds_a_plain_target_through_a_shift_in_the_mix(
                     )
                 figures.append(figure)
                 weights.append(registry.get_sample_value("tierpick_guard_cost_weight"))
+            # every door says which policy is active: GetModelInfo, the metric, the log
+            active = client.model_info().active_policy
+            assert hold.describe() in active and f"now {weights[-1]:.4g}" in active, active
             # a request that sets its own cost weight is routed as it asks, and not counted
             assert client.classify(arena[0], routing=policy(cost_weight=0.0)).tier == "frontier"
     finally:
@@ -70,6 +73,8 @@ def test_the_guard_holds_a_plain_target_through_a_shift_in_the_mix(
     assert all(abs(f - hold.value) <= tolerance for f in figures), figures
     assert weights[0] != weights[1]  # the knob moved with the mix
     assert registry.get_sample_value("tierpick_guard_target_value") == hold.value
+    info = [m for m in registry.collect() if m.name == "tierpick_policy"][0].samples[0].labels
+    assert hold.describe() in info["policy"]
 
 
 def test_a_target_that_cannot_be_held_is_refused_at_start() -> None:

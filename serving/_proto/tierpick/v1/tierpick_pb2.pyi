@@ -119,7 +119,7 @@ class TierInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., price_input: _Optional[float] = ..., price_output: _Optional[float] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "model_version", "tiers", "evaluation", "default_cost_weight", "max_batch", "max_prompt_chars", "data_fingerprint")
+    __slots__ = ("model_name", "model_version", "tiers", "evaluation", "default_cost_weight", "max_batch", "max_prompt_chars", "data_fingerprint", "active_policy")
     class EvaluationEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -135,6 +135,7 @@ class ModelInfo(_message.Message):
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     MAX_PROMPT_CHARS_FIELD_NUMBER: _ClassVar[int]
     DATA_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_POLICY_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     tiers: _containers.RepeatedCompositeFieldContainer[TierInfo]
@@ -143,4 +144,5 @@ class ModelInfo(_message.Message):
     max_batch: int
     max_prompt_chars: int
     data_fingerprint: str
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierInfo, _Mapping]]] = ..., evaluation: _Optional[_Mapping[str, float]] = ..., default_cost_weight: _Optional[float] = ..., max_batch: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., data_fingerprint: _Optional[str] = ...) -> None: ...
+    active_policy: str
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., tiers: _Optional[_Iterable[_Union[TierInfo, _Mapping]]] = ..., evaluation: _Optional[_Mapping[str, float]] = ..., default_cost_weight: _Optional[float] = ..., max_batch: _Optional[int] = ..., max_prompt_chars: _Optional[int] = ..., data_fingerprint: _Optional[str] = ..., active_policy: _Optional[str] = ...) -> None: ...
