@@ -27,6 +27,8 @@ MANIFEST_FILE = "manifest.json"
 GRAPH_INPUTS = ("input_ids", "attention_mask")
 LOGITS_OUTPUT = "logits"
 EMBEDDING_OUTPUT = "embedding"
+# the training data's reference for drift (training/reference.py), optional, listed in "files"
+REFERENCE_FILE = "reference.npz"
 GRAPH_OUTPUTS = (LOGITS_OUTPUT, EMBEDDING_OUTPUT)  # what `tierpick train` exports
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from tierpick.classifier.artifact import (
     EMBEDDING_OUTPUT,
     GRAPH_INPUTS,
     LOGITS_OUTPUT,
+    REFERENCE_FILE,
     Manifest,
     read_artifact,
 )
@@ -62,6 +64,71 @@ class Reading:
     texts: list[str]  # as the model read them
     ids: list[list[int]]
     cut: list[bool]
+    # each prompt's familiarity to the training data (``read(familiarity=True)``, a reference)
+    familiarity: npt.NDArray[np.float32] | None = None
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The training data's reference (``reference.npz``, see ``training/reference.py``): the
+    training prompts' embeddings seen two ways, as they are and standardized by the training
+    mean and spread (short, unusual prompts stand out in the first; long prompts of a new kind
+    in the second), each with k-means centroids and the distribution (:data:`GRID`
+    quantiles) of the training prompts' similarity to their nearest centroid."""
+
+    centroids: tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]
+    grids: tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]
+    mean: npt.NDArray[np.float32]
+    std: npt.NDArray[np.float32]
+
+    GRID = np.linspace(0.0, 1.0, 101, dtype=np.float32)
+    KEYS = ("centroids_raw", "centroids_std", "grid_raw", "grid_std", "mean", "std")
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: Path) -> Reference:
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                a = {k: np.asarray(z[k], dtype=np.float32) for k in cls.KEYS}
+        except (OSError, ValueError, KeyError) as exc:
+            raise ArtifactError(f"{where}: not a tierpick reference: {exc}"[:300]) from exc
+        width = a["mean"].shape
+        if (
+            a["centroids_raw"].ndim != 2
+            or a["centroids_std"].shape[1:] != a["centroids_raw"].shape[1:]
+            or a["centroids_raw"].shape[1:] != width
+            or a["std"].shape != width
+            or a["grid_raw"].shape != cls.GRID.shape
+            or a["grid_std"].shape != cls.GRID.shape
+        ):
+            raise ArtifactError(f"{where}: centroids, grids or moments of the wrong shape")
+        return cls(
+            (a["centroids_raw"], a["centroids_std"]),
+            (a["grid_raw"], a["grid_std"]),
+            a["mean"],
+            a["std"],
+        )
+
+    def views(self, embedding: npt.NDArray[np.floating[Any]]) -> tuple[Any, Any]:
+        """The embedding as it is and standardized, each row L2-normalized."""
+        e = np.asarray(embedding, dtype=np.float32)
+        z = (e - self.mean) / self.std
+
+        def unit(v: Any) -> Any:
+            return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+        return unit(e), unit(z)
+
+    def familiarity(self, embedding: npt.NDArray[np.floating[Any]]) -> npt.NDArray[np.float32]:
+        """Per prompt, how ordinary it would be among the training prompts: the smaller over
+        the two views of the share of training prompts less similar to their nearest centroid
+        than it is (0: less similar than any, 0.5: the median). About 10% of in-distribution
+        prompts fall under 0.05 (either view under its 5% quantile)."""
+        ranks = [
+            np.interp((v @ c.T).max(axis=1), grid, self.GRID)
+            for v, c, grid in zip(self.views(embedding), self.centroids, self.grids, strict=True)
+        ]
+        out: npt.NDArray[np.float32] = np.minimum(*ranks).astype(np.float32)
+        return out
 
 
 _ROUTER_CACHE = 64  # routers kept per model (Router is immutable, so they are shared)
@@ -140,6 +207,12 @@ class TierClassifier:
                 f"{len(self.tiers)} tiers {list(self.tiers)}"
             )
         self.has_embedding = EMBEDDING_OUTPUT in outputs
+        self.reference: Reference | None = None
+        if REFERENCE_FILE in manifest.files and self.has_embedding:
+            self.reference = Reference.from_bytes(
+                blobs.get(REFERENCE_FILE) or (model_dir / REFERENCE_FILE).read_bytes(),
+                model_dir / REFERENCE_FILE,
+            )
 
     # ------------------------------------------------------------------ inference
 
@@ -222,26 +295,37 @@ class TierClassifier:
         """Run a graph on token ids: the model's (logits) unless another ONNX Runtime
         ``session`` with the same inputs, and its ``output``, are given (training reads the
         student's head features this way)."""
+        return self.infer_outputs(ids_list, [output or LOGITS_OUTPUT], session)[0]
+
+    def infer_outputs(
+        self, ids_list: Sequence[Sequence[int]], names: Sequence[str], session: Any = None
+    ) -> list[npt.NDArray[np.float32]]:
+        """Several outputs of one run of the graph (the logits and the embedding at the cost
+        of one), one array per name."""
         session = session or self._session
-        names = [output or LOGITS_OUTPUT]
+        names = list(names)
         if not ids_list:  # the width of another output is not known without a row
-            return np.zeros((0, len(self.tiers) if output is None else 0), dtype=np.float32)
+            return [
+                np.zeros((0, len(self.tiers) if n == LOGITS_OUTPUT else 0), dtype=np.float32)
+                for n in names
+            ]
         if len(ids_list) == 1:  # the serving hot path: no sorting, no chunks
             ids, mask = self.pad(ids_list)
-            first: npt.NDArray[np.float32] = session.run(
+            first: list[npt.NDArray[np.float32]] = session.run(
                 names, {"input_ids": ids, "attention_mask": mask}
-            )[0]
+            )
             return first
-        out: npt.NDArray[np.float32] | None = None
+        out: list[npt.NDArray[np.float32]] = []
         order = np.argsort([len(r) for r in ids_list], kind="stable")
         for start in range(0, len(order), _CHUNK):
             rows = order[start : start + _CHUNK]
             ids, mask = self.pad([ids_list[i] for i in rows])
-            part = session.run(names, {"input_ids": ids, "attention_mask": mask})[0]
-            if out is None:
-                out = np.zeros((len(ids_list), part.shape[1]), dtype=np.float32)
-            out[rows] = part
-        return out  # type: ignore[return-value]  # set by the first chunk: ids_list is not empty
+            parts = session.run(names, {"input_ids": ids, "attention_mask": mask})
+            if not out:
+                out = [np.zeros((len(ids_list), p.shape[1]), dtype=np.float32) for p in parts]
+            for whole, part in zip(out, parts, strict=True):
+                whole[rows] = part
+        return out
 
     def embed(self, prompts: Sequence[str], prepared: bool = False) -> npt.NDArray[np.float32]:
         """The prompt's embedding (the graph's ``embedding`` output), shape (n, width): what
@@ -279,11 +363,13 @@ class TierClassifier:
         """
         return conversation_text(messages, self.manifest.max_chars)
 
-    def read(self, prompts: Sequence[str]) -> Reading:
+    def read(self, prompts: Sequence[str], familiarity: bool = False) -> Reading:
         """What the model read of each prompt and what it made of it: the probabilities (as
         :meth:`predict_proba`, at the same cost), the text and tokens it read, and whether
         the prompt was cut before it (characters or tokens past the manifest's limits): what
-        every door reports as the basis of a decision.
+        every door reports as the basis of a decision. With ``familiarity`` and a model that
+        has a reference (``reference.npz``), also how ordinary each prompt would be among the
+        training prompts (:meth:`Reference.familiarity`), from the same run of the graph.
 
         Raises:
             PromptError: a prompt has no text left once normalized.
@@ -297,6 +383,10 @@ class TierClassifier:
             len(p) > len(r) or len(n) > m.max_chars or len(i) >= m.max_tokens
             for p, r, n, i in zip(prompts, raws, normalized, ids, strict=True)
         ]
+        if familiarity and self.reference is not None:
+            logits, emb = self.infer_outputs(ids, [LOGITS_OUTPUT, EMBEDDING_OUTPUT])
+            known = self.reference.familiarity(emb)
+            return Reading(self.calibrate(logits), texts, ids, cut, known)
         return Reading(self.calibrate(self.infer(ids)), texts, ids, cut)
 
     # ------------------------------------------------------------------ routing

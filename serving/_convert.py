@@ -95,7 +95,7 @@ def classify(
         groups.setdefault(p, []).append(i)
     # validated once per distinct policy (a batch usually shares one), before any inference
     routers = {p: clf.router(p) for p in groups}
-    reading = clf.read(prompts)
+    reading = clf.read(prompts, familiarity=True)
     proba = reading.proba
     chosen = np.zeros(len(requests), dtype=np.int64)
     met = np.ones(len(requests), dtype=bool)
@@ -156,6 +156,7 @@ def classify(
                     prompt_cut=reading.cut[i],
                     held_by_conversation=bool(held[i]),
                 ),
+                familiarity=None if reading.familiarity is None else float(reading.familiarity[i]),
             )
         )
     return out

@@ -155,6 +155,29 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.familiarity = Histogram(
+            "tierpick_prompt_familiarity",
+            "How ordinary each classified prompt would be among the training prompts (0: less "
+            "like them than any; about 10% of in-distribution prompts are under 0.05)",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0),
+            registry=self.registry,
+        )
+        self.probability = Histogram(
+            "tierpick_success_probability",
+            "Each classified prompt's calibrated success probability, by tier",
+            ["tier"],
+            buckets=tuple(round(0.1 * i, 1) for i in range(1, 11)),
+            registry=self.registry,
+        )
+
+    def observe_reading(self, tiers: Sequence[str], proba: Any, familiarity: Any = None) -> None:
+        """The distributions drift shows in: each prompt's probabilities and familiarity."""
+        for row in proba:
+            for tier, p in zip(tiers, row, strict=True):
+                self.probability.labels(tier).observe(float(p))
+        for f in familiarity if familiarity is not None else ():
+            self.familiarity.observe(float(f))
+
     def track(self, services: Sequence[str]) -> None:
         """Create every series of ``services``' methods, every code at 0 (see the class)."""
         from google.protobuf import descriptor_pool
@@ -244,6 +267,7 @@ class ModelHolder:
         self.metrics.model.info({"name": m.model_name, "version": m.model_version})
         for tier in m.tier_names:
             self.metrics.tiers.labels(tier)
+            self.metrics.probability.labels(tier)
 
     def _manifest_stamp(self) -> tuple[str, float, int] | None:
         """Where the served path points now and its manifest's mtime and size: a symlink

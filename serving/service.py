@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import ctypes
 import logging
+from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import replace
 from typing import Any
@@ -105,7 +106,7 @@ class TierRouterServicer(pb_grpc.TierRouterServicer):
         else:  # a large request is worked on a thread: the loop keeps answering everyone else
             loop = asyncio.get_running_loop()
             resp = (await loop.run_in_executor(self.pool, _convert.classify, *args))[0]
-        self.metrics.tiers.labels(resp.tier).inc()
+        self._count([resp])
         return resp
 
     async def ClassifyBatch(
@@ -125,9 +126,18 @@ class TierRouterServicer(pb_grpc.TierRouterServicer):
             if n
             else []
         )
+        self._count(responses)
+        return pb.ClassifyBatchResponse(responses=responses)
+
+    def _count(self, responses: Sequence[pb.ClassifyResponse]) -> None:
+        """The tiers routed to, and the distributions drift shows in."""
         for r in responses:
             self.metrics.tiers.labels(r.tier).inc()
-        return pb.ClassifyBatchResponse(responses=responses)
+        self.metrics.observe_reading(
+            [s.tier for s in responses[0].scores] if responses else [],
+            [[s.success_probability for s in r.scores] for r in responses],
+            [r.familiarity for r in responses if r.HasField("familiarity")],
+        )
 
     def _batch(
         self, clf: TierClassifier, requests: list[pb.ClassifyRequest], default: Any

@@ -193,8 +193,10 @@ def quantize_artifact(src: Path, out_dir: Path, prompts: list[str]) -> dict[str,
         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
     )
     fp32_copy.unlink()
-    shutil.copy(src / manifest.tokenizer, tmp / manifest.tokenizer)
-    files = {name: sha256_file(tmp / name) for name in (manifest.graph, manifest.tokenizer)}
+    for name in manifest.files:  # the tokenizer, the drift reference: as they are
+        if name != manifest.graph:
+            shutil.copy(src / name, tmp / name)
+    files = {name: sha256_file(tmp / name) for name in manifest.files}
     quantized = dataclasses.replace(
         manifest, files=files, quantized=True, model_version=manifest.model_version + "-int8"
     )

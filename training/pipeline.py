@@ -165,6 +165,9 @@ def run_training(
     )
     sample = (test.prompts or val.prompts)[:200]
     report["onnx_parity_max_abs_diff"] = parity(fitted.student, out_dir, sample)
+    from tierpick.training import reference  # drift: the training prompts as the model embeds them
+
+    reference.attach(out_dir, reference.build(out_dir, train.prompts, tcfg.seed))
     if tcfg.export_teacher:
         # the teacher in the same artifact contract, for GPU or offline scoring (too large to ship)
         teacher_dir = workdir / "teacher-model"

@@ -292,7 +292,7 @@ class TierpickProcessor:
                 ignored = [*ignored, "explicit-model"]
                 explicit = False
             prompt = prompt_of(obj, clf)
-            reading = clf.read([prompt])
+            reading = clf.read([prompt], familiarity=True)
             proba = reading.proba
             decision = clf.route_proba(proba, router)[0]
             held = False
@@ -331,6 +331,7 @@ class TierpickProcessor:
             return self._explicit_model(model) if explicit else self._shadow(decision.tier)
         self.metrics.decisions.labels("classified").inc()
         self.metrics.tiers.labels(decision.tier).inc()
+        self.metrics.observe_reading(clf.tiers, proba, reading.familiarity)
         set_headers = {
             "tier": decision.tier,
             "model-version": clf.version,

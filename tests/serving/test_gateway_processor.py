@@ -210,6 +210,12 @@ def test_every_dashboard_query_names_a_metric_the_servers_export() -> None:
     dashboard = json.loads((REPO / "serving" / "deploy" / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     assert len(exprs) >= 9
+    import yaml
+
+    alerts = yaml.safe_load((REPO / "serving" / "deploy" / "alerts.yaml").read_text())
+    rules = [r for g in alerts["groups"] for r in g["rules"]]
+    assert {"TierpickPromptDrift", "TierpickTierMixShift"} <= {r["alert"] for r in rules}
+    exprs += [r["expr"].replace(" offset 1d", "") for r in rules]
     # metric names, with label matchers and `by (...)` lists taken out first
     bare = [re.sub(r"by \([^)]*\)", "", re.sub(r"\{[^}]*\}", "", e)) for e in exprs]
     named = {m for e in bare for m in re.findall(r"\b((?:tierpick|grpc|process)_[a-z_]+)\b", e)}

@@ -73,7 +73,7 @@ def test_the_guard_holds_a_plain_target_through_a_shift_in_the_mix(
     assert all(abs(f - hold.value) <= tolerance for f in figures), figures
     assert weights[0] != weights[1]  # the knob moved with the mix
     assert registry.get_sample_value("tierpick_guard_target_value") == hold.value
-    info = [m for m in registry.collect() if m.name == "tierpick_policy"][0].samples[0].labels
+    info = next(m for m in registry.collect() if m.name == "tierpick_policy").samples[0].labels
     assert hold.describe() in info["policy"]
 
 

@@ -23,7 +23,8 @@ def test_pipeline_outputs(tiny_trained) -> None:  # type: ignore[no-untyped-def]
     assert manifest.tier_names == ("local", "mid", "frontier")
     assert manifest.calibration["method"] == "platt" and len(manifest.calibration["a"]) == 3
     assert manifest.default_cost_weight >= 0.0
-    assert set(manifest.files) == {"student.onnx", "tokenizer.json"}
+    # the graph, its tokenizer, and the training data's reference for drift
+    assert set(manifest.files) == {"student.onnx", "tokenizer.json", "reference.npz"}
     assert manifest.data_fingerprint == result.report["data_fingerprint"]
     assert "test_student_apgr" in manifest.evaluation
     # ONNX and torch agree on real prompts, for the student and the exported teacher
@@ -273,6 +274,7 @@ def test_int8_export_is_verified_smaller_and_close(
     assert (sorted(p.name for p in src.iterdir()), src.stat().st_mtime_ns) == before
     assert sorted(p.name for p in out.iterdir()) == [
         "manifest.json",
+        "reference.npz",  # the parent's: the int8 graph's embeddings stay close to it
         "student.onnx",
         "tokenizer.json",
     ]

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n2tierpick/serving/_proto/tierpick/v1/tierpick.proto\x12\x0btierpick.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xab\x01\n\rRoutingPolicy\x12\x13\n\x0bmin_success\x18\x01 \x01(\x01\x12\x15\n\rallowed_tiers\x18\x02 \x03(\t\x12\x16\n\tmax_price\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x18\n\x0b\x63ost_weight\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x13\n\x06sticky\x18\x05 \x01(\x08H\x02\x88\x01\x01\x42\x0c\n\n_max_priceB\x0e\n\x0c_cost_weightB\t\n\x07_sticky\"\xa6\x01\n\x0f\x43lassifyRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12*\n\x08messages\x18\x02 \x03(\x0b\x32\x18.tierpick.v1.ChatMessage\x12*\n\x06policy\x18\x03 \x01(\x0b\x32\x1a.tierpick.v1.RoutingPolicy\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x05 \x01(\t\"\x83\x01\n\tTierScore\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x1b\n\x13success_probability\x18\x02 \x01(\x01\x12\x13\n\x0bprice_input\x18\x03 \x01(\x01\x12\x14\n\x0cprice_output\x18\x04 \x01(\x01\x12\x0f\n\x07\x61llowed\x18\x05 \x01(\x08\x12\x0f\n\x07utility\x18\x06 \x01(\x01\"y\n\rDecisionBasis\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\x13\n\x0b\x63ost_weight\x18\x02 \x01(\x01\x12\x13\n\x0bmin_success\x18\x03 \x01(\x01\x12\x12\n\nprompt_cut\x18\x04 \x01(\x08\x12\x1c\n\x14held_by_conversation\x18\x05 \x01(\x08\"\xb5\x01\n\x10\x43lassifyResponse\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12&\n\x06scores\x18\x02 \x03(\x0b\x32\x16.tierpick.v1.TierScore\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x15\n\rmet_threshold\x18\x05 \x01(\x08\x12)\n\x05\x62\x61sis\x18\x06 \x01(\x0b\x32\x1a.tierpick.v1.DecisionBasis\"r\n\x14\x43lassifyBatchRequest\x12.\n\x08requests\x18\x01 \x03(\x0b\x32\x1c.tierpick.v1.ClassifyRequest\x12*\n\x06policy\x18\x02 \x01(\x0b\x32\x1a.tierpick.v1.RoutingPolicy\"I\n\x15\x43lassifyBatchResponse\x12\x30\n\tresponses\x18\x01 \x03(\x0b\x32\x1d.tierpick.v1.ClassifyResponse\".\n\x13GetModelInfoRequest\x12\x17\n\x0fwith_evaluation\x18\x01 \x01(\x08\"C\n\x08TierInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bprice_input\x18\x02 \x01(\x01\x12\x14\n\x0cprice_output\x18\x03 \x01(\x01\"\xc6\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12$\n\x05tiers\x18\x03 \x03(\x0b\x32\x15.tierpick.v1.TierInfo\x12:\n\nevaluation\x18\x04 \x03(\x0b\x32&.tierpick.v1.ModelInfo.EvaluationEntry\x12\x1b\n\x13\x64\x65\x66\x61ult_cost_weight\x18\x05 \x01(\x01\x12\x11\n\tmax_batch\x18\x06 \x01(\x05\x12\x18\n\x10max_prompt_chars\x18\x07 \x01(\x05\x12\x18\n\x10\x64\x61ta_fingerprint\x18\x08 \x01(\t\x12\x15\n\ractive_policy\x18\t \x01(\t\x1a\x31\n\x0f\x45valuationEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xf7\x01\n\nTierRouter\x12G\n\x08\x43lassify\x12\x1c.tierpick.v1.ClassifyRequest\x1a\x1d.tierpick.v1.ClassifyResponse\x12V\n\rClassifyBatch\x12!.tierpick.v1.ClassifyBatchRequest\x1a\".tierpick.v1.ClassifyBatchResponse\x12H\n\x0cGetModelInfo\x12 .tierpick.v1.GetModelInfoRequest\x1a\x16.tierpick.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n2tierpick/serving/_proto/tierpick/v1/tierpick.proto\x12\x0btierpick.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xab\x01\n\rRoutingPolicy\x12\x13\n\x0bmin_success\x18\x01 \x01(\x01\x12\x15\n\rallowed_tiers\x18\x02 \x03(\t\x12\x16\n\tmax_price\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\x18\n\x0b\x63ost_weight\x18\x04 \x01(\x01H\x01\x88\x01\x01\x12\x13\n\x06sticky\x18\x05 \x01(\x08H\x02\x88\x01\x01\x42\x0c\n\n_max_priceB\x0e\n\x0c_cost_weightB\t\n\x07_sticky\"\xa6\x01\n\x0f\x43lassifyRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12*\n\x08messages\x18\x02 \x03(\x0b\x32\x18.tierpick.v1.ChatMessage\x12*\n\x06policy\x18\x03 \x01(\x0b\x32\x1a.tierpick.v1.RoutingPolicy\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x05 \x01(\t\"\x83\x01\n\tTierScore\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12\x1b\n\x13success_probability\x18\x02 \x01(\x01\x12\x13\n\x0bprice_input\x18\x03 \x01(\x01\x12\x14\n\x0cprice_output\x18\x04 \x01(\x01\x12\x0f\n\x07\x61llowed\x18\x05 \x01(\x08\x12\x0f\n\x07utility\x18\x06 \x01(\x01\"y\n\rDecisionBasis\x12\x0c\n\x04rule\x18\x01 \x01(\t\x12\x13\n\x0b\x63ost_weight\x18\x02 \x01(\x01\x12\x13\n\x0bmin_success\x18\x03 \x01(\x01\x12\x12\n\nprompt_cut\x18\x04 \x01(\x08\x12\x1c\n\x14held_by_conversation\x18\x05 \x01(\x08\"\xdf\x01\n\x10\x43lassifyResponse\x12\x0c\n\x04tier\x18\x01 \x01(\t\x12&\n\x06scores\x18\x02 \x03(\x0b\x32\x16.tierpick.v1.TierScore\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x15\n\rmet_threshold\x18\x05 \x01(\x08\x12)\n\x05\x62\x61sis\x18\x06 \x01(\x0b\x32\x1a.tierpick.v1.DecisionBasis\x12\x18\n\x0b\x66\x61miliarity\x18\x07 \x01(\x01H\x00\x88\x01\x01\x42\x0e\n\x0c_familiarity\"r\n\x14\x43lassifyBatchRequest\x12.\n\x08requests\x18\x01 \x03(\x0b\x32\x1c.tierpick.v1.ClassifyRequest\x12*\n\x06policy\x18\x02 \x01(\x0b\x32\x1a.tierpick.v1.RoutingPolicy\"I\n\x15\x43lassifyBatchResponse\x12\x30\n\tresponses\x18\x01 \x03(\x0b\x32\x1d.tierpick.v1.ClassifyResponse\".\n\x13GetModelInfoRequest\x12\x17\n\x0fwith_evaluation\x18\x01 \x01(\x08\"C\n\x08TierInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bprice_input\x18\x02 \x01(\x01\x12\x14\n\x0cprice_output\x18\x03 \x01(\x01\"\xc6\x02\n\tModelInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12$\n\x05tiers\x18\x03 \x03(\x0b\x32\x15.tierpick.v1.TierInfo\x12:\n\nevaluation\x18\x04 \x03(\x0b\x32&.tierpick.v1.ModelInfo.EvaluationEntry\x12\x1b\n\x13\x64\x65\x66\x61ult_cost_weight\x18\x05 \x01(\x01\x12\x11\n\tmax_batch\x18\x06 \x01(\x05\x12\x18\n\x10max_prompt_chars\x18\x07 \x01(\x05\x12\x18\n\x10\x64\x61ta_fingerprint\x18\x08 \x01(\t\x12\x15\n\ractive_policy\x18\t \x01(\t\x1a\x31\n\x0f\x45valuationEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x32\xf7\x01\n\nTierRouter\x12G\n\x08\x43lassify\x12\x1c.tierpick.v1.ClassifyRequest\x1a\x1d.tierpick.v1.ClassifyResponse\x12V\n\rClassifyBatch\x12!.tierpick.v1.ClassifyBatchRequest\x1a\".tierpick.v1.ClassifyBatchResponse\x12H\n\x0cGetModelInfo\x12 .tierpick.v1.GetModelInfoRequest\x1a\x16.tierpick.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,19 +44,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECISIONBASIS']._serialized_start=590
   _globals['_DECISIONBASIS']._serialized_end=711
   _globals['_CLASSIFYRESPONSE']._serialized_start=714
-  _globals['_CLASSIFYRESPONSE']._serialized_end=895
-  _globals['_CLASSIFYBATCHREQUEST']._serialized_start=897
-  _globals['_CLASSIFYBATCHREQUEST']._serialized_end=1011
-  _globals['_CLASSIFYBATCHRESPONSE']._serialized_start=1013
-  _globals['_CLASSIFYBATCHRESPONSE']._serialized_end=1086
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1088
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1134
-  _globals['_TIERINFO']._serialized_start=1136
-  _globals['_TIERINFO']._serialized_end=1203
-  _globals['_MODELINFO']._serialized_start=1206
-  _globals['_MODELINFO']._serialized_end=1532
-  _globals['_MODELINFO_EVALUATIONENTRY']._serialized_start=1483
-  _globals['_MODELINFO_EVALUATIONENTRY']._serialized_end=1532
-  _globals['_TIERROUTER']._serialized_start=1535
-  _globals['_TIERROUTER']._serialized_end=1782
+  _globals['_CLASSIFYRESPONSE']._serialized_end=937
+  _globals['_CLASSIFYBATCHREQUEST']._serialized_start=939
+  _globals['_CLASSIFYBATCHREQUEST']._serialized_end=1053
+  _globals['_CLASSIFYBATCHRESPONSE']._serialized_start=1055
+  _globals['_CLASSIFYBATCHRESPONSE']._serialized_end=1128
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1130
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1176
+  _globals['_TIERINFO']._serialized_start=1178
+  _globals['_TIERINFO']._serialized_end=1245
+  _globals['_MODELINFO']._serialized_start=1248
+  _globals['_MODELINFO']._serialized_end=1574
+  _globals['_MODELINFO_EVALUATIONENTRY']._serialized_start=1525
+  _globals['_MODELINFO_EVALUATIONENTRY']._serialized_end=1574
+  _globals['_TIERROUTER']._serialized_start=1577
+  _globals['_TIERROUTER']._serialized_end=1824
 # @@protoc_insertion_point(module_scope)

@@ -73,20 +73,22 @@ class DecisionBasis(_message.Message):
     def __init__(self, rule: _Optional[str] = ..., cost_weight: _Optional[float] = ..., min_success: _Optional[float] = ..., prompt_cut: _Optional[bool] = ..., held_by_conversation: _Optional[bool] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
-    __slots__ = ("tier", "scores", "model_version", "request_id", "met_threshold", "basis")
+    __slots__ = ("tier", "scores", "model_version", "request_id", "met_threshold", "basis", "familiarity")
     TIER_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MET_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     BASIS_FIELD_NUMBER: _ClassVar[int]
+    FAMILIARITY_FIELD_NUMBER: _ClassVar[int]
     tier: str
     scores: _containers.RepeatedCompositeFieldContainer[TierScore]
     model_version: str
     request_id: str
     met_threshold: bool
     basis: DecisionBasis
-    def __init__(self, tier: _Optional[str] = ..., scores: _Optional[_Iterable[_Union[TierScore, _Mapping]]] = ..., model_version: _Optional[str] = ..., request_id: _Optional[str] = ..., met_threshold: _Optional[bool] = ..., basis: _Optional[_Union[DecisionBasis, _Mapping]] = ...) -> None: ...
+    familiarity: float
+    def __init__(self, tier: _Optional[str] = ..., scores: _Optional[_Iterable[_Union[TierScore, _Mapping]]] = ..., model_version: _Optional[str] = ..., request_id: _Optional[str] = ..., met_threshold: _Optional[bool] = ..., basis: _Optional[_Union[DecisionBasis, _Mapping]] = ..., familiarity: _Optional[float] = ...) -> None: ...
 
 class ClassifyBatchRequest(_message.Message):
     __slots__ = ("requests", "policy")
