@@ -69,6 +69,7 @@ def classify(
     decisions: DecisionLog | None = None,
     conversations: Conversations | None = None,
     guard: BudgetGuard | None = None,
+    familiarity: bool = True,
 ) -> list[pb.ClassifyResponse]:
     """Validate every request first (nothing is computed for a bad batch), then predict once.
 
@@ -76,7 +77,8 @@ def classify(
     ``base`` policy (see :func:`to_policy`). Under a sticky policy, ``conversations`` holds
     each conversation's tier (:mod:`~tierpick.serving.conversations`). Each decision goes to
     ``decisions`` when given. With a ``guard``, the server's policy routes at the guard's cost
-    weight, and the requests routed by it are what the guard observes."""
+    weight, and the requests routed by it are what the guard observes. ``familiarity``: say
+    how far each prompt is from the training data (about 50 us more a prompt)."""
     base = base or RoutingPolicy()
     if guard is not None:
         base = replace(base, cost_weight=guard.weight)
@@ -95,7 +97,7 @@ def classify(
         groups.setdefault(p, []).append(i)
     # validated once per distinct policy (a batch usually shares one), before any inference
     routers = {p: clf.router(p) for p in groups}
-    reading = clf.read(prompts, familiarity=True)
+    reading = clf.read(prompts, familiarity=familiarity)
     proba = reading.proba
     chosen = np.zeros(len(requests), dtype=np.int64)
     met = np.ones(len(requests), dtype=bool)

@@ -599,6 +599,12 @@ def register_serve(sub: Any) -> None:
         "at least 95%% of always-the-dearest-tier's)",
     )
     p.add_argument(
+        "--no-familiarity",
+        action="store_true",
+        help="do not measure each prompt's familiarity to the training data (drift metrics; "
+        "about 50 us a prompt)",
+    )
+    p.add_argument(
         "--guard-window",
         type=int,
         default=1000,
@@ -671,6 +677,7 @@ def _serve(args: argparse.Namespace) -> int:
         drain_timeout=args.drain_timeout,
         max_streams_per_connection=args.max_streams,
         max_request_bytes=int(args.max_request_mb * (1 << 20)),
+        familiarity=not args.no_familiarity,
     )
     tls = TLS.from_files(args.tls_cert, args.tls_key, args.tls_client_ca)
     policy = read_policy(args.policy) if args.policy else None

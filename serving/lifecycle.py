@@ -62,6 +62,8 @@ class ServerConfig:
             ``drain_timeout`` more to finish), so no client holds streams forever.
         max_request_bytes: the bytes of the requests being handled at once; a request that
             would pass it is refused (RESOURCE_EXHAUSTED) before it is parsed.
+        familiarity: measure each prompt's familiarity to the training data (drift; a model
+            with a reference), about 50 us a prompt.
     """
 
     max_batch: int = 256
@@ -79,6 +81,7 @@ class ServerConfig:
     max_streams_per_connection: int = 512
     max_connection_age: float = 600.0
     max_request_bytes: int = 128 * 1024 * 1024
+    familiarity: bool = True
 
 
 OTHER_STREAMS_GRACE = 1.0  # seconds left to streams that are not the app's calls on stop

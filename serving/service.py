@@ -100,6 +100,7 @@ class TierRouterServicer(pb_grpc.TierRouterServicer):
             self.decisions,
             self.conversations,
             self.guard,
+            self.config.familiarity,
         )
         if _text_chars(request) <= LOOP_CHARS:  # tens of microseconds: on the loop
             resp = _convert.classify(*args)[0]
@@ -144,7 +145,14 @@ class TierRouterServicer(pb_grpc.TierRouterServicer):
     ) -> list[pb.ClassifyResponse]:
         """A batch on a worker thread; a large one hands its memory back when done."""
         responses = _convert.classify(
-            clf, requests, default, self.policy, self.decisions, self.conversations, self.guard
+            clf,
+            requests,
+            default,
+            self.policy,
+            self.decisions,
+            self.conversations,
+            self.guard,
+            self.config.familiarity,
         )
         if sum(_text_chars(r) for r in requests) > RELEASE_CHARS:
             release_memory()

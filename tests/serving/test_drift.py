@@ -18,6 +18,7 @@ from tierpick.classifier.errors import ArtifactError
 from tierpick.classifier.runtime import default_model_dir
 from tierpick.cli import main
 from tierpick.serving.client import TierpickClient
+from tierpick.serving.lifecycle import ServerConfig
 from tierpick.serving.service import create_server
 
 FIRST_IMPRESSION = REPO / "training" / "first_impression" / "prompts.jsonl"
@@ -42,6 +43,12 @@ def test_the_service_reports_each_prompts_familiarity_and_exports_its_distributi
         assert registry.get_sample_value("tierpick_success_probability_count", {"tier": "mid"}) == 2
     finally:
         app.shutdown(0)
+    quiet = create_server("127.0.0.1:0", config=ServerConfig(familiarity=False))
+    try:
+        with TierpickClient(f"127.0.0.1:{quiet.port}", timeout=10) as client:
+            assert not client.classify("hi").HasField("familiarity")
+    finally:
+        quiet.shutdown(0)
 
 
 def test_the_report_shows_drift_for_a_log_unlike_the_training_data(tmp_path: Path) -> None:
