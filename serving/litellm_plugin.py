@@ -511,7 +511,7 @@ class Plugin(CustomLogger):
                 prompt,
                 routing=policy_message(policy),
                 # the service sees the text only: the conversation is named for it
-                conversation_id=(conversation_key(conversation, messages) or "")
+                conversation_id=(conversation or conversation_key("", messages) or "")
                 if policy.sticky
                 else "",
             )

@@ -158,8 +158,9 @@ def test_sticky_through_the_gateway_and_the_litellm_plug_in() -> None:
         ):
             plugin = Plugin(config)
             plugin.check(model_list)
+            long_id = "l" * 256  # the longest id a client may send, through the service too
             assert tier(plugin, "hi", "l1") == "mid"
-            assert tier(plugin, HARD, "l2") == "frontier"
-            assert tier(plugin, "hi", "l2") == "frontier", json.dumps(config.service)
+            assert tier(plugin, HARD, long_id) == "frontier"
+            assert tier(plugin, "hi", long_id) == "frontier", json.dumps(config.service)
     finally:
         server.shutdown(0)
