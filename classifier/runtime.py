@@ -81,6 +81,10 @@ class Reference:
     grids: tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]
     mean: npt.NDArray[np.float32]
     std: npt.NDArray[np.float32]
+    # training prompts near the centroids: text (cut), normalized embedding, observed success
+    exemplars: (
+        tuple[npt.NDArray[np.str_], npt.NDArray[np.float32], npt.NDArray[np.float32]] | None
+    ) = None
 
     GRID = np.linspace(0.0, 1.0, 101, dtype=np.float32)
     KEYS = ("centroids_raw", "centroids_std", "grid_raw", "grid_std", "mean", "std")
@@ -90,6 +94,13 @@ class Reference:
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as z:
                 a = {k: np.asarray(z[k], dtype=np.float32) for k in cls.KEYS}
+                exemplars = None
+                if "exemplar_text" in z.files:
+                    exemplars = (
+                        np.asarray(z["exemplar_text"], dtype=np.str_),
+                        np.asarray(z["exemplar_embedding"], dtype=np.float32),
+                        np.asarray(z["exemplar_success"], dtype=np.float32),
+                    )
         except (OSError, ValueError, KeyError) as exc:
             raise ArtifactError(f"{where}: not a tierpick reference: {exc}"[:300]) from exc
         width = a["mean"].shape
@@ -102,12 +113,28 @@ class Reference:
             or a["grid_std"].shape != cls.GRID.shape
         ):
             raise ArtifactError(f"{where}: centroids, grids or moments of the wrong shape")
-        return cls(
-            (a["centroids_raw"], a["centroids_std"]),
-            (a["grid_raw"], a["grid_std"]),
-            a["mean"],
-            a["std"],
-        )
+        if exemplars is not None and (
+            exemplars[1].shape != (len(exemplars[0]), *width)
+            or exemplars[2].shape[0] != len(exemplars[0])
+        ):
+            raise ArtifactError(f"{where}: exemplars of the wrong shape")
+        centroids = (a["centroids_raw"], a["centroids_std"])
+        return cls(centroids, (a["grid_raw"], a["grid_std"]), a["mean"], a["std"], exemplars)
+
+    def nearest(
+        self, embedding: npt.NDArray[np.floating[Any]], k: int = 3
+    ) -> list[list[tuple[str, float, npt.NDArray[np.float32]]]]:
+        """Per prompt, the ``k`` training exemplars nearest it: (text, cosine similarity,
+        observed success per tier, NaN where none was observed); empty without exemplars."""
+        if self.exemplars is None:
+            return [[] for _ in range(len(embedding))]
+        texts, vectors, success = self.exemplars
+        sims = self.views(embedding)[0] @ vectors.T
+        order = np.argsort(-sims, axis=1)[:, :k]
+        return [
+            [(str(texts[j]), float(sims[i, j]), success[j]) for j in row]
+            for i, row in enumerate(order)
+        ]
 
     def views(self, embedding: npt.NDArray[np.floating[Any]]) -> tuple[Any, Any]:
         """The embedding as it is and standardized, each row L2-normalized."""
@@ -145,9 +172,9 @@ class Reference:
             np.searchsorted(self.grids[1], scores[:, k:].max(axis=1) / std_norm, side="right"),
         )
         steps = len(self.GRID) - 1
-        out: npt.NDArray[np.float32] = np.clip(
-            (np.minimum(*ranks) - 1) / steps, 0.0, 1.0
-        ).astype(np.float32)
+        out: npt.NDArray[np.float32] = np.clip((np.minimum(*ranks) - 1) / steps, 0.0, 1.0).astype(
+            np.float32
+        )
         return out
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,19 @@ def register_classify(sub: Any) -> None:
         nargs="+",
         metavar="PROMPT",
         help="prompt text(s); - reads one from standard input; an OpenAI chat (a JSON list of "
-        "messages, or an object with messages) is classified on its last user turn, as served",
+        "messages, or an object with messages) is read as served: its last user turn, then "
+        "the user turns before it",
     )
     p.add_argument("--model", help="model directory or models:/ URI (default: shipped model)")
     p.add_argument("--policy", metavar="POLICY.yaml", help="a policy file (tierpick tune --out)")
     _policy_flags(p)
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="also how familiar the prompt is to the training data, and the training prompts "
+        "nearest it with the success each tier's models had on them",
+    )
     p.set_defaults(func=_classify)
 
 
@@ -56,10 +64,17 @@ def _flag_policy(args: argparse.Namespace, base: Any) -> Any:
     )
 
 
-def explain(clf: Any, prompts: list[str], policy: Any) -> list[dict[str, Any]]:
-    """Each prompt's decision and why, as ``tierpick classify`` prints it."""
+def explain(clf: Any, prompts: list[str], policy: Any, nearest: int = 0) -> list[dict[str, Any]]:
+    """Each prompt's decision and why, as ``tierpick classify`` prints it; with ``nearest``,
+    also its familiarity to the training data and that many training prompts nearest it, with
+    the success each tier's models had on them (a model with a reference)."""
     router = clf.router(policy)
-    reading = clf.read(prompts)
+    reading = clf.read(prompts, familiarity=nearest > 0)
+    near = (
+        clf.reference.nearest(clf.embed(prompts), nearest)
+        if nearest and clf.reference is not None
+        else [[] for _ in prompts]
+    )
     proba = reading.proba
     chosen, met = router.choose(proba)
     utility = router.utilities(proba)
@@ -92,6 +107,20 @@ def explain(clf: Any, prompts: list[str], policy: Any) -> list[dict[str, Any]]:
                 "model": {"name": m.model_name, "version": clf.version},
             }
         )
+        if reading.familiarity is not None:
+            out[-1]["familiarity"] = round(float(reading.familiarity[i]), 4)
+        if near[i]:
+            out[-1]["nearest_training_prompts"] = [
+                {
+                    "prompt": text,
+                    "similarity": round(sim, 4),
+                    "observed_success": {
+                        t: None if math.isnan(v) else round(float(v), 3)
+                        for t, v in zip(clf.tiers, success, strict=True)
+                    },
+                }
+                for text, sim, success in near[i]
+            ]
     return out
 
 
@@ -105,7 +134,7 @@ def _classify(args: argparse.Namespace) -> int:
     clf = classifier.load(args.model)
     policy = _flag_policy(args, read_policy(args.policy) if args.policy else RoutingPolicy())
     prompts = [_prompt_argument(p, clf) for p in args.prompts]
-    for d in explain(clf, prompts, policy):
+    for d in explain(clf, prompts, policy, 3 if args.explain else 0):
         if args.json:
             print(json.dumps(d))
             continue
@@ -129,8 +158,19 @@ def _classify(args: argparse.Namespace) -> int:
         cut = "cut before the model saw it" if d["truncated"] else "not cut"
         print(
             f"prompt: {d['prompt_chars']} characters, {d['model_chars']} as the model reads it, "
-            f"{d['tokens']} tokens ({cut})\n"
+            f"{d['tokens']} tokens ({cut})"
         )
+        if "familiarity" in d:
+            plain = "unlike the training data" if d["familiarity"] < 0.05 else "like it"
+            print(f"familiarity to the training data: {d['familiarity']:.2f} ({plain})")
+        for n in d.get("nearest_training_prompts", []):
+            seen = ", ".join(
+                f"{t} {'-' if v is None else format(v, '.2f')}"
+                for t, v in n["observed_success"].items()
+            )
+            text = " ".join(n["prompt"].split())[:100]
+            print(f"  near ({n['similarity']:.2f}): {text!r}\n    observed success: {seen}")
+        print()
     return 0
 
 

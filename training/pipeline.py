@@ -167,7 +167,8 @@ def run_training(
     report["onnx_parity_max_abs_diff"] = parity(fitted.student, out_dir, sample)
     from tierpick.training import reference  # drift: the training prompts as the model embeds them
 
-    reference.attach(out_dir, reference.build(out_dir, train.prompts, tcfg.seed))
+    arrays = reference.build(out_dir, train.prompts, tcfg.seed, train.targets, train.mask)
+    reference.attach(out_dir, arrays)
     if tcfg.export_teacher:
         # the teacher in the same artifact contract, for GPU or offline scoring (too large to ship)
         teacher_dir = workdir / "teacher-model"

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -32,18 +33,30 @@ from tierpick.classifier.runtime import Reference
 CENTROIDS = 256
 
 
+EXEMPLARS_PER_CENTROID = 4
+EXEMPLAR_CHARS = 300
+
+
 def build(
-    model_dir: Path, prompts: Sequence[str], seed: int = 0
-) -> dict[str, npt.NDArray[np.float32]]:
+    model_dir: Path,
+    prompts: Sequence[str],
+    seed: int = 0,
+    targets: npt.NDArray[np.float64] | None = None,
+    mask: npt.NDArray[np.float64] | None = None,
+) -> dict[str, npt.NDArray[Any]]:
     """The reference of ``prompts`` (the training split) as the model in ``model_dir`` embeds
-    them (``reference.npz``'s arrays)."""
+    them (``reference.npz``'s arrays). With their ``targets`` and ``mask``, also exemplars:
+    the training prompts nearest each centroid (up to 4), cut to 300 characters, with the
+    observed success of each tier (NaN where none was observed), which ``tierpick classify
+    --explain`` shows as the nearest training prompts."""
     from sklearn.cluster import MiniBatchKMeans
 
     emb = classifier.load(str(model_dir)).embed(list(prompts)).astype(np.float32)
     mean, std = emb.mean(axis=0), emb.std(axis=0) + 1e-6
-    out = {"mean": mean, "std": std}
+    out: dict[str, npt.NDArray[Any]] = {"mean": mean, "std": std}
     probe = Reference((emb[:1], emb[:1]), (Reference.GRID, Reference.GRID), mean, std)
-    for name, view in zip(("raw", "std"), probe.views(emb), strict=True):
+    views = probe.views(emb)
+    for name, view in zip(("raw", "std"), views, strict=True):
         km = MiniBatchKMeans(
             n_clusters=min(CENTROIDS, len(prompts)), random_state=seed, n_init=3, batch_size=2048
         ).fit(view)
@@ -52,16 +65,24 @@ def build(
         )
         out[f"centroids_{name}"] = c
         out[f"grid_{name}"] = np.quantile((view @ c.T).max(axis=1), Reference.GRID)
-    return {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
+    out = {k: np.asarray(v, dtype=np.float32) for k, v in out.items()}
+    if targets is not None and mask is not None:
+        near = views[0] @ out["centroids_raw"].T  # (prompts, centroids)
+        picked = np.unique(np.argsort(-near, axis=0)[:EXEMPLARS_PER_CENTROID].ravel())
+        observed = np.where(mask[picked] > 0, targets[picked], np.nan)
+        out["exemplar_text"] = np.array([prompts[i][:EXEMPLAR_CHARS] for i in picked])
+        out["exemplar_embedding"] = views[0][picked].astype(np.float16)
+        out["exemplar_success"] = observed.astype(np.float32)
+    return out
 
 
-def load(arrays: dict[str, npt.NDArray[np.float32]]) -> Reference:
+def load(arrays: dict[str, npt.NDArray[Any]]) -> Reference:
     buf = io.BytesIO()
     np.savez(buf, **arrays)  # type: ignore[arg-type]
     return Reference.from_bytes(buf.getvalue(), Path("<built>"))
 
 
-def attach(model_dir: Path, arrays: dict[str, npt.NDArray[np.float32]]) -> None:
+def attach(model_dir: Path, arrays: dict[str, npt.NDArray[Any]]) -> None:
     """Write ``reference.npz`` into the model directory and list it in the manifest."""
     buf = io.BytesIO()
     np.savez(buf, **arrays)  # type: ignore[arg-type]
@@ -112,13 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         print(study(Path(args.model_dir), Path(args.dataset)))
         return 0
     from tierpick.training.dataset import load_dataset
+    from tierpick.training.fit import split_arrays
 
-    ds = load_dataset(Path(args.dataset))
-    splits = ds.table["split"].to_pylist()
-    texts = ds.table["prompt"].to_pylist()
-    prompts = [p for p, s in zip(texts, splits, strict=True) if s == "train"]
-    attach(Path(args.model_dir), build(Path(args.model_dir), prompts))
-    print(f"{args.model_dir}: {REFERENCE_FILE} from {len(prompts)} training prompts")
+    train = split_arrays(load_dataset(Path(args.dataset)), "train")
+    arrays = build(Path(args.model_dir), train.prompts, 0, train.targets, train.mask)
+    attach(Path(args.model_dir), arrays)
+    print(f"{args.model_dir}: {REFERENCE_FILE} from {len(train.prompts)} training prompts")
     return 0
 
 

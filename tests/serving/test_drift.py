@@ -91,3 +91,17 @@ def test_a_reference_that_does_not_fit_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(ArtifactError, match="reference"):
         classifier.load(str(model))
+
+
+def test_classify_explain_shows_familiarity_and_the_nearest_training_prompts(capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["classify", "--explain", "--json", "hi", _trained_on(1)[0]]) == 0
+    greeting, math = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert greeting["familiarity"] < 0.05 < math["familiarity"]
+    for d in (greeting, math):
+        near = d["nearest_training_prompts"]
+        assert len(near) == 3 and near[0]["similarity"] >= near[-1]["similarity"]
+        assert all(set(n["observed_success"]) == {"local", "mid", "frontier"} for n in near)
+    # a prompt the model was trained on finds itself, or one very like it
+    assert math["nearest_training_prompts"][0]["similarity"] > 0.9
+    assert main(["classify", "hi"]) == 0
+    assert "near (" not in capsys.readouterr().out  # only with --explain
