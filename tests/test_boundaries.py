@@ -137,7 +137,7 @@ SERVING_LAYERS = {
     "conversations": set(),
     "guard": set(),
     "service": {"lifecycle", "decisions", "conversations", "guard", "_convert", "_proto"},
-    "gateway": {"lifecycle", "decisions", "conversations"},
+    "gateway": {"lifecycle", "decisions", "conversations", "guard"},
     "scoring": set(),
     "report": {"scoring"},
     "tune": {"scoring", "report"},

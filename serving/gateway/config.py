@@ -16,6 +16,7 @@ from tierpick.classifier.errors import ConfigError
 from tierpick.classifier.files import load_yaml
 from tierpick.classifier.routing import POLICY_FIELDS, policy_from_mapping, read_policy
 from tierpick.serving.decisions import MODES, DecisionLogConfig
+from tierpick.serving.guard import Target
 
 POLICY_HEADERS = tuple(f.header for f in POLICY_FIELDS)  # x-tierpick-...
 
@@ -83,6 +84,8 @@ class GatewayConfig:
     # and the request goes where it would without tierpick (no tier header, no rewrite)
     mode: str = "route"
     decision_log: DecisionLogConfig | None = None
+    # a policy in plain terms held on the traffic the config's policy routes (serving.guard)
+    hold: Target | None = None
 
     @property
     def processor_address(self) -> str:
@@ -101,6 +104,7 @@ _KEYS = {
     "envoy": {"listen_host", "listen_port", "admin_port", "upstream_timeout_s"},
     "mode": None,
     "decision_log": None,
+    "hold": {"target", "window"},
 }
 
 
@@ -239,6 +243,24 @@ def parse_gateway_config(raw: object) -> GatewayConfig:
     decision_log = DecisionLogConfig.from_mapping(
         raw.get("decision_log"), "gateway config: decision_log"
     )
+    hold = None
+    if raw.get("hold") is not None:
+        held = _section(raw, "hold")
+        if not isinstance(held.get("target"), str):
+            raise _fail(
+                "hold.target", "must be a string such as frontier=0.2, spend=2 or quality=0.95"
+            )
+        window = int(_number(held.get("window", 1000), "hold.window", 100, 1e7))
+        try:
+            hold = Target.parse(held["target"], window)
+        except ConfigError as exc:
+            raise _fail("hold.target", str(exc)) from None
+        if hold.kind == "share" and hold.tier not in tiers:
+            raise _fail("hold.target", f"no tier {hold.tier!r} in {sorted(tiers)}")
+        if policy.min_success > 0:
+            raise _fail(
+                "hold", "adjusts the utility rule's cost weight: policy.min_success must be 0"
+            )
     return GatewayConfig(
         tiers=tiers,
         processor_host=str(proc.get("host", "127.0.0.1")),
@@ -266,6 +288,7 @@ def parse_gateway_config(raw: object) -> GatewayConfig:
         request_policy_key_header=key_header.lower(),
         mode=gateway_mode,
         decision_log=decision_log,
+        hold=hold,
     )
 
 

@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
+
 from tierpick.classifier import RoutingPolicy, TierClassifier
 from tierpick.classifier.errors import (
     MissingDependencyError,
@@ -21,7 +23,7 @@ from tierpick.classifier.errors import (
     PromptError,
     TierpickError,
 )
-from tierpick.classifier.routing import POLICY_FIELDS, clip, overlay, within_grant
+from tierpick.classifier.routing import POLICY_FIELDS, call_costs, clip, overlay, within_grant
 from tierpick.serving.conversations import Conversations, conversation_key
 from tierpick.serving.decisions import DecisionLog, basis, basis_headers, policy_fields
 from tierpick.serving.gateway.config import (
@@ -30,6 +32,7 @@ from tierpick.serving.gateway.config import (
     Grant,
     check_model_tiers,
 )
+from tierpick.serving.guard import BudgetGuard
 from tierpick.serving.lifecycle import (
     AppSpec,
     GrpcApp,
@@ -182,6 +185,14 @@ class TierpickProcessor:
         self.cfg, self.holder, self.metrics = cfg, holder, metrics
         self.decisions = decisions
         self.conversations = Conversations()  # a sticky policy's state: this processor's
+        self.guard: BudgetGuard | None = None  # a policy in plain terms, held live
+        if cfg.hold is not None:
+            clf = holder.current
+            start = cfg.policy.cost_weight
+            self.guard = BudgetGuard(
+                cfg.hold, clf.tiers, clf.manifest.default_cost_weight if start is None else start
+            )
+            metrics.watch_guard(self.guard)
         self.ep, self.base, self.http_status = ep, base_pb2, http_status_pb2
 
     async def Process(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:
@@ -217,11 +228,15 @@ class TierpickProcessor:
         # not asked for by the processing mode; answer so the stream goes on
         return ep.ProcessingResponse(**{kind: _EMPTY[kind](ep)})
 
-    def _policy(self, headers: Mapping[str, str], clf: TierClassifier) -> tuple[Any, list[str]]:
-        """The request's router: the config's policy, with the policy headers the config grants
-        applied (a request that sets any is routed within the grant's tiers); and the headers
-        ignored because they are not granted. The grant is the request's API key's
-        (``request_policy.api_keys``), else ``request_policy``'s. Every header seen is counted."""
+    def _policy(
+        self, headers: Mapping[str, str], clf: TierClassifier
+    ) -> tuple[Any, list[str], bool]:
+        """The request's router: the config's policy (at the guard's cost weight, with a
+        ``hold``), with the policy headers the config grants applied (a request that sets any
+        is routed within the grant's tiers); the headers ignored because they are not granted;
+        and whether the request is routed by the config's policy (what the guard observes). The
+        grant is the request's API key's (``request_policy.api_keys``), else
+        ``request_policy``'s. Every header seen is counted."""
         cfg = self.cfg
         present = [h for h in POLICY_HEADERS if HEADER_PREFIX + h in headers]
         by_key = self._key_grant(headers) if present and cfg.request_policy_keys else None
@@ -232,9 +247,12 @@ class TierpickProcessor:
             allowed, grant = cfg.request_policy_headers, cfg.request_policy_tiers
         granted = [h for h in present if enabled and h in allowed]
         ignored = [h for h in present if h not in granted]
+        base = cfg.policy
+        if self.guard is not None:  # the config's policy at the weight the guard holds now
+            base = replace(base, cost_weight=self.guard.weight)
         try:
             policy = request_policy(
-                cfg.policy, {HEADER_PREFIX + h: headers[HEADER_PREFIX + h] for h in granted}
+                base, {HEADER_PREFIX + h: headers[HEADER_PREFIX + h] for h in granted}
             )
             if granted:
                 chose = "allowed-tiers" in granted
@@ -249,7 +267,7 @@ class TierpickProcessor:
             self.metrics.policy_headers.labels(h, "applied").inc()
         for h in ignored:
             self.metrics.policy_headers.labels(h, "ignored").inc()
-        return router, ignored
+        return router, ignored, policy == base
 
     def _key_grant(self, headers: Mapping[str, str]) -> Grant | None:
         """The grant of the API key the request carries (``request_policy.api_keys``), if any."""
@@ -266,7 +284,7 @@ class TierpickProcessor:
         clf = self.holder.current
         conversation = headers.get(CONVERSATION_HEADER, "")
         try:
-            router, ignored = self._policy(headers, clf)
+            router, ignored, by_config = self._policy(headers, clf)
             if conversation:  # a client's: bounded, a bad one is refused
                 conversation_key(conversation, None)
         except TierpickError as exc:
@@ -332,6 +350,9 @@ class TierpickProcessor:
         self.metrics.decisions.labels("classified").inc()
         self.metrics.tiers.labels(decision.tier).inc()
         self.metrics.observe_reading(clf.tiers, proba, reading.familiarity)
+        if self.guard is not None and by_config:
+            usd = call_costs([len(prompt)], clf.manifest.tiers)
+            self.guard.observe(proba, np.array([clf.tiers.index(decision.tier)]), usd, router.costs)
         set_headers = {
             "tier": decision.tier,
             "model-version": clf.version,

@@ -93,3 +93,44 @@ def test_a_target_that_cannot_be_held_is_refused_at_start() -> None:
             policy=RoutingPolicy(min_success=0.7),
             hold=Target.parse("frontier=0.2"),
         )
+
+
+def test_the_gateway_holds_a_share_through_a_shift_in_the_mix() -> None:
+    """The Envoy processor with `hold:` in its config, on the same shift (real ext_proc
+    messages, no Envoy): the share after the window, the headers' cost weight moving."""
+    pytest.importorskip("envoy.service.ext_proc.v3", reason="the gateway extra is not installed")
+    from tests.serving.test_gateway_processor import _send
+    from tierpick.serving.gateway import parse_gateway_config
+    from tierpick.serving.gateway.processor import GatewayMetrics, TierpickProcessor
+    from tierpick.serving.lifecycle import ModelHolder
+
+    arena, questions = _prompts()
+    tiers = ("local", "mid", "frontier")
+    cfg = parse_gateway_config(
+        {
+            "tiers": {t: {"upstream": f"127.0.0.1:{9000 + i}"} for i, t in enumerate(tiers)},
+            "hold": {"target": "frontier=0.2", "window": WINDOW},
+        }
+    )
+    metrics = GatewayMetrics()
+    proc = TierpickProcessor(cfg, ModelHolder(None, metrics), metrics)
+    shares = []
+    for phase in (arena, questions):
+        routed = []
+        for i in range(2 * WINDOW):
+            body = {
+                "model": "tierpick/auto",
+                "messages": [{"role": "user", "content": phase[i % len(phase)]}],
+            }
+            routed.append(_send(proc, body)[1]["x-tierpick-tier"] == "frontier")
+        shares.append(float(np.mean(routed[WINDOW:])))
+    print(f"gateway frontier share after the window: {shares}")
+    assert all(abs(s - 0.2) <= 0.03 for s in shares), shares
+    assert metrics.registry.get_sample_value("tierpick_guard_target_value") == 0.2
+    with pytest.raises(ConfigError, match=r"hold\.target"):
+        parse_gateway_config(
+            {
+                "tiers": {t: {"upstream": f"127.0.0.1:{9000 + i}"} for i, t in enumerate(tiers)},
+                "hold": {"target": "gold=0.2"},
+            }
+        )
