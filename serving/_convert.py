@@ -108,7 +108,7 @@ def classify(
     if guard is not None and base in groups:
         rows = groups[base]
         usd = call_costs([len(prompts[i]) for i in rows], clf.manifest.tiers)
-        guard.observe(proba[rows], chosen[rows], usd, routers[base].costs)
+        guard.observe(proba[rows], chosen[rows], usd, routers[base].costs, routers[base].allowed)
     held = np.zeros(len(requests), dtype=bool)
     if conversations is not None:
         for i, key in enumerate(keys):

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from tierpick.classifier import RoutingPolicy, TierClassifier
 from tierpick.classifier.errors import ConfigError
-from tierpick.classifier.routing import utility_choice
+from tierpick.classifier.routing import call_costs, utility_choice
 
 LOWEST_WEIGHT, HIGHEST_WEIGHT = 1e-4, 1e3  # the cost weights the guard may use
 KINDS = ("share", "spend", "quality")
@@ -110,10 +111,16 @@ class BudgetGuard:
         self.window_value = math.nan  # the target's figure over the last window, as routed
 
     def observe(
-        self, proba: npt.ArrayLike, chosen: npt.ArrayLike, usd: npt.ArrayLike, norm_costs: Floats
+        self,
+        proba: npt.ArrayLike,
+        chosen: npt.ArrayLike,
+        usd: npt.ArrayLike,
+        norm_costs: Floats,
+        allowed: npt.NDArray[np.bool_] | None = None,
     ) -> None:
         """Decisions made at the current weight: their probabilities, tiers, and each tier's
-        estimated cost per call (USD); ``norm_costs`` the router's normalized tier costs."""
+        estimated cost per call (USD); ``norm_costs`` and ``allowed``, the router's normalized
+        tier costs and the tiers its policy allows."""
         n = self.target.window
         proba, chosen, usd = np.asarray(proba), np.asarray(chosen), np.asarray(usd)
         with self._lock:
@@ -126,7 +133,7 @@ class BudgetGuard:
             self.window_value = self.figure(self._chosen[:k], self._proba[:k], self._usd[:k])
             if self._since >= self.target.every and k >= min(n, 100):
                 self._since = 0
-                solved = self.solve(self._proba[:k], self._usd[:k], norm_costs)
+                solved = self.solve(self._proba[:k], self._usd[:k], norm_costs, allowed)
                 step = self.target.max_step
                 self.weight = float(np.clip(solved, self.weight / step, self.weight * step))
 
@@ -146,14 +153,43 @@ class BudgetGuard:
             return figure >= self.target.value
         return figure <= self.target.value
 
-    def solve(self, proba: Floats, usd: Floats, norm_costs: Floats) -> float:
+    def check_reachable(
+        self,
+        proba: npt.ArrayLike,
+        usd: npt.ArrayLike,
+        norm_costs: Floats,
+        allowed: npt.NDArray[np.bool_] | None,
+        what: str,
+    ) -> None:
+        """Refuse a target no cost weight meets on these prompts (``what`` names them), saying
+        how close the best weight comes: a spend under always-the-cheapest-tier's, say. (A
+        share of a dearer tier can always be met, and so can a quality, since the cheapest
+        weight routes each prompt to its likeliest tier.)"""
+        p, u = np.asarray(proba, dtype=np.float64), np.asarray(usd, dtype=np.float64)
+        best = LOWEST_WEIGHT if self.target.kind == "quality" else HIGHEST_WEIGHT
+        figure = self.figure(utility_choice(p, norm_costs, best, allowed), p, u)
+        if not self.meets(figure):
+            unit = {"share": "", "spend": " USD per 1k requests", "quality": ""}[self.target.kind]
+            raise ConfigError(
+                f"--hold {self.target.kind}={self.target.value:g}: no cost weight meets it; on "
+                f"{what} the closest is {figure:.4g}{unit}"
+            )
+
+    def solve(
+        self,
+        proba: Floats,
+        usd: Floats,
+        norm_costs: Floats,
+        allowed: npt.NDArray[np.bool_] | None = None,
+    ) -> float:
         """The cost weight that meets the target on these decisions at the least cost pressure
         the target allows: the smallest weight that keeps a share or a spend under it, the
         largest that keeps quality above it (bisection over the weight's logarithm; each
         figure moves one way as the weight rises)."""
 
         def ok(w: float) -> bool:
-            return self.meets(self.figure(utility_choice(proba, norm_costs, w), proba, usd))
+            chosen = utility_choice(proba, norm_costs, w, allowed)
+            return self.meets(self.figure(chosen, proba, usd))
 
         rising = self.target.kind != "quality"  # met above the boundary, else below it
         lo, hi = math.log(LOWEST_WEIGHT), math.log(HIGHEST_WEIGHT)
@@ -168,3 +204,16 @@ class BudgetGuard:
             else:
                 lo = mid
         return math.exp(hi if rising else lo)
+
+
+def check_reachable(guard: BudgetGuard, clf: TierClassifier, policy: RoutingPolicy) -> None:
+    """Refuse a live target no weight meets, judged before any traffic on the model's
+    reference prompts (training prompts near its centroids), when it has them."""
+    reference = clf.reference
+    if reference is None or reference.exemplars is None:
+        return
+    texts = [str(t) for t in reference.exemplars[0]]
+    router = clf.router(policy)
+    usd = call_costs([len(t) for t in texts], clf.manifest.tiers)
+    what = f"{len(texts)} of the model's reference training prompts"
+    guard.check_reachable(clf.predict_proba(texts), usd, router.costs, router.allowed, what)

@@ -26,7 +26,7 @@ from tierpick.serving._proto.tierpick.v1 import tierpick_pb2 as pb
 from tierpick.serving._proto.tierpick.v1 import tierpick_pb2_grpc as pb_grpc
 from tierpick.serving.conversations import Conversations
 from tierpick.serving.decisions import DecisionLog, DecisionLogConfig
-from tierpick.serving.guard import BudgetGuard, Target
+from tierpick.serving.guard import BudgetGuard, Target, check_reachable
 from tierpick.serving.lifecycle import (
     TLS,
     AppSpec,
@@ -222,6 +222,7 @@ def create_server(
             else clf.manifest.default_cost_weight
         )
         guard = BudgetGuard(hold, clf.tiers, start)
+        check_reachable(guard, clf, policy)
         metrics.watch_guard(guard)
     pool = futures.ThreadPoolExecutor(config.workers, thread_name_prefix="tierpick-batch")
     decisions = DecisionLog(decision_log) if decision_log is not None else None

@@ -32,7 +32,7 @@ from tierpick.serving.gateway.config import (
     Grant,
     check_model_tiers,
 )
-from tierpick.serving.guard import BudgetGuard
+from tierpick.serving.guard import BudgetGuard, check_reachable
 from tierpick.serving.lifecycle import (
     AppSpec,
     GrpcApp,
@@ -192,6 +192,7 @@ class TierpickProcessor:
             self.guard = BudgetGuard(
                 cfg.hold, clf.tiers, clf.manifest.default_cost_weight if start is None else start
             )
+            check_reachable(self.guard, clf, cfg.policy)
             metrics.watch_guard(self.guard)
         self.ep, self.base, self.http_status = ep, base_pb2, http_status_pb2
 
@@ -352,7 +353,8 @@ class TierpickProcessor:
         self.metrics.observe_reading(clf.tiers, proba, reading.familiarity)
         if self.guard is not None and by_config:
             usd = call_costs([len(prompt)], clf.manifest.tiers)
-            self.guard.observe(proba, np.array([clf.tiers.index(decision.tier)]), usd, router.costs)
+            chosen = np.array([clf.tiers.index(decision.tier)])
+            self.guard.observe(proba, chosen, usd, router.costs, router.allowed)
         set_headers = {
             "tier": decision.tier,
             "model-version": clf.version,

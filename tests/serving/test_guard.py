@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import DATA
+from tierpick.classifier import RoutingPolicy
 from tierpick.classifier.errors import ConfigError
 from tierpick.serving.client import TierpickClient, policy
 from tierpick.serving.guard import Target
@@ -85,9 +86,17 @@ def test_a_target_that_cannot_be_held_is_refused_at_start() -> None:
         create_server("127.0.0.1:0", hold=Target.parse("local=0.5"))
     with pytest.raises(ConfigError, match="no tier"):
         create_server("127.0.0.1:0", hold=Target.parse("gold=0.2"))
+    # judged before any traffic, on the model's reference prompts, with how close it comes
+    without_local = RoutingPolicy(allowed_tiers=("mid", "frontier"))
+    with pytest.raises(ConfigError, match=r"spend=0.1: no cost weight meets it; .* closest is"):
+        create_server("127.0.0.1:0", policy=without_local, hold=Target.parse("spend=0.1"))
+    with pytest.raises(ConfigError, match=r"quality=1: no cost weight meets it"):
+        create_server(
+            "127.0.0.1:0",
+            policy=RoutingPolicy(allowed_tiers=("local", "mid")),
+            hold=Target.parse("quality=1"),
+        )
     with pytest.raises(ConfigError, match="min_success"):
-        from tierpick.classifier import RoutingPolicy
-
         create_server(
             "127.0.0.1:0",
             policy=RoutingPolicy(min_success=0.7),
