@@ -435,6 +435,13 @@ def register_tune(sub: Any) -> None:
         "--budget-per-1k", type=float, metavar="USD", help="at most this cost per 1,000 requests"
     )
     p.add_argument(
+        "--min-quality",
+        type=float,
+        metavar="FRACTION",
+        help="predicted success at least this fraction of always-the-dearest-tier's (e.g. 0.95); "
+        "alone, the cheapest policy that meets it is chosen",
+    )
+    p.add_argument(
         "--rule",
         choices=["utility", "threshold"],
         default="utility",
@@ -479,7 +486,7 @@ def _tune(args: argparse.Namespace) -> int:
         if tier in shares:
             raise ConfigError(f"--max-share names {tier!r} twice: give one share per tier")
         shares[tier] = share
-    constraint = Constraint(shares, args.budget_per_1k)
+    constraint = Constraint(shares, args.budget_per_1k, args.min_quality)
     clf = classifier.load(args.model)
     opts = ScoreOptions(prompt_field=args.prompt_field, output_prefix=args.output_prefix)
     _, md, note = run_tune(

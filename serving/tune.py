@@ -10,7 +10,10 @@ highest predicted success among those that meet every constraint:
 - ``max_share``: at most this share of the log's prompts on a tier (``frontier=0.2``);
 - ``budget_per_1k``: at most this many USD per 1,000 requests, costed as ``tierpick report``
   does (input tokens from the prompt's length, a fixed number of output tokens, the model's
-  prices).
+  prices);
+- ``min_quality``: a predicted success at least this fraction of always-the-dearest-tier's
+  ("quality at least 95% of always-frontier"); given alone, the cheapest policy that meets it
+  is kept instead.
 
 Only the policy is chosen; the model is untouched. The policy file it writes is read by
 ``tierpick serve --policy``, the gateway config (``policy: FILE``) and
@@ -47,14 +50,22 @@ THRESHOLDS = np.round(np.arange(1, 201) * 0.005, 3)
 
 @dataclass(frozen=True)
 class Constraint:
-    """What the chosen policy must meet on the log."""
+    """What the chosen policy must meet on the log: tier shares and a spend at most, a
+    predicted success at least ``min_quality`` times always-the-dearest-tier's. With only a
+    quality floor the cheapest policy that meets it is chosen; otherwise the one with the
+    highest predicted success."""
 
     max_share: dict[str, float] = field(default_factory=dict)  # tier -> share of prompts
     budget_per_1k: float | None = None  # USD per 1,000 requests
+    min_quality: float | None = None  # of always-the-dearest-tier's predicted success
+    top_success: float = math.nan  # always-the-dearest-tier's, on the log (set by choose)
 
     def check(self, tiers: tuple[str, ...]) -> None:
-        if not self.max_share and self.budget_per_1k is None:
-            raise ConfigError("give at least one --max-share TIER=SHARE or --budget-per-1k USD")
+        if not self.max_share and self.budget_per_1k is None and self.min_quality is None:
+            raise ConfigError(
+                "give at least one --max-share TIER=SHARE, --budget-per-1k USD or "
+                "--min-quality FRACTION"
+            )
         for tier, share in self.max_share.items():
             if tier not in tiers:
                 raise ConfigError(f"--max-share {tier}: not a tier of the model {list(tiers)}")
@@ -62,9 +73,20 @@ class Constraint:
                 raise ConfigError(f"--max-share {tier}={share}: a share must be in [0, 1]")
         if self.budget_per_1k is not None and not 0.0 <= self.budget_per_1k < math.inf:
             raise ConfigError(f"--budget-per-1k must be >= 0 and finite, got {self.budget_per_1k}")
+        if self.min_quality is not None and not 0.0 < self.min_quality <= 1.0:
+            raise ConfigError(f"--min-quality must be in (0, 1], got {self.min_quality}")
+
+    @property
+    def cheapest_first(self) -> bool:
+        """Only a quality floor: the cheapest policy meeting it is the one wanted."""
+        return self.min_quality is not None and not self.max_share and self.budget_per_1k is None
 
     def met_by(self, summary: dict[str, Any]) -> bool:
         if any(summary["mix"][t] > s + 1e-12 for t, s in self.max_share.items()):
+            return False
+        if self.min_quality is not None and (
+            summary["predicted_success"] < self.min_quality * self.top_success - 1e-12
+        ):
             return False
         return self.budget_per_1k is None or per_1k(summary) <= self.budget_per_1k + 1e-12
 
@@ -72,10 +94,18 @@ class Constraint:
         parts = [f"{t} <= {s:.1%} of calls" for t, s in self.max_share.items()]
         if self.budget_per_1k is not None:
             parts.append(f"<= ${self.budget_per_1k:g} per 1,000 requests")
+        if self.min_quality is not None:
+            parts.append(
+                f"predicted success >= {self.min_quality:.1%} of always-the-dearest-tier's"
+            )
         return "; ".join(parts)
 
     def to_json(self) -> dict[str, Any]:
-        return {"max_share": dict(self.max_share), "budget_per_1k_usd": self.budget_per_1k}
+        return {
+            "max_share": dict(self.max_share),
+            "budget_per_1k_usd": self.budget_per_1k,
+            "min_quality": self.min_quality,
+        }
 
 
 def per_1k(summary: dict[str, Any]) -> float:
@@ -171,11 +201,14 @@ def choose(
     rule: str = "utility",
     base: RoutingPolicy | None = None,
 ) -> Tuned:
-    """The policy with the highest predicted success that meets ``constraint`` on ``costs``
+    """The policy with the highest predicted success (with a quality floor alone: the
+    cheapest) that meets ``constraint`` on ``costs``
     (ties: the cheaper), from a grid of the knob refined where it crosses the constraint's
     boundary; a constraint no policy meets is an error that says how close the cheapest came."""
     constraint.check(clf.tiers)
     base = base or RoutingPolicy()
+    dearest = np.full(len(costs), len(clf.tiers) - 1, dtype=np.int64)
+    constraint = replace(constraint, top_success=costs.summarize(dearest)["predicted_success"])
     points = sweep(costs, clf, rule, base)
     points = sorted(points + _refine(costs, clf, constraint, rule, base, points))
     curve = [{"knob": k, **s, "meets": constraint.met_by(s)} for k, s in points]
@@ -183,11 +216,17 @@ def choose(
     if not feasible:
         cheapest = min((s for _, s in points), key=per_1k)
         mix = ", ".join(f"{t} {v:.1%}" for t, v in cheapest["mix"].items())
+        likeliest = max(s["predicted_success"] for _, s in points)
         raise TierpickError(
             f"no {rule} policy meets {constraint.describe()} on this log; the cheapest one "
-            f"routes {mix} at ${per_1k(cheapest):.4g} per 1,000 requests"
+            f"routes {mix} at ${per_1k(cheapest):.4g} per 1,000 requests, and the best "
+            f"predicted success is {likeliest / constraint.top_success:.1%} of "
+            "always-the-dearest-tier's"
         )
-    best = max(feasible, key=lambda i: (curve[i]["predicted_success"], -per_1k(curve[i])))
+    if constraint.cheapest_first:
+        best = min(feasible, key=lambda i: (per_1k(curve[i]), -curve[i]["predicted_success"]))
+    else:
+        best = max(feasible, key=lambda i: (curve[i]["predicted_success"], -per_1k(curve[i])))
     always = {
         f"always {t}": costs.summarize(np.full(len(costs), k, dtype=np.int64))
         for k, t in enumerate(clf.tiers)
@@ -264,8 +303,9 @@ def render_markdown(t: Tuned, source: str, clf: TierClassifier) -> str:
         f"# Tuned policy: {source}",
         "",
         f"Model `{clf.manifest.model_name}` {clf.version}; constraint: {t.constraint.describe()}.",
-        f"Chosen: **{t.rule} rule, {knob} = {_knob(t.policy, t.rule):.4g}**, the highest predicted "
-        f"success of the {sum(c['meets'] for c in t.curve)} policies tried (of {len(t.curve)}: a "
+        f"Chosen: **{t.rule} rule, {knob} = {_knob(t.policy, t.rule):.4g}**, the "
+        + ("cheapest" if t.constraint.cheapest_first else "highest predicted success")
+        + f" of the {sum(c['meets'] for c in t.curve)} policies tried (of {len(t.curve)}: a "
         "grid of the knob, refined where it crosses the constraint) that meet the constraint.",
         "",
         head,

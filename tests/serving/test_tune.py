@@ -21,7 +21,7 @@ from tierpick.serving.gateway import parse_gateway_config
 from tierpick.serving.report import Costs, read_scored
 from tierpick.serving.scoring import ScoreOptions, score
 from tierpick.serving.service import create_server
-from tierpick.serving.tune import Constraint, choose, route, tune
+from tierpick.serving.tune import Constraint, choose, per_1k, route, tune
 
 ARENA = DATA / "prompt-logs" / "arena-hard-v0.1-question.jsonl"
 LOG = [
@@ -73,6 +73,28 @@ def test_a_cost_budget_and_several_shares_are_met_together(
     assert t.chosen["cost_per_1m_requests_usd"] / 1000 <= budget
     assert t.chosen["mix"]["mid"] <= 0.7
     assert t.policy.cost_weight is not None and t.policy.min_success == 0
+
+
+def test_a_quality_floor_alone_gets_the_cheapest_policy_that_meets_it(
+    costs: Costs, clf: classifier.TierClassifier
+) -> None:
+    """ "Quality at least 95% of always-frontier", stated in plain terms, translated to the
+    knob: the cheapest swept policy whose predicted success reaches the floor."""
+    top = costs.summarize(np.full(len(costs), 2, dtype=np.int64))
+    t = choose(costs, clf, Constraint(min_quality=0.95))
+    assert t.chosen["predicted_success"] >= 0.95 * top["predicted_success"] - 1e-9
+    assert t.chosen["cost_per_1m_requests_usd"] < top["cost_per_1m_requests_usd"]
+    cheaper = [c for c in t.curve if per_1k(c) < per_1k(t.chosen) - 1e-9]
+    assert cheaper and not any(c["meets"] for c in cheaper)  # nothing cheaper meets it
+    with pytest.raises(TierpickError, match="best predicted success"):
+        choose(
+            costs,
+            clf,
+            Constraint(min_quality=1.0),
+            base=classifier.RoutingPolicy(allowed_tiers=("local", "mid")),
+        )
+    with pytest.raises(ConfigError, match="min-quality"):
+        choose(costs, clf, Constraint(min_quality=1.5))
 
 
 def test_constraints_that_cannot_be_met_or_make_no_sense_are_refused(
