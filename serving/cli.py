@@ -41,6 +41,19 @@ def register_classify(sub: Any) -> None:
     p.set_defaults(func=_classify)
 
 
+def _cost_flags(p: argparse.ArgumentParser) -> None:
+    """The assumptions a call's cost is estimated with (``classifier.routing.call_costs``)."""
+    p.add_argument(
+        "--output-tokens", type=int, default=OUTPUT_TOKENS, help="assumed output tokens per call"
+    )
+    p.add_argument(
+        "--chars-per-token",
+        type=float,
+        default=CHARS_PER_TOKEN,
+        help="assumed characters per input token",
+    )
+
+
 def _policy_flags(p: argparse.ArgumentParser) -> None:
     """One flag per policy field (:data:`~tierpick.classifier.routing.POLICY_FIELDS`)."""
     from tierpick.classifier.routing import POLICY_FIELDS
@@ -357,15 +370,7 @@ def register_report(sub: Any) -> None:
     p.add_argument(
         "--output-prefix", default="", help="the --output-prefix the log was scored with"
     )
-    p.add_argument(
-        "--output-tokens", type=int, default=OUTPUT_TOKENS, help="assumed output tokens per call"
-    )
-    p.add_argument(
-        "--chars-per-token",
-        type=float,
-        default=CHARS_PER_TOKEN,
-        help="assumed characters per input token",
-    )
+    _cost_flags(p)
     p.set_defaults(func=_report)
 
 
@@ -461,15 +466,7 @@ def register_tune(sub: Any) -> None:
     p.add_argument(
         "--output-prefix", default=d.output_prefix, help="with --scored: the log's --output-prefix"
     )
-    p.add_argument(
-        "--output-tokens", type=int, default=OUTPUT_TOKENS, help="assumed output tokens per call"
-    )
-    p.add_argument(
-        "--chars-per-token",
-        type=float,
-        default=CHARS_PER_TOKEN,
-        help="assumed characters per input token",
-    )
+    _cost_flags(p)
     p.add_argument("--workers", type=int, help="scoring processes (default: the CPUs available)")
     p.set_defaults(func=_tune)
 
