@@ -108,7 +108,6 @@ class BudgetGuard:
         self._seen = 0  # decisions observed, all time
         self._since = 0  # since the last adjustment
         self._lock = threading.Lock()
-        self.window_value = math.nan  # the target's figure over the last window, as routed
 
     def observe(
         self,
@@ -130,12 +129,21 @@ class BudgetGuard:
                 self._seen += 1
             self._since += len(proba)
             k = min(self._seen, n)
-            self.window_value = self.figure(self._chosen[:k], self._proba[:k], self._usd[:k])
             if self._since >= self.target.every and k >= min(n, 100):
                 self._since = 0
                 solved = self.solve(self._proba[:k], self._usd[:k], norm_costs, allowed)
                 step = self.target.max_step
                 self.weight = float(np.clip(solved, self.weight / step, self.weight * step))
+
+    @property
+    def window_value(self) -> float:
+        """The target's figure over the last window, as routed (computed when read: the
+        metric's scrape, not every request, pays for it)."""
+        with self._lock:
+            k = min(self._seen, self.target.window)
+            if not k:
+                return math.nan
+            return self.figure(self._chosen[:k], self._proba[:k], self._usd[:k])
 
     def figure(self, chosen: npt.NDArray[np.int64], proba: Floats, usd: Floats) -> float:
         """The target's figure for decisions ``chosen``: the share, USD per 1k requests, or the

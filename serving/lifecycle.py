@@ -172,14 +172,23 @@ class Metrics:
             buckets=tuple(round(0.1 * i, 1) for i in range(1, 11)),
             registry=self.registry,
         )
+        self._probability_series: dict[str, Any] = {}  # tier -> its series, looked up once
 
     def observe_reading(self, tiers: Sequence[str], proba: Any, familiarity: Any = None) -> None:
         """The distributions drift shows in: each prompt's probabilities and familiarity."""
+        series = [self._probability_of(t) for t in tiers]
         for row in proba:
-            for tier, p in zip(tiers, row, strict=True):
-                self.probability.labels(tier).observe(float(p))
+            for one, p in zip(series, row, strict=True):
+                one.observe(float(p))
         for f in familiarity if familiarity is not None else ():
             self.familiarity.observe(float(f))
+
+    def _probability_of(self, tier: str) -> Any:
+        """The tier's probability histogram series, looked up once (the request path)."""
+        series = self._probability_series.get(tier)
+        if series is None:
+            series = self._probability_series[tier] = self.probability.labels(tier)
+        return series
 
     def track(self, services: Sequence[str]) -> None:
         """Create every series of ``services``' methods, every code at 0 (see the class)."""
