@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, overload
@@ -91,18 +91,28 @@ class Reference:
 
     @classmethod
     def from_bytes(cls, data: bytes, where: Path) -> Reference:
+        """A reference read from ``reference.npz``'s bytes (checked: :meth:`from_arrays`)."""
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as z:
-                a = {k: np.asarray(z[k], dtype=np.float32) for k in cls.KEYS}
-                exemplars = None
-                if "exemplar_text" in z.files:
-                    exemplars = (
-                        np.asarray(z["exemplar_text"], dtype=np.str_),
-                        np.asarray(z["exemplar_embedding"], dtype=np.float32),
-                        np.asarray(z["exemplar_success"], dtype=np.float32),
-                    )
-        except (OSError, ValueError, KeyError) as exc:
+                return cls.from_arrays({k: z[k] for k in z.files}, where)
+        except (OSError, ValueError) as exc:
             raise ArtifactError(f"{where}: not a tierpick reference: {exc}"[:300]) from exc
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, Any], where: Path) -> Reference:
+        """A reference from its arrays (``reference.npz``'s, or as ``training/reference.py``
+        builds them), every shape checked."""
+        try:
+            a = {k: np.asarray(arrays[k], dtype=np.float32) for k in cls.KEYS}
+        except KeyError as exc:
+            raise ArtifactError(f"{where}: not a tierpick reference: no {exc}") from exc
+        exemplars = None
+        if "exemplar_text" in arrays:
+            exemplars = (
+                np.asarray(arrays["exemplar_text"], dtype=np.str_),
+                np.asarray(arrays["exemplar_embedding"], dtype=np.float32),
+                np.asarray(arrays["exemplar_success"], dtype=np.float32),
+            )
         width = a["mean"].shape
         if (
             a["centroids_raw"].ndim != 2

@@ -250,14 +250,15 @@ def create_server(
             on_stop=(decisions.close,) if decisions is not None else (),
         )
     )
+    active = describe_policy(holder.current.router(policy), hold)
     log.info(
         "serving %s (%s) on port %d; policy: %s",
         holder.current.manifest.model_name,
         holder.current.version,
         app.port,
-        describe_policy(holder.current.router(policy), hold),
+        active,
     )
-    metrics.policy.info({"policy": describe_policy(holder.current.router(policy), hold)})
+    metrics.policy.info({"policy": active})
     return app
 
 

@@ -76,12 +76,6 @@ def build(
     return out
 
 
-def load(arrays: dict[str, npt.NDArray[Any]]) -> Reference:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)  # type: ignore[arg-type]
-    return Reference.from_bytes(buf.getvalue(), Path("<built>"))
-
-
 def attach(model_dir: Path, arrays: dict[str, npt.NDArray[Any]]) -> None:
     """Write ``reference.npz`` into the model directory and list it in the manifest."""
     buf = io.BytesIO()
@@ -115,7 +109,7 @@ def study(loso_dir: Path, dataset: Path) -> str:
         train = [t for t, f, s in rows if f != family and s == "train"]
         test = [t for t, f, s in rows if f != family and s == "test"]
         held = [t for t, f, _ in rows if f == family]
-        reference = load(build(fold, train))
+        reference = Reference.from_arrays(build(fold, train), fold / "<built>")
         clf = classifier.load(str(fold))
         under = [float((reference.familiarity(clf.embed(g)) < 0.05).mean()) for g in (test, held)]
         table.append([family, len(test), f"{under[0]:.1%}", len(held), f"{under[1]:.1%}"])

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -29,3 +32,39 @@ def upstreams() -> Iterator[dict[str, Upstream]]:
     yield ups
     for u in ups.values():
         u.close()
+
+
+@contextlib.contextmanager
+def both_plugins(policy: Any = None) -> Iterator[list[Any]]:
+    """The LiteLLM plug-in both ways, checked against a three-tier model list: classifying in
+    process (the shipped model), and calling a real tierpick service (started here)."""
+    from tierpick.classifier import RoutingPolicy
+    from tierpick.serving.harness.litellm import litellm_config
+    from tierpick.serving.litellm_plugin import Plugin, PluginConfig
+    from tierpick.serving.service import create_server
+
+    policy = policy or RoutingPolicy()
+    server = create_server("127.0.0.1:0")
+    try:
+        ups = {t: f"127.0.0.1:{9000 + i}" for i, t in enumerate(TIERS)}
+        model_list = litellm_config(ups, {})["model_list"]
+        plugins = [
+            Plugin(PluginConfig(model="default", policy=policy)),
+            Plugin(
+                PluginConfig(service=f"127.0.0.1:{server.port}", timeout_ms=5000, policy=policy)
+            ),
+        ]
+        for plugin in plugins:
+            plugin.check(model_list)
+        yield plugins
+    finally:
+        server.shutdown(0)
+
+
+def routed_tier(plugin: Any, messages: list[dict[str, str]], metadata: Any = None) -> str:
+    """The tier the plug-in's proxy hook routes a chat to."""
+    from tierpick.serving.litellm_plugin import DECISION_KEY
+
+    data = {"model": "tierpick/auto", "messages": messages, "metadata": metadata or {}}
+    out = asyncio.run(plugin.async_pre_call_hook(None, None, data, "completion"))
+    return str(out["metadata"][DECISION_KEY]["tier"])

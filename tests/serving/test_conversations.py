@@ -3,9 +3,12 @@ request allows; keys from clients are bounded; the state is bounded in keys and 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
+from tests.serving.conftest import both_plugins, routed_tier
 from tierpick.classifier.errors import PolicyError
 from tierpick.serving.conversations import MAX_ID_CHARS, Conversations, conversation_key
 
@@ -91,8 +94,6 @@ def test_sticky_through_grpc_holds_a_conversation_at_its_tier() -> None:
 
 
 def test_sticky_through_the_gateway_and_the_litellm_plug_in() -> None:
-    import asyncio
-    import json
 
     pytest.importorskip("envoy.service.ext_proc.v3", reason="the gateway extra is not installed")
     from tests.serving.test_gateway_processor import _send
@@ -128,39 +129,15 @@ def test_sticky_through_the_gateway_and_the_litellm_plug_in() -> None:
     )
     assert status == 400 and b"conversation id" in (body or b"")
 
-    from tierpick.serving.harness.litellm import litellm_config
-    from tierpick.serving.litellm_plugin import DECISION_KEY, Plugin, PluginConfig
-    from tierpick.serving.service import create_server
+    from tierpick.classifier import RoutingPolicy
 
-    def tier(plugin: Plugin, prompt: str, conversation: str) -> str:
-        data = {
-            "model": "tierpick/auto",
-            "messages": [{"role": "user", "content": prompt}],
-            "metadata": {"tierpick": {"conversation_id": conversation}},
-        }
-        out = asyncio.run(plugin.async_pre_call_hook(None, None, data, "completion"))
-        return str(out["metadata"][DECISION_KEY]["tier"])
+    def tier(plugin: Any, prompt: str, conversation: str) -> str:
+        chat = [{"role": "user", "content": prompt}]
+        return routed_tier(plugin, chat, {"tierpick": {"conversation_id": conversation}})
 
-    server = create_server("127.0.0.1:0")
-    try:
-        ups = {t: f"127.0.0.1:{9000 + i}" for i, t in enumerate(tiers)}
-        model_list = litellm_config(ups, {})["model_list"]
-        sticky = {"sticky": True}
-        from tierpick.classifier.routing import policy_from_mapping
-
-        for config in (
-            PluginConfig(model="default", policy=policy_from_mapping(sticky, "policy")),
-            PluginConfig(
-                service=f"127.0.0.1:{server.port}",
-                timeout_ms=5000,
-                policy=policy_from_mapping(sticky, "policy"),
-            ),
-        ):
-            plugin = Plugin(config)
-            plugin.check(model_list)
+    with both_plugins(RoutingPolicy(sticky=True)) as plugins:
+        for plugin in plugins:
             long_id = "l" * 256  # the longest id a client may send, through the service too
             assert tier(plugin, "hi", "l1") == "mid"
             assert tier(plugin, HARD, long_id) == "frontier"
-            assert tier(plugin, "hi", long_id) == "frontier", json.dumps(config.service)
-    finally:
-        server.shutdown(0)
+            assert tier(plugin, "hi", long_id) == "frontier", plugin.config.service

@@ -21,7 +21,7 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no download of 
 pytest.importorskip("litellm", reason="the litellm extra is not installed")
 
 from tests.conftest import DATA, REPO
-from tests.serving.conftest import FOLLOW_UP_CHAT
+from tests.serving.conftest import FOLLOW_UP_CHAT, both_plugins, routed_tier
 from tierpick import classifier
 from tierpick.classifier.errors import ConfigError
 from tierpick.serving.gateway.demo import Upstream
@@ -412,24 +412,7 @@ FOLLOW_UP = FOLLOW_UP_CHAT
 def test_a_follow_up_inherits_the_tier_of_what_it_continues_in_process_and_served() -> None:
     """'ok continue' alone goes local; after a hard request it goes where the request goes, in
     the plug-in's own model and through the service alike."""
-    from tierpick.serving.service import create_server
-
-    def tier(plugin: Plugin, messages: list[dict[str, str]]) -> str:
-        data = {"model": "tierpick/auto", "messages": messages, "metadata": {}}
-        out = asyncio.run(plugin.async_pre_call_hook(None, None, data, "completion"))
-        return str(out["metadata"][DECISION_KEY]["tier"])
-
-    server = create_server("127.0.0.1:0")
-    try:
-        ups = {t: f"127.0.0.1:{9000 + i}" for i, t in enumerate(TIERS)}
-        model_list = litellm_config(ups, {})["model_list"]
-        for config in (
-            PluginConfig(model="default"),
-            PluginConfig(service=f"127.0.0.1:{server.port}", timeout_ms=5000),
-        ):
-            plugin = Plugin(config)
-            plugin.check(model_list)
-            assert tier(plugin, FOLLOW_UP[-1:]) == "local"
-            assert tier(plugin, FOLLOW_UP) == "frontier"
-    finally:
-        server.shutdown(0)
+    with both_plugins() as plugins:
+        for plugin in plugins:
+            assert routed_tier(plugin, FOLLOW_UP[-1:]) == "local"
+            assert routed_tier(plugin, FOLLOW_UP) == "frontier"
