@@ -229,37 +229,44 @@ class PolicyField:
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
-    def number(self, value: object, where: str) -> float:
-        """A number in [lo, hi] (NaN refused; ``hi`` infinite means unbounded above)."""
+    def check(self, value: object) -> Any:
+        """The field's value from JSON/YAML (a policy file, request metadata; None: not set).
+
+        Raises:
+            ValueError: what is wrong with ``value`` (``must be ...``), without a key.
+        """
+        if value is None:
+            return None
+        if self.switch:
+            if not isinstance(value, bool):
+                raise ValueError(f"must be true or false, got {clip(value)}")
+            return value
+        if self.tiers:
+            if (
+                not isinstance(value, list | tuple)
+                or len(value) > MAX_TIERS
+                or not all(isinstance(t, str) for t in value)
+            ):
+                raise ValueError(
+                    f"must be a list of at most {MAX_TIERS} tier names, got {clip(value)}"
+                )
+            return tuple(value)
         if (
             isinstance(value, bool)
             or not isinstance(value, int | float)
-            or not self.lo <= value <= self.hi
+            or not self.lo <= value <= self.hi  # NaN fails too
         ):
-            raise ConfigError(
-                f"{where}: must be a number in [{float(self.lo)}, {float(self.hi)}], got "
-                f"{clip(value)}"
+            raise ValueError(
+                f"must be a number in [{float(self.lo)}, {float(self.hi)}], got {clip(value)}"
             )
         return float(value)
 
-    def names(self, value: object, where: str) -> tuple[str, ...]:
-        if (
-            not isinstance(value, list | tuple)
-            or len(value) > MAX_TIERS
-            or not all(isinstance(t, str) for t in value)
-        ):
-            raise ConfigError(
-                f"{where}: must be a list of at most {MAX_TIERS} tier names, got {clip(value)}"
-            )
-        return tuple(value)
-
     def from_value(self, value: object, where: str) -> Any:
-        """The field's value from JSON/YAML (a policy file, request metadata)."""
-        if self.switch:
-            if not isinstance(value, bool):
-                raise ConfigError(f"{where}: must be true or false, got {clip(value)}")
-            return value
-        return self.names(value, where) if self.tiers else self.number(value, where)
+        """:meth:`check`, its error a :class:`ConfigError` naming ``where``."""
+        try:
+            return self.check(value)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
 
     def from_text(self, text: str, where: str) -> Any:
         """The field's value from text (a header, a command-line flag): a comma list of tiers,
@@ -351,26 +358,12 @@ def clip(value: object, limit: int = ECHO_CHARS) -> str:
 
 def policy_from_mapping(raw: object, where: str) -> RoutingPolicy:
     """A :class:`RoutingPolicy` from a parsed YAML/JSON mapping with the keys of
-    :data:`POLICY_KEYS` (all optional); a wrong key, type or range is a
-    :class:`~tierpick.classifier.errors.ConfigError` naming the key as ``where.key``. Whether the
-    tiers exist is checked against a model, by :meth:`Router.for_tiers`."""
-    if raw is None:
-        return RoutingPolicy()
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: must be a mapping of {list(POLICY_KEYS)}")
-    if unknown := sorted(map(str, set(raw) - set(POLICY_KEYS))):
-        raise ConfigError(
-            f"{where}: unknown key(s) {clip(unknown)}; allowed: {sorted(POLICY_KEYS)}"
-        )
+    :data:`POLICY_KEYS` (all optional; None: the default policy); every wrong key, type or range
+    is reported in one :class:`~tierpick.classifier.errors.ConfigError`, each as ``where.key``.
+    Whether the tiers exist is checked against a model, by :meth:`Router.for_tiers`."""
+    from tierpick.classifier.settings import PolicySettings, parse_settings
 
-    values = {
-        f.name: f.from_value(raw[f.name], f"{where}.{f.name}")
-        for f in POLICY_FIELDS
-        if raw.get(f.name) is not None
-    }
-    if not values.get("min_success"):  # 0 or absent: the utility rule
-        values.pop("min_success", None)
-    return overlay(RoutingPolicy(), values)
+    return parse_settings(PolicySettings, raw, where).policy()
 
 
 def policy_to_mapping(policy: RoutingPolicy) -> dict[str, Any]:
@@ -388,16 +381,11 @@ def read_policy(path: str | Path) -> RoutingPolicy:
     """A policy file (``tierpick tune --out``): YAML with a ``policy`` mapping, and optionally a
     ``tuned`` mapping that records how it was chosen (not read here)."""
     from tierpick.classifier.files import load_yaml
+    from tierpick.classifier.settings import PolicyFile, parse_settings
 
     path = Path(path)
     raw = load_yaml(path, "policy file")
-    if not isinstance(raw, dict) or "policy" not in raw:
-        raise ConfigError(f"policy file {path}: must hold a mapping with a 'policy' key")
-    if unknown := sorted(map(str, set(raw) - {"policy", "tuned"})):
-        raise ConfigError(
-            f"policy file {path}: unknown key(s) {clip(unknown)}; allowed: policy, tuned"
-        )
-    return policy_from_mapping(raw["policy"], f"policy file {path}: policy")
+    return parse_settings(PolicyFile, raw, f"policy file {path}:").policy
 
 
 def write_policy(

@@ -728,7 +728,7 @@ def _serve(args: argparse.Namespace) -> int:
     if args.decision_log_prompts and not args.decision_log:
         raise ConfigError("--decision-log-prompts needs --decision-log FILE")
     decisions = (
-        DecisionLogConfig(Path(args.decision_log), prompts=args.decision_log_prompts)
+        DecisionLogConfig(path=Path(args.decision_log), prompts=args.decision_log_prompts)
         if args.decision_log
         else None
     )
@@ -906,15 +906,14 @@ def _gateway_demo_upstreams(args: argparse.Namespace) -> int:
 
 
 def _gateway_config(args: argparse.Namespace) -> Any:
-    from dataclasses import replace
-
     from tierpick.serving.gateway import load_gateway_config
 
     cfg = load_gateway_config(args.config)
     if getattr(args, "model", None):
-        cfg = replace(cfg, model=args.model)
+        cfg = cfg.model_copy(update={"model": args.model})
     if getattr(args, "port", None) is not None:
-        cfg = replace(cfg, processor_port=args.port)
+        processor = cfg.processor.model_copy(update={"port": args.port})
+        cfg = cfg.model_copy(update={"processor": processor})
     return cfg
 
 

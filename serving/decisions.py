@@ -29,60 +29,44 @@ import os
 import queue
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from tierpick.classifier.errors import ConfigError
+from pydantic import BeforeValidator, Field
+
 from tierpick.classifier.routing import Router
+from tierpick.classifier.settings import Settings, StrictBool, StrictInt, parse_settings
 
 log = logging.getLogger("tierpick.decisions")
 
 MODES = ("route", "shadow")
 
 
-@dataclass(frozen=True)
-class DecisionLogConfig:
+def _path(value: object) -> object:
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("must be a file path, got ''")
+    return value
+
+
+class DecisionLogConfig(Settings):
     """Where and how decisions are logged (``--decision-log`` and friends, the gateway's and
     the plug-in's ``decision_log:`` mapping)."""
 
-    path: Path
-    prompts: bool = False  # write the prompt text (else only its hash and length)
-    max_prompt_chars: int = 32_768
-    max_bytes: int = 256 << 20
-    backups: int = 5
-    queue_size: int = 10_000
+    path: Annotated[Path, BeforeValidator(_path)]
+    prompts: StrictBool = False  # write the prompt text (else only its hash and length)
+    max_prompt_chars: Annotated[StrictInt, Field(ge=1)] = 32_768
+    max_mb: Annotated[float, Field(strict=True, gt=0)] = 256  # the file rotates at this size
+    backups: Annotated[StrictInt, Field(ge=0)] = 5
+    queue_size: Annotated[StrictInt, Field(ge=1)] = 10_000  # rows waiting to be written
+
+    @property
+    def max_bytes(self) -> int:
+        return max(1, int(self.max_mb * (1 << 20)))
 
     @classmethod
     def from_mapping(cls, raw: object, where: str) -> DecisionLogConfig | None:
         """A ``decision_log:`` mapping of a YAML config (None: off)."""
-        if raw is None:
-            return None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{where}: must be a mapping with a 'path'")
-        known = {"path", "prompts", "max_prompt_chars", "max_mb", "backups"}
-        if unknown := sorted(set(raw) - known):
-            raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
-        path = raw.get("path")
-        if not isinstance(path, str) or not path.strip():
-            raise ConfigError(f"{where}.path: must be a file path, got {path!r}"[:300])
-        prompts = raw.get("prompts", False)
-        if not isinstance(prompts, bool):
-            raise ConfigError(f"{where}.prompts: must be true or false, got {prompts!r}"[:300])
-
-        def integer(key: str, default: int, lo: int) -> int:
-            value = raw.get(key, default)
-            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-                raise ConfigError(f"{where}.{key}: must be an integer >= {lo}, got {value!r}"[:300])
-            return value
-
-        return cls(
-            Path(path),
-            prompts,
-            integer("max_prompt_chars", cls.max_prompt_chars, 1),
-            integer("max_mb", cls.max_bytes >> 20, 1) << 20,
-            integer("backups", cls.backups, 0),
-        )
+        return None if raw is None else parse_settings(cls, raw, where)
 
 
 def policy_fields(router: Router) -> dict[str, Any]:

@@ -52,12 +52,13 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import grpc
+from pydantic import Field, model_validator
 
 from tierpick import classifier
 from tierpick.classifier import Router, RoutingPolicy, TierClassifier, conversation_text
@@ -69,11 +70,15 @@ from tierpick.classifier.errors import (
     TierpickError,
 )
 from tierpick.classifier.files import load_yaml
-from tierpick.classifier.routing import (
-    POLICY_KEYS,
-    policy_from_mapping,
-    read_policy,
-    within_grant,
+from tierpick.classifier.routing import POLICY_KEYS, policy_from_mapping, within_grant
+from tierpick.classifier.settings import (
+    Name,
+    PolicyValue,
+    Settings,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    parse_settings,
 )
 from tierpick.serving.conversations import Conversations, conversation_key
 from tierpick.serving.decisions import (
@@ -121,105 +126,58 @@ class Decision(dict[str, Any]):
 # ---------------------------------------------------------------------------------- settings
 
 
-@dataclass(frozen=True)
-class PluginConfig:
-    """The plug-in's settings; :func:`parse_plugin_config` reads and validates them."""
+class PluginFailure(Settings):
+    mode: Literal["open", "closed"] = "open"  # open: the fallback tier; closed: 503 (proxy)
 
-    service: str | None = "127.0.0.1:50051"
-    model: str | None = None  # classify in process instead of calling the service
-    timeout_ms: int = 50
-    failure_mode: str = "open"  # open | closed
-    policy: RoutingPolicy = field(default_factory=RoutingPolicy)
-    # per-request policy (metadata.tierpick) is off unless granted: which fields, and the
-    # tiers a request that sets any of them is routed within (empty: every tier)
-    request_policy_enabled: bool = False
-    request_policy_fields: tuple[str, ...] = POLICY_KEYS
-    request_policy_tiers: tuple[str, ...] = ()
+
+class PluginGrant(Settings):
+    """Per-request policy (metadata.tierpick) is off unless granted: which fields, and the
+    tiers a request that sets any of them is routed within (empty: every tier)."""
+
+    enabled: StrictBool = False
+    fields: tuple[Literal[POLICY_KEYS], ...] = POLICY_KEYS  # type: ignore[valid-type]
+    tiers: tuple[StrictStr, ...] = ()
+
+
+class PluginConfig(Settings):
+    """The plug-in's settings (the ``tierpick:`` section); :func:`parse_plugin_config` reads
+    and validates them."""
+
+    service: Name | None = "127.0.0.1:50051"
+    model: Name | None = None  # classify in process instead of calling the service
+    timeout_ms: Annotated[StrictInt, Field(ge=1, le=60_000)] = 50
+    failure: PluginFailure = PluginFailure()
+    policy: PolicyValue = RoutingPolicy()
+    request_policy: PluginGrant = PluginGrant()
     # route: requests for a routed group go to the tier's group; shadow: every chat request is
     # classified and logged, and goes where it would without tierpick (a routed group's
     # fallback tier, any other group untouched)
-    mode: str = "route"
+    mode: Literal[MODES] = "route"  # type: ignore[valid-type]
     decision_log: DecisionLogConfig | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _in_process(cls, raw: Any) -> Any:
+        # a model given and no service: classify in process, call no service
+        if isinstance(raw, dict) and raw.get("model") is not None and "service" not in raw:
+            return {**raw, "service": None}
+        return raw
 
-_KEYS = {
-    "service",
-    "model",
-    "timeout_ms",
-    "failure",
-    "policy",
-    "request_policy",
-    "mode",
-    "decision_log",
-}
+    def problems(self) -> Iterator[tuple[str, str]]:
+        if self.model is not None and self.service is not None:
+            yield "", "give service (host:port) or model (a directory), not both"
+        allowed, granted = self.policy.allowed_tiers, self.request_policy.tiers
+        if allowed and granted and not set(allowed) & set(granted):
+            yield (
+                "request_policy.tiers",
+                f"{list(granted)} has no tier in policy.allowed_tiers {list(allowed)}: a request "
+                "that sets its own policy would have no tier to go to",
+            )
 
 
 def parse_plugin_config(raw: object, where: str = "tierpick") -> PluginConfig:
-    """Validate the ``tierpick`` settings; every problem names its key."""
-    if raw is None:
-        return PluginConfig()
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: must be a mapping")
-    if unknown := sorted(set(raw) - _KEYS):
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(_KEYS)}")
-    model, service = raw.get("model"), raw.get("service")
-    if model is not None and service is not None:
-        raise ConfigError(f"{where}: give service (host:port) or model (a directory), not both")
-    for key, value in (("model", model), ("service", service)):
-        if value is not None and (not isinstance(value, str) or not value):
-            raise ConfigError(f"{where}.{key}: must be a string, got {value!r}")
-    timeout = raw.get("timeout_ms", 50)
-    if isinstance(timeout, bool) or not isinstance(timeout, int) or not 1 <= timeout <= 60_000:
-        raise ConfigError(f"{where}.timeout_ms: must be an integer in [1, 60000], got {timeout!r}")
-    failure = raw.get("failure") or {}
-    if not isinstance(failure, dict) or set(failure) - {"mode"}:
-        raise ConfigError(f"{where}.failure: a mapping with one key, mode, got {failure!r}")
-    mode = failure.get("mode", "open")
-    if mode not in ("open", "closed"):
-        raise ConfigError(f"{where}.failure.mode: must be open or closed, got {mode!r}")
-    pol = raw.get("policy")
-    policy = (
-        read_policy(pol) if isinstance(pol, str) else policy_from_mapping(pol, where + ".policy")
-    )
-    grant = raw.get("request_policy") or {}
-    if not isinstance(grant, dict) or (
-        unknown := sorted(set(grant) - {"enabled", "fields", "tiers"})
-    ):
-        raise ConfigError(f"{where}.request_policy: a mapping of enabled, fields, tiers")
-    enabled = grant.get("enabled", False)
-    if not isinstance(enabled, bool):
-        raise ConfigError(f"{where}.request_policy.enabled: must be true or false, got {enabled!r}")
-    fields = grant.get("fields", list(POLICY_KEYS))
-    if not isinstance(fields, list) or any(f not in POLICY_KEYS for f in fields):
-        raise ConfigError(
-            f"{where}.request_policy.fields: must list some of {list(POLICY_KEYS)}, got {fields!r}"
-        )
-    tiers = grant.get("tiers", [])
-    if not isinstance(tiers, list) or not all(isinstance(t, str) for t in tiers):
-        raise ConfigError(f"{where}.request_policy.tiers: must be a list of tiers, got {tiers!r}")
-    if policy.allowed_tiers and tiers and not set(policy.allowed_tiers) & set(tiers):
-        raise ConfigError(
-            f"{where}.request_policy.tiers: {tiers} has no tier in policy.allowed_tiers "
-            f"{list(policy.allowed_tiers)}: a request that sets its own policy would have no "
-            "tier to go to"
-        )
-    plugin_mode = raw.get("mode", "route")
-    if plugin_mode not in MODES:
-        raise ConfigError(f"{where}.mode: must be one of {list(MODES)}, got {plugin_mode!r}"[:300])
-    return PluginConfig(
-        service=None if model is not None else (service or PluginConfig.service),
-        model=model,
-        timeout_ms=timeout,
-        failure_mode=mode,
-        policy=policy,
-        request_policy_enabled=enabled,
-        request_policy_fields=tuple(fields),
-        request_policy_tiers=tuple(tiers),
-        mode=plugin_mode,
-        decision_log=DecisionLogConfig.from_mapping(
-            raw.get("decision_log"), f"{where}.decision_log"
-        ),
-    )
+    """Validate the ``tierpick`` settings; every problem is reported at once, naming its key."""
+    return parse_settings(PluginConfig, raw, where)
 
 
 @dataclass(frozen=True)
@@ -366,7 +324,7 @@ class Plugin(CustomLogger):
         """Check a LiteLLM ``model_list`` against this plug-in's model (see
         :func:`check_model_list`) and remember the groups it routes."""
         groups = check_model_list(model_list, self.model_tiers())
-        for t in self.config.request_policy_tiers + self.config.policy.allowed_tiers:
+        for t in self.config.request_policy.tiers + self.config.policy.allowed_tiers:
             if groups and t not in groups[0].tiers:
                 raise ConfigError(f"tierpick: tier {t!r} is not one of {sorted(groups[0].tiers)}")
         self.routed = {g.name: g for g in groups}
@@ -387,8 +345,8 @@ class Plugin(CustomLogger):
         where = f"metadata.{POLICY_KEY}"
         if not isinstance(raw, dict):
             raise BadRequest(f"{where}: must be an object of {list(POLICY_KEYS)}")
-        enabled = cfg.request_policy_enabled
-        granted = [k for k in raw if enabled and k in cfg.request_policy_fields]
+        enabled = cfg.request_policy.enabled
+        granted = [k for k in raw if enabled and k in cfg.request_policy.fields]
         ignored = [str(k)[:50] for k in raw if k not in granted][:10]
         if not granted:  # nothing the operator allows: not even read
             return cfg.policy, ignored
@@ -403,7 +361,7 @@ class Plugin(CustomLogger):
             chose = "allowed_tiers" in granted
             try:
                 policy = within_grant(
-                    policy, self._tiers(), cfg.request_policy_tiers, chose, f"{where}.allowed_tiers"
+                    policy, self._tiers(), cfg.request_policy.tiers, chose, f"{where}.allowed_tiers"
                 )
             except PolicyError as exc:
                 raise BadRequest(str(exc)) from None
@@ -599,7 +557,7 @@ class Plugin(CustomLogger):
             if isinstance(exc, asyncio.TimeoutError)
             else f"classifier error: {type(exc).__name__}: {_short(exc)}"
         )
-        status = "rejected" if self.config.failure_mode == "closed" else "fallback"
+        status = "rejected" if self.config.failure.mode == "closed" else "fallback"
         log.warning("tierpick %s: %s", status, reason)
         return self._done(Decision(tier=None, status=status, reason=reason), start)
 

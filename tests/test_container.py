@@ -43,7 +43,7 @@ def test_the_stacks_configs_parse_and_name_the_stacks_services() -> None:
 
     services = set(_compose()["services"])
     gateway = load_gateway_config(CONFIGS / "gateway.yaml")
-    assert gateway.processor_host == "processor"
+    assert gateway.processor.host == "processor"
     assert {up.host for up in gateway.tiers.values()} == {"upstreams"}
     assert "upstreams" in render_envoy_config(gateway)
     litellm = yaml.safe_load((CONFIGS / "litellm.yaml").read_text())
@@ -53,7 +53,7 @@ def test_the_stacks_configs_parse_and_name_the_stacks_services() -> None:
     assert {re.sub(r"https?://([^:/]+).*", r"\1", b) for b in bases} == {"upstreams"}
     # the probes ask for the ports the configs give
     text = COMPOSE.read_text()
-    assert f"processor:{gateway.processor_port}" in text
+    assert f"processor:{gateway.processor.port}" in text
     assert f"('upstreams', {max(up.port for up in gateway.tiers.values())})" in text
 
 

@@ -45,7 +45,7 @@ function envoy_on_request(handle)
   if handle:headers():get("{HEADER_PREFIX}tier") ~= nil then return end
   -- a body larger than the processor reads is not buffered here either: it streams on
   local length = tonumber(handle:headers():get("content-length") or "")
-  if length == nil or length > {cfg.max_body_bytes} then return end
+  if length == nil or length > {cfg.processor.max_body_bytes} then return end
   local body = handle:body()
   if body == nil or body:length() == 0 then return end
   local raw = body:getBytes(0, body:length())
@@ -73,7 +73,7 @@ def render_envoy_config(
     buffer_limit = MAX_BODY_BYTES + (64 << 10)
     tier_header = HEADER_PREFIX + "tier"
     status_header = HEADER_PREFIX + "status"
-    timeout = f"{cfg.upstream_timeout_s:g}s"
+    timeout = f"{cfg.envoy.upstream_timeout_s:g}s"
     routes: list[dict[str, Any]] = [
         {
             "match": {
@@ -118,8 +118,8 @@ def render_envoy_config(
             "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3."
             "ExternalProcessor",
             "grpc_service": {"envoy_grpc": {"cluster_name": "tierpick_processor"}},
-            "failure_mode_allow": cfg.failure_mode == "open",
-            "message_timeout": f"{cfg.timeout_ms / 1000:g}s",
+            "failure_mode_allow": cfg.failure.mode == "open",
+            "message_timeout": f"{cfg.failure.timeout_ms / 1000:g}s",
             "processing_mode": {
                 "request_header_mode": "SEND",
                 "response_header_mode": "SKIP",
@@ -129,7 +129,7 @@ def render_envoy_config(
             "send_body_without_waiting_for_header_response": True,
             "stat_prefix": "tierpick",
         }
-        if cfg.failure_mode == "closed":
+        if cfg.failure.mode == "closed":
             ext_proc["status_on_error"] = {"code": 503}
         filters.append({"name": "envoy.filters.http.ext_proc", "typed_config": ext_proc})
     lua = _fallback_model_lua(cfg)
@@ -181,14 +181,16 @@ def render_envoy_config(
         clusters.append(
             _cluster(
                 "tierpick_processor",
-                cfg.processor_host,
-                processor_port or cfg.processor_port,
+                cfg.processor.host,
+                processor_port or cfg.processor.port,
                 http2=True,
             )
         )
     doc = {
         "admin": {
-            "address": {"socket_address": {"address": "127.0.0.1", "port_value": cfg.admin_port}}
+            "address": {
+                "socket_address": {"address": "127.0.0.1", "port_value": cfg.envoy.admin_port}
+            }
         },
         "static_resources": {
             "listeners": [
@@ -200,8 +202,8 @@ def render_envoy_config(
                     "per_connection_buffer_limit_bytes": buffer_limit,
                     "address": {
                         "socket_address": {
-                            "address": cfg.listen_host,
-                            "port_value": cfg.listen_port,
+                            "address": cfg.envoy.listen_host,
+                            "port_value": cfg.envoy.listen_port,
                         }
                     },
                     "filter_chains": [

@@ -190,7 +190,9 @@ class TierpickProcessor:
             clf = holder.current
             start = cfg.policy.cost_weight
             self.guard = BudgetGuard(
-                cfg.hold, clf.tiers, clf.manifest.default_cost_weight if start is None else start
+                cfg.hold.target,
+                clf.tiers,
+                clf.manifest.default_cost_weight if start is None else start,
             )
             check_reachable(self.guard, clf, cfg.policy)
             metrics.watch_guard(self.guard)
@@ -240,12 +242,12 @@ class TierpickProcessor:
         ``request_policy``'s. Every header seen is counted."""
         cfg = self.cfg
         present = [h for h in POLICY_HEADERS if HEADER_PREFIX + h in headers]
-        by_key = self._key_grant(headers) if present and cfg.request_policy_keys else None
+        by_key = self._key_grant(headers) if present and cfg.request_policy.keys else None
         if by_key is not None:
             enabled, allowed, grant = True, by_key.headers, by_key.tiers
         else:
-            enabled = cfg.request_policy_enabled
-            allowed, grant = cfg.request_policy_headers, cfg.request_policy_tiers
+            enabled = cfg.request_policy.enabled
+            allowed, grant = cfg.request_policy.headers, cfg.request_policy.tiers
         granted = [h for h in present if enabled and h in allowed]
         ignored = [h for h in present if h not in granted]
         base = cfg.policy
@@ -272,13 +274,13 @@ class TierpickProcessor:
 
     def _key_grant(self, headers: Mapping[str, str]) -> Grant | None:
         """The grant of the API key the request carries (``request_policy.api_keys``), if any."""
-        value = headers.get(self.cfg.request_policy_key_header)
+        value = headers.get(self.cfg.request_policy.api_key_header)
         if not value:
             return None
         if value[:7].lower() == "bearer ":
             value = value[7:]
         digest = hashlib.sha256(value.strip().encode("utf-8")).hexdigest()
-        return self.cfg.request_policy_keys.get(digest)
+        return self.cfg.request_policy.keys.get(digest)
 
     def _on_body(self, body: bytes, headers: Mapping[str, str]) -> Any:
         cfg = self.cfg
@@ -294,10 +296,10 @@ class TierpickProcessor:
         model: object = None
         explicit = False
         try:
-            if len(body) > cfg.max_body_bytes:
+            if len(body) > cfg.processor.max_body_bytes:
                 raise NotClassifiable(
                     f"body of {len(body)} bytes is over processor.max_body_bytes "
-                    f"({cfg.max_body_bytes})"
+                    f"({cfg.processor.max_body_bytes})"
                 )
             obj = parse_body(body)
             model = obj.get("model")
@@ -396,12 +398,12 @@ class TierpickProcessor:
         """Whether the request may send itself to ``tier`` by naming its model: only with a
         grant (its API key's, else ``request_policy``'s) that includes the tier."""
         cfg = self.cfg
-        by_key = self._key_grant(headers) if cfg.request_policy_keys else None
+        by_key = self._key_grant(headers) if cfg.request_policy.keys else None
         if by_key is not None:
             return not by_key.tiers or tier in by_key.tiers
-        if not cfg.request_policy_enabled:
+        if not cfg.request_policy.enabled:
             return False
-        return not cfg.request_policy_tiers or tier in cfg.request_policy_tiers
+        return not cfg.request_policy.tiers or tier in cfg.request_policy.tiers
 
     def _explicit_model(self, model: object) -> Any:
         """A request that names a model of its own: never rewritten. It goes to the tier whose
@@ -428,7 +430,7 @@ class TierpickProcessor:
     def _classifier_failed(self, exc: Exception) -> Any:
         cfg = self.cfg
         log.exception("classifier error")
-        if cfg.failure_mode == "closed":
+        if cfg.failure.mode == "closed":
             self.metrics.decisions.labels("rejected").inc()
             return self._reject(503, "tierpick_unavailable", f"classifier error: {exc}")
         self.metrics.decisions.labels("fallback").inc()
@@ -545,5 +547,5 @@ def create_gateway(
 def run_gateway(cfg: GatewayConfig, metrics_port: int | None = None) -> int:
     """Run the processor until SIGTERM/SIGINT; SIGHUP reloads the model."""
     return run_app(
-        create_gateway(cfg), "tierpick gateway processor", metrics_port, cfg.processor_host
+        create_gateway(cfg), "tierpick gateway processor", metrics_port, cfg.processor.host
     )

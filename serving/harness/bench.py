@@ -505,12 +505,12 @@ def run_gateway_bench(model: str | None, prompts_path: Path, calls: int = 2000) 
         if "processor on" not in line:
             raise RuntimeError(f"the processor did not start: {line!r}")
         envoys = [
-            Envoy(render_envoy_config(with_cfg), with_cfg.admin_port),
-            Envoy(render_envoy_config(plain_cfg, with_processor=False), plain_cfg.admin_port),
-            Envoy(render_envoy_config(down_cfg), down_cfg.admin_port),
+            Envoy(render_envoy_config(with_cfg), with_cfg.envoy.admin_port),
+            Envoy(render_envoy_config(plain_cfg, with_processor=False), plain_cfg.envoy.admin_port),
+            Envoy(render_envoy_config(down_cfg), down_cfg.envoy.admin_port),
         ]
         conns = [
-            http.client.HTTPConnection("127.0.0.1", c.listen_port, timeout=30)
+            http.client.HTTPConnection("127.0.0.1", c.envoy.listen_port, timeout=30)
             for c in (with_cfg, plain_cfg, down_cfg)
         ]
         bodies = [

@@ -31,7 +31,7 @@ def _rows(path: Path) -> list[dict[str, Any]]:
 
 def test_the_service_logs_each_decision_and_report_reads_the_log(tmp_path: Path) -> None:
     log_path = tmp_path / "decisions.jsonl"
-    app = create_server("127.0.0.1:0", decision_log=DecisionLogConfig(log_path))
+    app = create_server("127.0.0.1:0", decision_log=DecisionLogConfig(path=log_path))
     try:
         with TierpickClient(f"127.0.0.1:{app.port}") as c:
             answers = [c.classify(p, request_id=f"r{i}") for i, p in enumerate(PROMPTS)]
@@ -57,7 +57,7 @@ def test_the_service_logs_each_decision_and_report_reads_the_log(tmp_path: Path)
 
 
 def test_prompts_are_logged_only_when_allowed_and_cut_to_a_bound(tmp_path: Path) -> None:
-    cfg = DecisionLogConfig(tmp_path / "d.jsonl", prompts=True, max_prompt_chars=10)
+    cfg = DecisionLogConfig(path=tmp_path / "d.jsonl", prompts=True, max_prompt_chars=10)
     log = DecisionLog(cfg)
     for text in ("short", "x" * 50):
         log.record(
@@ -77,7 +77,7 @@ def test_prompts_are_logged_only_when_allowed_and_cut_to_a_bound(tmp_path: Path)
 
 
 def test_a_full_queue_drops_rows_and_counts_them_instead_of_blocking(tmp_path: Path) -> None:
-    log = DecisionLog(DecisionLogConfig(tmp_path / "d.jsonl", queue_size=1))
+    log = DecisionLog(DecisionLogConfig(path=tmp_path / "d.jsonl", queue_size=1))
     log._queue.put(None)  # the writer stops at its marker: nothing drains the queue now
     log._thread.join(5)
     for _ in range(5):
@@ -95,7 +95,7 @@ def test_a_full_queue_drops_rows_and_counts_them_instead_of_blocking(tmp_path: P
 
 
 def test_the_log_rotates_at_its_size(tmp_path: Path) -> None:
-    cfg = DecisionLogConfig(tmp_path / "d.jsonl", max_bytes=2000, backups=2)
+    cfg = DecisionLogConfig(path=tmp_path / "d.jsonl", max_mb=2000 / (1 << 20), backups=2)
     log = DecisionLog(cfg)
     for _ in range(60):
         log.record(

@@ -62,7 +62,7 @@ class Stack:
         headers: dict[str, str] | None = None,
         path: str = "/v1/chat/completions",
     ) -> tuple[int, dict[str, str], dict[str, Any] | bytes, float]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.cfg.listen_port, timeout=30)
+        conn = http.client.HTTPConnection("127.0.0.1", self.cfg.envoy.listen_port, timeout=30)
         t0 = time.perf_counter()
         conn.request(
             "POST", path, body=body, headers={"content-type": "application/json", **(headers or {})}
@@ -86,7 +86,7 @@ def _chat(prompt: str, **extra: Any) -> str:
 def stack(upstreams: dict[str, Upstream]) -> Iterator[Stack]:
     cfg = _config(upstreams, free_port())
     gw = create_gateway(cfg)
-    env = Envoy(render_envoy_config(cfg), cfg.admin_port)
+    env = Envoy(render_envoy_config(cfg), cfg.envoy.admin_port)
     stack = Stack(cfg, upstreams, env, gw)
     yield stack
     env.close()
@@ -279,7 +279,7 @@ def test_a_hung_classifier_falls_back_within_its_budget(upstreams: dict[str, Ups
             silent.getsockname()[1],
             failure={"mode": "open", "fallback_tier": "mid", "timeout_ms": 300},
         )
-        env = Envoy(render_envoy_config(cfg), cfg.admin_port)
+        env = Envoy(render_envoy_config(cfg), cfg.envoy.admin_port)
         try:
             stack = Stack(cfg, upstreams, env, None)
             status, headers, body, elapsed = stack.post(_chat("hello"))
@@ -294,7 +294,7 @@ def test_a_hung_classifier_falls_back_within_its_budget(upstreams: dict[str, Ups
 
 def test_fail_closed_rejects_when_the_classifier_is_down(upstreams: dict[str, Upstream]) -> None:
     cfg = _config(upstreams, free_port(), failure={"mode": "closed"})  # nothing listens there
-    env = Envoy(render_envoy_config(cfg), cfg.admin_port)
+    env = Envoy(render_envoy_config(cfg), cfg.envoy.admin_port)
     try:
         before = {t: u.requests for t, u in upstreams.items()}
         status, _, _, _ = Stack(cfg, upstreams, env, None).post(_chat("hello"))
@@ -370,7 +370,7 @@ def test_bodies_larger_than_envoys_default_buffer_reach_an_upstream(
     # a gateway that reads bodies up to 2 MiB classifies a 1.5 MB one
     big = _config(upstreams, free_port(), processor={"max_body_bytes": 2 << 20})
     gw = create_gateway(big)
-    env = Envoy(render_envoy_config(big), big.admin_port)
+    env = Envoy(render_envoy_config(big), big.envoy.admin_port)
     try:
         s = Stack(big, upstreams, env, gw)
         status, _, body, _ = s.post(_chat("Summarize: " + "lorem ipsum " * 125_000))

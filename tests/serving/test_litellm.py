@@ -31,6 +31,8 @@ from tierpick.serving.litellm_plugin import (
     DECISION_KEY,
     Plugin,
     PluginConfig,
+    PluginFailure,
+    PluginGrant,
     check_model_list,
     from_litellm_config,
     parse_plugin_config,
@@ -112,7 +114,7 @@ def test_settings_errors_name_the_key() -> None:
             parse_plugin_config(raw)
         assert key in str(err.value), raw
     cfg = parse_plugin_config({"model": "default", "failure": {"mode": "closed"}})
-    assert cfg.service is None and cfg.failure_mode == "closed"
+    assert cfg.service is None and cfg.failure.mode == "closed"
     assert parse_plugin_config(None).service == "127.0.0.1:50051"
 
 
@@ -153,7 +155,9 @@ def test_python_router_routes_real_prompts_to_their_tier(upstreams: dict[str, Up
     from litellm import Router
 
     plugin = Plugin(
-        PluginConfig(service=None, model="default", timeout_ms=1000, request_policy_enabled=True)
+        PluginConfig(
+            service=None, model="default", timeout_ms=1000, request_policy=PluginGrant(enabled=True)
+        )
     )
     model_list = _router_model_list(upstreams, plugin)
     plugin.check(model_list)
@@ -213,7 +217,9 @@ def test_pre_call_hook_fail_closed_rejects_and_open_falls_back() -> None:
     ups = {t: f"127.0.0.1:{9000 + i}" for i, t in enumerate(TIERS)}
     model_list = litellm_config(ups, {})["model_list"]
     for mode in ("closed", "open"):
-        plugin = Plugin(PluginConfig(service=dead, timeout_ms=200, failure_mode=mode))
+        plugin = Plugin(
+            PluginConfig(service=dead, timeout_ms=200, failure=PluginFailure(mode=mode))
+        )
         plugin.check(model_list)  # the service is down: tiers are checked at the first request
         data: dict[str, Any] = {
             "model": "tierpick/auto",
@@ -387,7 +393,7 @@ def test_from_litellm_config_reads_its_section(tmp_path: Path) -> None:
 
 def test_shipped_example_config_passes_the_start_up_check() -> None:
     plugin = from_litellm_config(REPO / "serving" / "deploy" / "litellm.yaml")
-    assert plugin.config.service == "127.0.0.1:50051" and not plugin.config.request_policy_enabled
+    assert plugin.config.service == "127.0.0.1:50051" and not plugin.config.request_policy.enabled
     assert plugin.routed["tierpick/auto"].tiers == {
         "local": ["local-llm"],
         "mid": ["mid-llm"],
