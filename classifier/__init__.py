@@ -14,8 +14,9 @@ from tierpick.classifier.errors import (
     PromptError,
     TierpickError,
 )
-from tierpick.classifier.routing import Router, RoutingPolicy, read_policy, write_policy
+from tierpick.classifier.routing import Router, RoutingPolicy
 from tierpick.classifier.runtime import Decision, TierClassifier, load, prepare_prompt
+from tierpick.classifier.settings import read_policy, write_policy
 from tierpick.classifier.text import (
     conversation_text,
     last_user_text,

@@ -15,10 +15,8 @@ per tier (:func:`platt`); a :class:`RoutingPolicy`, validated once against a mod
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -356,54 +354,6 @@ def clip(value: object, limit: int = ECHO_CHARS) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
-def policy_from_mapping(raw: object, where: str) -> RoutingPolicy:
-    """A :class:`RoutingPolicy` from a parsed YAML/JSON mapping with the keys of
-    :data:`POLICY_KEYS` (all optional; None: the default policy); every wrong key, type or range
-    is reported in one :class:`~tierpick.classifier.errors.ConfigError`, each as ``where.key``.
-    Whether the tiers exist is checked against a model, by :meth:`Router.for_tiers`."""
-    from tierpick.classifier.settings import PolicySettings, parse_settings
-
-    return parse_settings(PolicySettings, raw, where).policy()
-
-
-def policy_to_mapping(policy: RoutingPolicy) -> dict[str, Any]:
-    """The mapping :func:`policy_from_mapping` reads back to the same policy."""
-    return {
-        "min_success": policy.min_success,
-        "allowed_tiers": list(policy.allowed_tiers),
-        "max_price": policy.max_price,
-        "cost_weight": policy.cost_weight,
-        "sticky": policy.sticky,
-    }
-
-
-def read_policy(path: str | Path) -> RoutingPolicy:
-    """A policy file (``tierpick tune --out``): YAML with a ``policy`` mapping, and optionally a
-    ``tuned`` mapping that records how it was chosen (not read here)."""
-    from tierpick.classifier.files import load_yaml
-    from tierpick.classifier.settings import PolicyFile, parse_settings
-
-    path = Path(path)
-    raw = load_yaml(path, "policy file")
-    return parse_settings(PolicyFile, raw, f"policy file {path}:").policy
-
-
-def write_policy(
-    path: str | Path, policy: RoutingPolicy, tuned: dict[str, Any] | None = None
-) -> None:
-    """Write a policy file that :func:`read_policy` reads (atomically: a temporary name, then a
-    rename)."""
-    import yaml
-
-    path = Path(path)
-    doc: dict[str, Any] = {"policy": policy_to_mapping(policy)}
-    if tuned:
-        doc["tuned"] = tuned
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(doc, sort_keys=False), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 __all__ = [
     "ECHO_CHARS",
     "FIELD",
@@ -417,13 +367,9 @@ __all__ = [
     "normalized_costs",
     "overlay",
     "platt",
-    "policy_from_mapping",
-    "policy_to_mapping",
-    "read_policy",
     "rescale",
     "sigmoid",
     "threshold_choice",
     "utility_choice",
     "within_grant",
-    "write_policy",
 ]

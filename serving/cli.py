@@ -610,29 +610,14 @@ def _label_tracker(args: argparse.Namespace) -> Any:
 
 
 def register_serve(sub: Any) -> None:
+    from tierpick.classifier.settings import add_flags
     from tierpick.serving.lifecycle import ServerConfig
 
-    d = ServerConfig()  # the defaults live in one place
     p = sub.add_parser("serve", help="serve a model over gRPC (TierRouter, health, reflection)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: every one)")
     p.add_argument("--port", type=int, default=50051, help="port to bind (0: any free port)")
     p.add_argument("--model", help="model directory or models:/ URI (default: shipped model)")
-    p.add_argument("--max-batch", type=int, default=d.max_batch, help="ClassifyBatch maximum")
-    p.add_argument(
-        "--max-concurrency",
-        type=int,
-        default=d.max_concurrency,
-        help="calls handled at once before RESOURCE_EXHAUSTED",
-    )
-    p.add_argument(
-        "--max-request-mb",
-        type=float,
-        default=d.max_request_bytes / (1 << 20),
-        help="MB of requests handled at once (a request past it: RESOURCE_EXHAUSTED, unparsed)",
-    )
-    p.add_argument(
-        "--workers", type=int, default=d.workers, help="threads that run ClassifyBatch calls"
-    )
+    add_flags(p, ServerConfig)  # the server's limits: flags, defaults and checks from one place
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     p.add_argument(
         "--hold",
@@ -643,40 +628,10 @@ def register_serve(sub: Any) -> None:
         "at least 95%% of always-the-dearest-tier's)",
     )
     p.add_argument(
-        "--no-familiarity",
-        action="store_true",
-        help="do not measure each prompt's familiarity to the training data (drift metrics; "
-        "about 50 us a prompt)",
-    )
-    p.add_argument(
         "--guard-window",
         type=int,
         default=1000,
         help="decisions the guard solves its cost weight on (default 1000)",
-    )
-    p.add_argument(
-        "--watch",
-        type=float,
-        default=d.watch_seconds,
-        help="seconds between checks of the model's manifest for hot reload (0: off)",
-    )
-    p.add_argument(
-        "--drain",
-        type=float,
-        default=d.drain_seconds,
-        help="on SIGTERM, seconds of NOT_SERVING health before new calls are refused",
-    )
-    p.add_argument(
-        "--drain-timeout",
-        type=float,
-        default=d.drain_timeout,
-        help="on SIGTERM, seconds in-flight calls get to finish before they are cancelled",
-    )
-    p.add_argument(
-        "--max-streams",
-        type=int,
-        default=d.max_streams_per_connection,
-        help="concurrent HTTP/2 streams one client connection may open",
     )
     p.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key: serve TLS)")
     p.add_argument("--tls-key", help="PEM private key")
@@ -707,22 +662,13 @@ def register_serve(sub: Any) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from tierpick.classifier import read_policy
     from tierpick.classifier.errors import ConfigError
+    from tierpick.classifier.settings import from_flags
     from tierpick.serving.decisions import DecisionLogConfig
     from tierpick.serving.guard import Target
     from tierpick.serving.lifecycle import TLS, ServerConfig
     from tierpick.serving.service import serve
 
-    config = ServerConfig(
-        max_batch=args.max_batch,
-        max_concurrency=args.max_concurrency,
-        workers=args.workers,
-        watch_seconds=args.watch,
-        drain_seconds=args.drain,
-        drain_timeout=args.drain_timeout,
-        max_streams_per_connection=args.max_streams,
-        max_request_bytes=int(args.max_request_mb * (1 << 20)),
-        familiarity=not args.no_familiarity,
-    )
+    config = from_flags(ServerConfig, args, "tierpick serve:")
     tls = TLS.from_files(args.tls_cert, args.tls_key, args.tls_client_ca)
     policy = read_policy(args.policy) if args.policy else None
     if args.decision_log_prompts and not args.decision_log:

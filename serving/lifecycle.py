@@ -25,63 +25,97 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import ConfigDict, Field, with_config
 
 from tierpick import classifier
 from tierpick.classifier import TierClassifier
 from tierpick.classifier.artifact import MANIFEST_FILE
 from tierpick.classifier.errors import TierpickError
 from tierpick.classifier.runtime import default_model_dir
+from tierpick.classifier.settings import Flag
 
 log = logging.getLogger("tierpick.serve")
 WARMUP_PROMPT = "What is the capital of France?"
 
 
+Positive = Annotated[int, Field(strict=True, ge=1)]
+Seconds = Annotated[float, Field(strict=True, ge=0, allow_inf_nan=False)]
+
+
+@with_config(ConfigDict(extra="forbid"))
 @dataclass(frozen=True)
 class ServerConfig:
-    """Serving limits and lifecycle settings.
+    """Serving limits and lifecycle settings, shared by every gRPC app; ``tierpick serve``'s
+    flags are built from the fields that carry a :class:`~tierpick.classifier.settings.Flag`.
 
-    Attributes:
-        max_batch: requests a ClassifyBatch may hold.
-        max_concurrency: RPCs being handled at once; more get RESOURCE_EXHAUSTED at once. A
-            call counts once its request has arrived: a stream that never sends its message
-            holds no handler (the server is asynchronous) and only counts against
-            ``max_streams_per_connection``.
-        workers: threads that run ClassifyBatch (a single Classify runs on the event loop).
-        drain_timeout: on stop, seconds in-flight calls get to finish before they are
-            cancelled (a maximum batch of long prompts takes well under a second here).
-        watch_seconds: > 0: poll the model directory's manifest for changes (hot reload).
-        max_message_bytes: the largest request or response (a full batch of long prompts).
-        drain_seconds: on stop, seconds of NOT_SERVING health while calls are still answered,
-            so load balancers stop sending before the server refuses.
-        max_streams_per_connection: concurrent HTTP/2 streams one connection may open.
-        max_connection_age: seconds after which a connection is asked to go away (it gets
-            ``drain_timeout`` more to finish), so no client holds streams forever.
-        max_request_bytes: the bytes of the requests being handled at once; a request that
-            would pass it is refused (RESOURCE_EXHAUSTED) before it is parsed.
-        familiarity: measure each prompt's familiarity to the training data (drift; a model
-            with a reference), about 50 us a prompt.
+    A call counts against ``max_concurrency`` once its request has arrived: a stream that never
+    sends its message holds no handler (the server is asynchronous) and only counts against
+    ``max_streams_per_connection``.
     """
 
-    max_batch: int = 256
-    max_concurrency: int = 256
-    workers: int = 2
-    drain_timeout: float = 25.0
-    watch_seconds: float = 2.0
-    # a full batch of the longest prompts a model reads (256 x 4 x 1,536 characters, up to 4
-    # bytes each: 6.3 MB) fits; chat history beyond what is classified is the client's to trim
-    max_message_bytes: int = 16 * 1024 * 1024
-    drain_seconds: float = 0.0
+    max_batch: Annotated[Positive, Flag("--max-batch", "requests a ClassifyBatch may hold")] = 256
+    max_concurrency: Annotated[
+        Positive,
+        Flag("--max-concurrency", "calls handled at once; more get RESOURCE_EXHAUSTED at once"),
+    ] = 256
+    workers: Annotated[
+        Positive,
+        Flag("--workers", "threads that run ClassifyBatch (a Classify runs on the event loop)"),
+    ] = 2
+    drain_timeout: Annotated[
+        Seconds,
+        Flag(
+            "--drain-timeout",
+            "on stop, seconds in-flight calls get to finish before they are cancelled",
+        ),
+    ] = 25.0
+    watch_seconds: Annotated[
+        Seconds,
+        Flag("--watch", "seconds between checks of the model's manifest for hot reload (0: off)"),
+    ] = 2.0
+    # the largest request or response: a full batch of the longest prompts a model reads (256 x
+    # 4 x 1,536 characters, up to 4 bytes each: 6.3 MB) fits; chat history beyond what is
+    # classified is the client's to trim
+    max_message_bytes: Positive = 16 * 1024 * 1024
+    drain_seconds: Annotated[
+        Seconds,
+        Flag(
+            "--drain",
+            "on stop, seconds of NOT_SERVING health while calls are still answered, so load "
+            "balancers stop sending before the server refuses",
+        ),
+    ] = 0.0
     # more streams than calls handled at once: a client's calls beyond the concurrency limit
     # get RESOURCE_EXHAUSTED, never a refused stream (32 refused 3 to 30 of 64 calls on one
     # channel)
-    max_streams_per_connection: int = 512
-    max_connection_age: float = 600.0
-    max_request_bytes: int = 128 * 1024 * 1024
-    familiarity: bool = True
+    max_streams_per_connection: Annotated[
+        Positive, Flag("--max-streams", "concurrent HTTP/2 streams one client connection may open")
+    ] = 512
+    # seconds after which a connection is asked to go away (it gets drain_timeout more to
+    # finish), so no client holds streams forever
+    max_connection_age: Annotated[Seconds, Field(gt=0)] = 600.0
+    max_request_bytes: Annotated[
+        Positive,
+        Flag(
+            "--max-request-mb",
+            "MB of requests handled at once (a request past it: RESOURCE_EXHAUSTED, unparsed)",
+            unit=1 << 20,
+        ),
+    ] = 128 * 1024 * 1024
+    familiarity: Annotated[
+        bool,
+        Field(strict=True),
+        Flag(
+            "--no-familiarity",
+            "do not measure each prompt's familiarity to the training data (drift metrics; "
+            "about 50 us a prompt)",
+            negate=True,
+        ),
+    ] = True
 
 
 OTHER_STREAMS_GRACE = 1.0  # seconds left to streams that are not the app's calls on stop

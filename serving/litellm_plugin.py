@@ -70,7 +70,7 @@ from tierpick.classifier.errors import (
     TierpickError,
 )
 from tierpick.classifier.files import load_yaml
-from tierpick.classifier.routing import POLICY_KEYS, policy_from_mapping, within_grant
+from tierpick.classifier.routing import POLICY_KEYS, within_grant
 from tierpick.classifier.settings import (
     Name,
     PolicyValue,
@@ -79,6 +79,7 @@ from tierpick.classifier.settings import (
     StrictInt,
     StrictStr,
     parse_settings,
+    policy_from_mapping,
 )
 from tierpick.serving.conversations import Conversations, conversation_key
 from tierpick.serving.decisions import (

@@ -472,7 +472,7 @@ def run_tune(
 ) -> tuple[Tuned, str, str | None]:
     """The whole command: score (unless ``scored``), tune, write the policy file and the report.
     Returns the result, its Markdown, and a note when the PNG could not be drawn."""
-    from tierpick.classifier.routing import write_policy
+    from tierpick.classifier.settings import write_policy
 
     constraint.check(clf.tiers)  # before any scoring work
     Costs.check_assumptions(output_tokens, chars_per_token)

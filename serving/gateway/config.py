@@ -210,6 +210,10 @@ def load_gateway_config(path: str | Path) -> GatewayConfig:
 def check_model_tiers(cfg: GatewayConfig, clf: TierClassifier) -> None:
     """The config must name an upstream for every tier of the model, and no other tier."""
     if set(cfg.tiers) != set(clf.tiers):
+        odd = [t for t in cfg.tiers if t not in clf.tiers]
+        missing = [t for t in clf.tiers if t not in cfg.tiers]
         raise ConfigError(
-            f"gateway config tiers {sorted(cfg.tiers)} != the model's tiers {list(clf.tiers)}"
+            f"gateway config: tiers: {sorted(cfg.tiers)} != the model's tiers {list(clf.tiers)}"
+            + (f"; not tiers of the model: {clip(odd)}" if odd else "")
+            + (f"; no upstream for: {missing}" if missing else "")
         )

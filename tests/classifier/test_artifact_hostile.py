@@ -17,7 +17,7 @@ import pytest
 from tierpick import classifier
 from tierpick.classifier.artifact import MANIFEST_FILE, read_manifest
 from tierpick.classifier.errors import ArtifactError, ConfigError
-from tierpick.classifier.routing import read_policy
+from tierpick.classifier.settings import read_policy
 from tierpick.cli import main
 
 
