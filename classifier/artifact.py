@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,16 +21,57 @@ from tierpick.classifier.routing import clip
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 
-# The graph's contract: token ids and their mask in (batch x tokens), one logit per tier out;
-# optionally the prompt's embedding (batch x width: the student's pooled token vectors), which
-# `tierpick label` clusters prompts by and `tierpick adapt` fits a team's outcomes on. A graph
-# without it (exported before it was added) serves as before; adapt adds it.
+# The graph's contract (:func:`check_graph`): token ids and their mask in (batch x tokens), one
+# logit per tier out; optionally the prompt's embedding (batch x width: what the student's head
+# reads, or its pooled token vectors), which `tierpick label` clusters prompts by, `tierpick
+# adapt` fits a team's outcomes on and drift is measured on. A graph without it (exported
+# before it was added) serves as before; adapt adds it. The logits' last node is a Gemm (a
+# linear head) when `tierpick adapt` is to refit the head (training/adapt_head.py).
 GRAPH_INPUTS = ("input_ids", "attention_mask")
 LOGITS_OUTPUT = "logits"
 EMBEDDING_OUTPUT = "embedding"
 # the training data's reference for drift (training/reference.py), optional, listed in "files"
 REFERENCE_FILE = "reference.npz"
 GRAPH_OUTPUTS = (LOGITS_OUTPUT, EMBEDDING_OUTPUT)  # what `tierpick train` exports
+
+
+def check_graph(
+    inputs: Sequence[str],
+    outputs: Sequence[tuple[str, Sequence[int | str | None]]],
+    tiers: Sequence[str],
+    where: str,
+) -> int | None:
+    """A graph against the contract above, as ONNX Runtime describes it (input names; output
+    names with their shapes): the inputs in order, ``logits`` first with one per tier, and the
+    ``embedding`` when there is one, 2-D. Every student and the teacher export to it
+    (``training.student.Student.outputs``); the runtime checks it on every load.
+
+    Returns:
+        The embedding's width (None: no embedding output, or a width only known at run time).
+
+    Raises:
+        ArtifactError: naming the graph and what differs.
+    """
+    if list(inputs) != list(GRAPH_INPUTS):
+        raise ArtifactError(f"{where}: inputs {clip(list(inputs))} != {list(GRAPH_INPUTS)}")
+    shapes = dict(outputs)
+    if not outputs or outputs[0][0] != LOGITS_OUTPUT:
+        first = outputs[0][0] if outputs else None
+        raise ArtifactError(f"{where}: first output {first!r} != {LOGITS_OUTPUT!r}")
+    logits = shapes[LOGITS_OUTPUT]
+    if len(logits) != 2:
+        raise ArtifactError(f"{where}: logits of rank {len(logits)}, not (batch, tiers)")
+    if isinstance(logits[-1], int) and logits[-1] != len(tiers):
+        raise ArtifactError(
+            f"{where}: {logits[-1]} logits per prompt, but the manifest has {len(tiers)} tiers "
+            f"{list(tiers)}"
+        )
+    if EMBEDDING_OUTPUT not in shapes:
+        return None
+    embedding = shapes[EMBEDDING_OUTPUT]
+    if len(embedding) != 2:
+        raise ArtifactError(f"{where}: embedding of rank {len(embedding)}, not (batch, width)")
+    return embedding[-1] if isinstance(embedding[-1], int) else None
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ import numpy.typing as npt
 from tierpick.classifier._wordpiece import FastWordPiece
 from tierpick.classifier.artifact import (
     EMBEDDING_OUTPUT,
-    GRAPH_INPUTS,
     LOGITS_OUTPUT,
     REFERENCE_FILE,
     Manifest,
+    check_graph,
     read_artifact,
 )
 from tierpick.classifier.errors import ArtifactError, MissingDependencyError, PromptError
@@ -130,6 +130,11 @@ class Reference:
             raise ArtifactError(f"{where}: exemplars of the wrong shape")
         centroids = (a["centroids_raw"], a["centroids_std"])
         return cls(centroids, (a["grid_raw"], a["grid_std"]), a["mean"], a["std"], exemplars)
+
+    @property
+    def width(self) -> int:
+        """The width of the embeddings it describes."""
+        return int(self.mean.shape[0])
 
     def nearest(
         self, embedding: npt.NDArray[np.floating[Any]], k: int = 3
@@ -251,25 +256,22 @@ class TierClassifier:
             raise ArtifactError(
                 f"{model_dir / manifest.graph}: not a loadable graph: {exc}"
             ) from exc
-        names = [i.name for i in self._session.get_inputs()]
-        if names != list(GRAPH_INPUTS):
-            raise ArtifactError(f"{manifest.graph}: inputs {names} != {list(GRAPH_INPUTS)}")
-        outputs = [o.name for o in self._session.get_outputs()]
-        if outputs[0] != LOGITS_OUTPUT:
-            raise ArtifactError(f"{manifest.graph}: first output {outputs[0]!r} != 'logits'")
-        width = self._session.get_outputs()[0].shape[-1]
-        if isinstance(width, int) and width != len(self.tiers):
-            raise ArtifactError(
-                f"{manifest.graph}: {width} logits per prompt, but the manifest has "
-                f"{len(self.tiers)} tiers {list(self.tiers)}"
-            )
-        self.has_embedding = EMBEDDING_OUTPUT in outputs
+        outputs = [(o.name, o.shape) for o in self._session.get_outputs()]
+        width = check_graph(
+            [i.name for i in self._session.get_inputs()], outputs, self.tiers, manifest.graph
+        )
+        self.has_embedding = EMBEDDING_OUTPUT in dict(outputs)
         self.reference: Reference | None = None
         if REFERENCE_FILE in manifest.files and self.has_embedding:
             self.reference = Reference.from_bytes(
                 blobs.get(REFERENCE_FILE) or (model_dir / REFERENCE_FILE).read_bytes(),
                 model_dir / REFERENCE_FILE,
             )
+            if width is not None and self.reference.width != width:
+                raise ArtifactError(
+                    f"{model_dir / REFERENCE_FILE}: {self.reference.width}-wide, but the "
+                    f"graph's embedding is {width}-wide"
+                )
 
     # ------------------------------------------------------------------ inference
 

@@ -218,6 +218,8 @@ class StudentConfig:
     sentence embedding; a tier head then reads the student's own embedding (see
     ``training.encoders``)."""
 
+    # the kind of student (training.student.kinds()); the fields below are the static one's
+    kind: Name = "static"
     dim: Positive = 256  # PCA dimension of the static embeddings
     # SIF weight a / (a + p(token)) on each static vector, p from the training data's token
     # frequencies; 0: no weighting (the distillation learns each token's weight)

@@ -16,7 +16,6 @@ import torch
 from tierpick.classifier.artifact import (
     GRAPH_INPUTS,
     GRAPH_OUTPUTS,
-    LOGITS_OUTPUT,
     SCHEMA_VERSION,
     Manifest,
     TierSpec,
@@ -25,45 +24,39 @@ from tierpick.classifier.artifact import (
 )
 from tierpick.training.config import TierConfig
 from tierpick.training.encoders import minilm_dir
+from tierpick.training.student import Student
 
 GRAPH = "student.onnx"
 TOKENIZER = "tokenizer.json"
 
 
-class _WithEmbedding(torch.nn.Module):
-    """A student or teacher that also returns its prompt embedding: the student's pooled token
-    vectors (:meth:`Student.features`), the teacher's pooled encoder output."""
+class _Graph(torch.nn.Module):
+    """A student's (or the teacher's) :meth:`~tierpick.training.student.Student.outputs` as the
+    module ONNX export traces."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: Student) -> None:
         super().__init__()
-        self.model = model
+        self.model: Any = model
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        model: Any = self.model
-        if hasattr(model, "features"):
-            features: torch.Tensor = model.features(input_ids, attention_mask)
-            return model.head(model.proj(features)), features
-        pooled: torch.Tensor = model.pooled(input_ids, attention_mask)
-        return model.head(pooled), pooled
+        out: tuple[torch.Tensor, torch.Tensor] = self.model.outputs(input_ids, attention_mask)
+        return out
 
 
-def export_onnx(model: torch.nn.Module, path: Path) -> None:
-    """Export a (input_ids, attention_mask) -> logits module with dynamic batch and length; a
-    model with ``pooled`` and ``head`` (the student, the teacher) also outputs its embedding
-    (the graph contract of :mod:`classifier.artifact`)."""
-    model.eval()
-    outputs = [LOGITS_OUTPUT]
-    if hasattr(model, "pooled") and hasattr(model, "head"):
-        model, outputs = _WithEmbedding(model).eval(), list(GRAPH_OUTPUTS)
+def export_onnx(model: Student, path: Path) -> None:
+    """Export a student (or the teacher) with dynamic batch and length: the graph contract of
+    :mod:`classifier.artifact` (inputs ``GRAPH_INPUTS``, outputs ``GRAPH_OUTPUTS``)."""
+    graph = _Graph(model).eval()
+    outputs = list(GRAPH_OUTPUTS)
     x = torch.full((1, 4), 1000, dtype=torch.long)
     m = torch.ones((1, 4), dtype=torch.float32)
     with warnings.catch_warnings():
         # the TorchScript exporter is deprecated but is the one that works beside transformers 5
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model,
+            graph,
             (x, m),
             str(path),
             input_names=list(GRAPH_INPUTS),
@@ -88,7 +81,7 @@ def write_tokenizer(path: Path, max_tokens: int) -> None:
 
 
 def export_model(
-    model: torch.nn.Module,
+    model: Student,
     config: TierConfig,
     out_dir: Path,
     *,

@@ -70,7 +70,7 @@ def check_fit_data(train: SplitData, val: SplitData, tiers: tuple[str, ...]) -> 
 class Context:
     """What every fit of one training run shares, none of it learned from labels: the teacher
     encoder's embeddings (through an on-disk cache), the student's tokenization and the static
-    token vectors."""
+    token vectors (:attr:`memo`, kept by the student's kind)."""
 
     def __init__(self, config: TierConfig, workdir: Path) -> None:
         from tierpick.training import encoders
@@ -84,7 +84,10 @@ class Context:
         )
         self.tokenizer = encoders.student_tokenizer(scfg.max_tokens)
         self._ids: dict[str, list[int]] = {}
-        self._static: npt.NDArray[np.float32] | None = None
+        self.memo: dict[str, Any] = {}  # what a student kind shares across the run's fits
+
+    def encoder(self) -> Any:
+        return self.cache.encoder()
 
     def teacher_embeddings(self, prompts: list[str]) -> npt.NDArray[np.float32]:
         return self.cache.get(prompts)
@@ -99,22 +102,6 @@ class Context:
         ):
             self._ids[p] = row
         return [self._ids[p] for p in prompts]
-
-    def static_embeddings(self, train_ids: list[list[int]]) -> npt.NDArray[np.float32]:
-        """The static token vectors; computed once unless they depend on the training tokens
-        (``vocab: seen`` or SIF weighting)."""
-        from tierpick.training import encoders
-
-        scfg = self.config.train.student
-        shared = scfg.vocab == "full" and scfg.sif == 0
-        if shared and self._static is not None:
-            return self._static
-        emb = encoders.distill_static_embeddings(
-            self.cache.encoder(), self.tokenizer, train_ids, scfg
-        )
-        if shared:
-            self._static = emb
-        return emb
 
 
 @dataclass
@@ -136,10 +123,11 @@ class Fitted:
 def fit_router(ctx: Context, train: SplitData, val: SplitData, costs: Array) -> Fitted:
     """Distil a student on ``train``'s texts (and crops of them), fit the tier heads on the
     labels, calibrate on ``val`` and pick the default cost weight there."""
-    from tierpick.training import encoders
+    from tierpick.training import encoders, student
 
     cfg = ctx.config.train
     scfg = cfg.student
+    kind = student.kind_of(ctx.config)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     te_train = ctx.teacher_embeddings(train.prompts)
@@ -150,25 +138,23 @@ def fit_router(ctx: Context, train: SplitData, val: SplitData, costs: Array) -> 
 
     t0 = time.perf_counter()
     ids_train, ids_val, ids_crops = ctx.ids(train.prompts), ctx.ids(val.prompts), ctx.ids(crops)
-    static = ctx.static_embeddings(ids_train)
-    student, student_info = encoders.distill_student(
-        static,
-        ids_train + ids_crops,
-        np.concatenate([te_train, te_crops]),
-        ids_val,
-        te_val,
-        scfg,
-        cfg.seed,
+    data = student.DistillData(
+        ids=ids_train + ids_crops,
+        targets=np.concatenate([te_train, te_crops]),
+        prompt_ids=ids_train,
+        val_ids=ids_val,
+        val_targets=te_val,
     )
+    model, student_info = kind.distill(ctx, data, cfg.seed)
     timings["student_distill"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    se_train = encoders.student_embeddings(student, ids_train)
-    se_val = encoders.student_embeddings(student, ids_val)
+    se_train = student.embeddings(model, ids_train)
+    se_val = student.embeddings(model, ids_val)
     y, m = train.targets.astype(np.float32), train.mask.astype(np.float32)
     yv, mv = val.targets.astype(np.float32), val.mask.astype(np.float32)
     head, head_info = encoders.train_head(se_train, y, m, se_val, yv, mv, cfg.head, cfg.seed)
-    student.head = head
+    model.head = head
     t_head, t_head_info = encoders.train_head(te_train, y, m, te_val, yv, mv, cfg.head, cfg.seed)
     teacher = encoders.Teacher(ctx.cache.encoder(), t_head)
     timings["heads"] = time.perf_counter() - t0
@@ -198,7 +184,7 @@ def fit_router(ctx: Context, train: SplitData, val: SplitData, costs: Array) -> 
         val.mask,
     )
     return Fitted(
-        student=student,
+        student=model,
         teacher=teacher,
         calibration=calibration,
         teacher_calibration=(ta, tb),
@@ -217,9 +203,9 @@ def fit_router(ctx: Context, train: SplitData, val: SplitData, costs: Array) -> 
 
 
 def student_logits(fitted: Fitted, ctx: Context, prompts: list[str]) -> Array:
-    from tierpick.training import encoders
+    from tierpick.training import student
 
-    return encoders.student_logits(fitted.student, ctx.ids(prompts)).astype(np.float64)
+    return student.logits(fitted.student, ctx.ids(prompts)).astype(np.float64)
 
 
 def routers_for(fitted: Fitted, ctx: Context, split: SplitData) -> dict[str, Array]:

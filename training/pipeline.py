@@ -71,10 +71,12 @@ def run_training(
         version: the model version string (default: derived from data and config).
     """
     from tierpick.training.export import export_model, parity
+    from tierpick.training.student import kind_of
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     tcfg = config.train
+    kind_of(config)  # an unknown kind of student is refused before any work
     workdir.mkdir(parents=True, exist_ok=True)
 
     # ---- dataset
@@ -94,7 +96,12 @@ def run_training(
     evals = [s for s in (test, ood) if len(s.prompts)]
     # the graph's outputs are part of what a version names: the same data and settings
     # exported with another contract are another artifact
-    contract = {"train": dataclasses.asdict(tcfg), "graph_outputs": list(GRAPH_OUTPUTS)}
+    train_settings = dataclasses.asdict(tcfg)
+    if train_settings["student"]["kind"] == "static":
+        # the field came after versions were first named: the static student at its default
+        # keeps the version an unchanged recipe had (make model reproduces the shipped one)
+        del train_settings["student"]["kind"]
+    contract = {"train": train_settings, "graph_outputs": list(GRAPH_OUTPUTS)}
     cfg_hash = hashlib.sha256(json.dumps(contract, sort_keys=True).encode())
     version = version or f"{ds.fingerprint[:8]}-{cfg_hash.hexdigest()[:8]}"
     log.info(

@@ -136,3 +136,23 @@ def test_the_serve_flags_are_built_from_the_server_settings() -> None:
     with pytest.raises(ConfigError) as err:
         from_flags(ServerConfig, bad, "serve:")
     assert [line.split(": ")[1] for line in _problems(err)] == ["--max-batch", "--watch"]
+
+
+def test_the_graph_contract_is_checked_in_one_place() -> None:
+    from tierpick.classifier.artifact import check_graph
+    from tierpick.classifier.errors import ArtifactError
+
+    tiers = ("local", "mid", "frontier")
+    inputs = ["input_ids", "attention_mask"]
+    good = [("logits", ["batch", 3]), ("embedding", ["batch", 512])]
+    assert check_graph(inputs, good, tiers, "g") == 512
+    assert check_graph(inputs, good[:1], tiers, "g") is None  # an older graph, no embedding
+    for args, match in [
+        ((inputs[::-1], good), "inputs"),
+        ((inputs, good[::-1]), "first output 'embedding'"),
+        ((inputs, [("logits", ["batch", 2])]), "2 logits per prompt, but the manifest has 3"),
+        ((inputs, [("logits", ["batch"])]), "rank 1"),
+        ((inputs, [good[0], ("embedding", ["batch", 4, 512])]), "embedding of rank 3"),
+    ]:
+        with pytest.raises(ArtifactError, match=match):
+            check_graph(*args, tiers, "g")  # type: ignore[arg-type]

@@ -9,6 +9,7 @@ import pytest
 
 from tests.conftest import DATA, write_tiny_config
 from tierpick.classifier import read_manifest
+from tierpick.classifier.errors import ConfigError
 from tierpick.cli import main
 from tierpick.training.config import load_config
 from tierpick.training.dataset import build_dataset
@@ -283,7 +284,7 @@ def test_int8_export_is_verified_smaller_and_close(
 def test_token_dropout_hides_a_share_of_real_tokens_and_keeps_cls() -> None:
     import torch
 
-    from tierpick.training.encoders import drop_tokens
+    from tierpick.training.static_student import drop_tokens
 
     mask = torch.ones((400, 50))
     mask[:, 30:] = 0.0  # padding stays padding
@@ -299,7 +300,7 @@ def test_student_training_never_writes_into_the_shared_static_table() -> None:
     """Every fit of a run (the model, each leave-one-family-out fold) starts from one static
     table: training a student must not change it (torch.from_numpy once shared its memory, and
     the folds trained after the model wrote into the exported model's embeddings)."""
-    from tierpick.training import encoders
+    from tierpick.training import static_student
     from tierpick.training.config import StudentConfig
 
     table = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32)
@@ -307,7 +308,7 @@ def test_student_training_never_writes_into_the_shared_static_table() -> None:
     ids = [[1, 2, 3, 4], [5, 6, 7], [8, 9, 10, 11, 12]] * 4
     target = np.random.default_rng(1).normal(size=(len(ids), 6)).astype(np.float32)
     cfg = StudentConfig(dim=8, epochs=2, hidden=0, batch_size=4, pooling="mean")
-    student, _ = encoders.distill_student(table, ids, target, ids[:3], target[:3], cfg, 0)
+    student, _ = static_student.distill_student(table, ids, target, ids[:3], target[:3], cfg, 0)
     assert not np.array_equal(student.embedding.weight.detach().numpy(), before)  # it trained
     np.testing.assert_array_equal(table, before)  # the caller's table is untouched
 
@@ -325,3 +326,33 @@ def test_crops_are_seeded_runs_of_the_prompts_words() -> None:
         start = int(words[0][1:])
         assert words == [f"w{i}" for i in range(start, start + len(words))]  # one contiguous run
     assert crop_prompts(prompts, 0, seed=3) == []
+
+
+def test_a_new_kind_of_student_is_one_module(
+    tiny_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The seam: a student kind written in one module (tests/training/bag_student.py) trains
+    through the pipeline, exports to the graph contract, and the runtime serves it."""
+    import tierpick
+    from tests.conftest import write_tiny_config
+    from tierpick.training import student
+    from tierpick.training.config import load_config
+    from tierpick.training.pipeline import run_training
+
+    monkeypatch.setitem(student.KINDS, "bag", "tests.training.bag_student:BagKind")
+    path = write_tiny_config(tmp_path, tiny_data, holdout=False)
+    path.write_text(
+        path.read_text().replace("student: {", "student: {kind: bag, ")
+        .replace("seed: 0", "seed: 0\n  loso: false")
+    )  # fmt: skip
+    result = run_training(load_config(path), tmp_path / "model", tmp_path / "work")
+    info = result.report["training"]["student"]  # what the kind said of its training
+    assert info["last_loss"] < info["first_loss"]
+    clf = tierpick.load(tmp_path / "model")
+    assert clf.has_embedding and clf.embed(["What is 2+2?"]).shape == (1, 384)
+    proba = clf.predict_proba(["What is 2+2?", "Prove the Riemann hypothesis."])
+    assert proba.shape == (2, 3) and np.isfinite(proba).all()
+    # an unknown kind is refused before any training, naming the key
+    path.write_text(path.read_text().replace("kind: bag", "kind: transformer"))
+    with pytest.raises(ConfigError, match=r"train.student.kind: 'transformer' is not one of"):
+        run_training(load_config(path), tmp_path / "model2", tmp_path / "work")
