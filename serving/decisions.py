@@ -29,12 +29,13 @@ import os
 import queue
 import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 from pydantic import BeforeValidator, Field
 
-from tierpick.classifier.routing import Router
+from tierpick.classifier.routing import Router, clip
 from tierpick.classifier.settings import Settings, StrictBool, StrictInt, parse_settings
 
 log = logging.getLogger("tierpick.decisions")
@@ -101,6 +102,78 @@ def basis(
             if ok
         },
     }
+
+
+HEADER_PREFIX = "x-tierpick-"
+MAX_HEADER_CHARS = 512  # an x-tierpick-* header value is cut to this many characters
+
+
+@dataclass(frozen=True)
+class DecisionRecord:
+    """One door's decision on one request, in the one shape every HTTP door renders: the
+    ``x-tierpick-*`` response headers (:meth:`headers`, Envoy's processor and LiteLLM's hook
+    alike) and a plain mapping (:meth:`as_dict`, LiteLLM's request metadata and spend logs).
+
+    ``status`` is the door's outcome (classified, not-classified, fallback, shadow, ...);
+    ``tier`` the tier the request goes to (None: the door's fallback decides);
+    ``shadow_tier`` the tier shadow mode would have chosen; ``basis`` as :func:`basis` gives
+    it."""
+
+    status: str
+    tier: str | None = None
+    probabilities: Mapping[str, float] = field(default_factory=dict)
+    model_version: str = ""
+    reason: str = ""
+    basis: Mapping[str, Any] | None = None
+    shadow_tier: str | None = None
+
+    # every header a record can set: what the gateway strips from requests, so no client
+    # sends one upstream as if tierpick had set it
+    HEADERS: ClassVar[tuple[str, ...]] = (
+        "tier",
+        "model-version",
+        "probabilities",
+        "status",
+        "reason",
+        "basis",
+        "utilities",
+        "shadow-tier",
+    )
+
+    @classmethod
+    def of(cls, mapping: Mapping[str, Any]) -> DecisionRecord:
+        """The record of a mapping :meth:`as_dict` wrote (other keys ignored)."""
+        return cls(**{k: mapping[k] for k in _RECORD_KEYS if mapping.get(k) is not None})
+
+    def as_dict(self) -> dict[str, Any]:
+        """The fields, empty ones left out (``tier`` always there: None is a decision)."""
+        return {k: getattr(self, k) for k in _RECORD_KEYS if getattr(self, k) or k == "tier"}
+
+    def headers(self) -> dict[str, str]:
+        """The ``x-tierpick-*`` headers (empty values left out), each value cut to
+        :data:`MAX_HEADER_CHARS`: a reason may quote a client (a 200,000-character model name
+        made a 200 KB header, and Envoy answered 500)."""
+        out = {
+            "tier": self.tier or "",
+            "model-version": self.model_version,
+            "probabilities": ",".join(f"{t}={p:.4f}" for t, p in self.probabilities.items()),
+            "status": self.status,
+            "reason": self.reason,
+            "shadow-tier": self.shadow_tier or "",
+            **(basis_headers(self.basis) if self.basis else {}),
+        }
+        return {HEADER_PREFIX + k: clip(v, MAX_HEADER_CHARS) for k, v in out.items() if v}
+
+
+_RECORD_KEYS = (
+    "status",
+    "tier",
+    "probabilities",
+    "model_version",
+    "reason",
+    "basis",
+    "shadow_tier",
+)
 
 
 def basis_headers(b: Mapping[str, Any]) -> dict[str, str]:
@@ -239,6 +312,7 @@ __all__ = [
     "MODES",
     "DecisionLog",
     "DecisionLogConfig",
+    "DecisionRecord",
     "basis",
     "basis_headers",
     "policy_fields",

@@ -86,8 +86,8 @@ from tierpick.serving.decisions import (
     MODES,
     DecisionLog,
     DecisionLogConfig,
+    DecisionRecord,
     basis,
-    basis_headers,
     policy_fields,
 )
 
@@ -104,7 +104,6 @@ CONFIG_ENV = "TIERPICK_LITELLM_CONFIG"
 POLICY_KEY = "tierpick"  # request metadata: the per-request policy
 DECISION_KEY = "tierpick_decision"  # request metadata: the decision (set by the plug-in only)
 ROUTER_MODEL = "auto_router/complexity_router"
-HEADER_PREFIX = "x-tierpick-"
 OUTCOMES = ("classified", "not-classified", "fallback", "rejected", "bad-request", "shadow")
 
 
@@ -121,7 +120,12 @@ class Decision(dict[str, Any]):
     ``fallback_tier``), ``status`` (one of :data:`OUTCOMES`), ``reason``, ``probabilities``,
     ``model_version``, ``basis`` (rule, knob, utilities, whether the prompt was cut), ``ms``.
     A dict, so LiteLLM logs it as it is; its own type, so a client cannot forge one in JSON
-    metadata."""
+    metadata. Made from a :class:`~tierpick.serving.decisions.DecisionRecord`, the shape
+    every door's decision has."""
+
+    @classmethod
+    def of(cls, record: DecisionRecord) -> Decision:
+        return cls(record.as_dict())
 
 
 # ---------------------------------------------------------------------------------- settings
@@ -414,17 +418,10 @@ class Plugin(CustomLogger):
             self._count("bad-request")
             raise
         except (NotClassified, PromptError) as exc:
-            return self._done(Decision(tier=None, status="not-classified", reason=str(exc)), start)
+            return self._done(Decision.of(DecisionRecord("not-classified", reason=str(exc))), start)
         except Exception as exc:  # the service is down, hung, or the model failed
             return self._failed(exc, start)
-        decision = Decision(
-            tier=tier,
-            status="classified",
-            probabilities=proba,
-            model_version=version,
-            reason=note,
-            basis=why,
-        )
+        decision = Decision.of(DecisionRecord("classified", tier, proba, version, note, why))
         return self._done(decision, start)
 
     async def _classify(
@@ -560,7 +557,7 @@ class Plugin(CustomLogger):
         )
         status = "rejected" if self.config.failure.mode == "closed" else "fallback"
         log.warning("tierpick %s: %s", status, reason)
-        return self._done(Decision(tier=None, status=status, reason=reason), start)
+        return self._done(Decision.of(DecisionRecord(status, reason=reason)), start)
 
     def _done(self, decision: Decision, start: float) -> Decision:
         decision["ms"] = round((time.perf_counter() - start) * 1000, 3)
@@ -665,22 +662,12 @@ class Plugin(CustomLogger):
 
 
 def decision_headers(decision: Mapping[str, Any]) -> dict[str, str]:
-    """The ``x-tierpick-*`` headers of a decision."""
-    out = {
-        "tier": decision.get("tier") or decision.get("routed_tier") or "",
-        "status": decision["status"],
-    }
-    if decision.get("probabilities"):
-        out["probabilities"] = ",".join(
-            f"{t}={p:.4f}" for t, p in decision["probabilities"].items()
-        )
-    if decision.get("model_version"):
-        out["model-version"] = decision["model_version"]
-    if decision.get("reason"):
-        out["reason"] = str(decision["reason"])[:300]
-    if decision.get("basis"):
-        out.update(basis_headers(decision["basis"]))
-    return {HEADER_PREFIX + k: v for k, v in out.items() if v}
+    """The ``x-tierpick-*`` headers of a decision (the tier it was routed to, in shadow mode
+    the routed group's fallback tier)."""
+    record = DecisionRecord.of(decision)
+    if record.tier is None and decision.get("routed_tier"):
+        record = replace(record, tier=decision["routed_tier"])
+    return record.headers()
 
 
 def _short(exc: BaseException) -> str:

@@ -28,6 +28,7 @@ list), ``x-tierpick-cost-weight``, ``x-tierpick-max-price``; they override the c
 
 from __future__ import annotations
 
+from tierpick.serving.decisions import HEADER_PREFIX
 from tierpick.serving.gateway.config import (
     GatewayConfig,
     Upstream,
@@ -38,7 +39,6 @@ from tierpick.serving.gateway.config import (
 from tierpick.serving.gateway.envoy import render_envoy_config
 from tierpick.serving.gateway.processor import (
     DECISION_HEADERS,
-    HEADER_PREFIX,
     create_gateway,
     parse_body,
     prompt_of,

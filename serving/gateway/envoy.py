@@ -7,8 +7,9 @@ from typing import Any
 
 import yaml
 
+from tierpick.serving.decisions import HEADER_PREFIX
 from tierpick.serving.gateway.config import GatewayConfig
-from tierpick.serving.gateway.processor import DECISION_HEADERS, HEADER_PREFIX
+from tierpick.serving.gateway.processor import DECISION_HEADERS
 
 MAX_BODY_BYTES = 64 << 20  # the largest request body the rendered Envoy passes on (else 413)
 

@@ -25,7 +25,13 @@ from tierpick.classifier.errors import (
 )
 from tierpick.classifier.routing import POLICY_FIELDS, call_costs, clip, overlay, within_grant
 from tierpick.serving.conversations import Conversations, conversation_key
-from tierpick.serving.decisions import DecisionLog, basis, basis_headers, policy_fields
+from tierpick.serving.decisions import (
+    HEADER_PREFIX,
+    DecisionLog,
+    DecisionRecord,
+    basis,
+    policy_fields,
+)
 from tierpick.serving.gateway.config import (
     POLICY_HEADERS,
     GatewayConfig,
@@ -46,19 +52,9 @@ from tierpick.serving.lifecycle import (
 
 log = logging.getLogger("tierpick.gateway")
 
-HEADER_PREFIX = "x-tierpick-"
 CONVERSATION_HEADER = "x-tierpick-conversation"  # a sticky policy's conversation id
-MAX_HEADER_CHARS = 512  # an x-tierpick-* header value is cut to this many characters
 MAX_EXT_PROC_BYTES = (64 << 20) + (1 << 20)  # envoy.MAX_BODY_BYTES and the message around it
-DECISION_HEADERS = (
-    "tier",
-    "model-version",
-    "probabilities",
-    "status",
-    "reason",
-    "basis",
-    "utilities",
-)
+DECISION_HEADERS = DecisionRecord.HEADERS
 OUTCOMES = (
     "classified",
     "not-classified",
@@ -220,7 +216,7 @@ class TierpickProcessor:
             )
             if req.request_headers.end_of_stream:  # no body to read: leave it to the route
                 self.metrics.decisions.labels("not-classified").inc()
-                common = self._common({"status": "not-classified", "reason": "no request body"})
+                common = self._common(DecisionRecord("not-classified", reason="no request body"))
                 return ep.ProcessingResponse(request_headers=ep.HeadersResponse(response=common))
             return ep.ProcessingResponse(request_headers=ep.HeadersResponse())
         if kind == "request_body":
@@ -328,7 +324,7 @@ class TierpickProcessor:
                 return self._explicit_model(model)
             self.metrics.decisions.labels("not-classified").inc()
             return self._body_response(
-                self._common({"status": "not-classified", "reason": str(exc)})
+                self._common(DecisionRecord("not-classified", reason=str(exc)))
             )
         except Exception as exc:  # the classifier failed: the failure policy decides
             if cfg.mode == "shadow":  # nothing was going to change: the request goes as it would
@@ -357,16 +353,10 @@ class TierpickProcessor:
             usd = call_costs([len(prompt)], clf.manifest.tiers)
             chosen = np.array([clf.tiers.index(decision.tier)])
             self.guard.observe(proba, chosen, usd, router.costs, router.allowed)
-        set_headers = {
-            "tier": decision.tier,
-            "model-version": clf.version,
-            "probabilities": ",".join(f"{t}={p:.4f}" for t, p in decision.probabilities.items()),
-            "status": "classified",
-            **basis_headers(basis(router, proba[0], reading.cut[0], held)),
-        }
+        reason = ""
         if ignored:
             named = [h for h in ignored if h != "explicit-model"]
-            set_headers["reason"] = "; ".join(
+            reason = "; ".join(
                 (
                     [f"model {clip(repr(model), 100)} is a tier's: routed by tierpick, not granted"]
                     if "explicit-model" in ignored
@@ -389,7 +379,15 @@ class TierpickProcessor:
         raw_headers = {}
         if new_body is not None and "content-length" in headers:
             raw_headers["content-length"] = str(len(new_body))
-        return self._body_response(self._common(set_headers, new_body, raw_headers))
+        record = DecisionRecord(
+            "classified",
+            decision.tier,
+            decision.probabilities,
+            clf.version,
+            reason,
+            basis(router, proba[0], reading.cut[0], held),
+        )
+        return self._body_response(self._common(record, new_body, raw_headers))
 
     def _tier_of_model(self, model: object) -> str | None:
         return next((t for t, u in self.cfg.tiers.items() if u.model == model), None)
@@ -411,21 +409,20 @@ class TierpickProcessor:
         tier = self._tier_of_model(model)
         if tier is not None:
             self.metrics.decisions.labels("explicit-model").inc()
-            return self._body_response(self._common({"tier": tier, "status": "explicit-model"}))
+            return self._body_response(self._common(DecisionRecord("explicit-model", tier)))
         self.metrics.decisions.labels("passthrough").inc()
         reason = (
             f"model {clip(repr(model), 100)} is not a tierpick virtual model "
             f"{list(self.cfg.virtual_models)} "
             "nor a tier's model: passed through untouched"
         )
-        return self._body_response(self._common({"status": "passthrough", "reason": reason}))
+        return self._body_response(self._common(DecisionRecord("passthrough", reason=reason)))
 
     def _shadow(self, tier: str | None) -> Any:
         """Shadow mode, a request for a virtual model (or none): no tier decision, so it goes
         where it would without tierpick (the fallback route); the decision is only logged."""
         self.metrics.decisions.labels("shadow").inc()
-        shown = {"status": "shadow"} | ({"shadow-tier": tier} if tier else {})
-        return self._body_response(self._common(shown))
+        return self._body_response(self._common(DecisionRecord("shadow", shadow_tier=tier)))
 
     def _classifier_failed(self, exc: Exception) -> Any:
         cfg = self.cfg
@@ -435,21 +432,16 @@ class TierpickProcessor:
             return self._reject(503, "tierpick_unavailable", f"classifier error: {exc}")
         self.metrics.decisions.labels("fallback").inc()
         return self._body_response(
-            self._common(
-                {"tier": cfg.fallback_tier, "status": "fallback", "reason": "classifier error"}
-            )
+            self._common(DecisionRecord("fallback", cfg.fallback_tier, reason="classifier error"))
         )
 
     def _common(
         self,
-        decision: Mapping[str, str],
+        decision: DecisionRecord,
         body: bytes | None = None,
         raw_headers: Mapping[str, str] | None = None,
     ) -> Any:
-        # every value is bounded: a reason may quote the client (a 200,000-character model
-        # name made a 200 KB header, and Envoy answered 500)
-        items = {HEADER_PREFIX + k: clip(v, MAX_HEADER_CHARS) for k, v in decision.items()}
-        items.update(raw_headers or {})
+        items = decision.headers() | dict(raw_headers or {})
         return self.ep.CommonResponse(
             header_mutation=self._set_headers(items),
             body_mutation=self.ep.BodyMutation(body=body) if body is not None else None,

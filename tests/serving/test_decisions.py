@@ -230,3 +230,32 @@ def test_the_litellm_plugin_says_why_this_tier() -> None:
     headers = decision_headers(out["metadata"]["tierpick_decision"])
     assert headers["x-tierpick-basis"].startswith("utility; cost_weight=")
     assert len(headers["x-tierpick-utilities"].split(",")) == 3
+
+
+def test_one_decision_record_renders_every_door_s_headers() -> None:
+    """The gateway and the LiteLLM plug-in render one record; every header it can set is one
+    the gateway strips from requests (a client cannot send x-tierpick-shadow-tier upstream as
+    if tierpick had set it: it was missing from the list)."""
+    from tierpick.serving.decisions import HEADER_PREFIX, DecisionRecord
+    from tierpick.serving.gateway import parse_gateway_config
+    from tierpick.serving.gateway.envoy import render_envoy_config
+
+    full = DecisionRecord(
+        "shadow",
+        "mid",
+        {"local": 0.2, "mid": 0.7},
+        "v1",
+        "x" * 2000,
+        {"rule": "utility", "cost_weight": 0.1, "min_success": 0.0, "prompt_cut": False,
+         "utilities": {"local": 0.2, "mid": 0.6}},
+        shadow_tier="local",
+    )  # fmt: skip
+    headers = full.headers()
+    assert {h.removeprefix(HEADER_PREFIX) for h in headers} == set(DecisionRecord.HEADERS)
+    assert len(headers["x-tierpick-reason"]) < 600  # cut, saying how long it was
+    assert DecisionRecord.of(full.as_dict()) == full
+    assert DecisionRecord("fallback").as_dict() == {"status": "fallback", "tier": None}
+    cfg = parse_gateway_config({"tiers": {"local": {"upstream": "127.0.0.1:1"}}})
+    rendered = render_envoy_config(cfg)
+    for name in DecisionRecord.HEADERS:
+        assert f"- remove: {HEADER_PREFIX}{name}\n" in rendered, name
