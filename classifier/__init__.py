@@ -10,8 +10,10 @@ from tierpick.classifier.errors import (
     ArtifactError,
     ConfigError,
     MissingDependencyError,
+    NotClassifiable,
     PolicyError,
     PromptError,
+    RequestError,
     TierpickError,
 )
 from tierpick.classifier.routing import Router, RoutingPolicy
@@ -32,8 +34,10 @@ __all__ = [
     "Decision",
     "Manifest",
     "MissingDependencyError",
+    "NotClassifiable",
     "PolicyError",
     "PromptError",
+    "RequestError",
     "Router",
     "RoutingPolicy",
     "TierClassifier",

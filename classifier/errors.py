@@ -4,10 +4,15 @@ Every error that bad input can cause is a ``ValueError`` subclass whose message 
 wrong and what is allowed::
 
     TierpickError (ValueError)
-    ├── ConfigError        a tier config or training config that does not validate
+    ├── ConfigError        a settings file or flag that does not validate
     ├── ArtifactError      a model directory that is incomplete, tampered with or of another schema
     ├── PolicyError        a routing policy that names an unknown tier or is out of range
-    └── PromptError        a prompt with no text left once normalized
+    ├── RequestError       a request a door cannot apply as sent: gRPC INVALID_ARGUMENT, HTTP 400
+    └── NotClassifiable    a request with nothing to classify: the door's fallback, with the reason
+        └── PromptError    a prompt with no text left once normalized
+
+Every door (the gRPC service, the Envoy processor, the LiteLLM plug-in) raises and answers these
+same types.
 
 Training adds its own (:mod:`tierpick.training.errors`): ``IngestError``, ``DatasetError``.
 """
@@ -31,7 +36,17 @@ class PolicyError(TierpickError):
     """A routing policy is invalid for the loaded model."""
 
 
-class PromptError(TierpickError):
+class RequestError(TierpickError):
+    """A request that cannot be applied as sent (a policy field out of range, a tier not
+    granted, a conversation id too long): gRPC INVALID_ARGUMENT, HTTP 400."""
+
+
+class NotClassifiable(TierpickError):
+    """A request with nothing to classify (no user text, a body that is not a chat): the
+    door's fallback, the reason said."""
+
+
+class PromptError(NotClassifiable):
     """A prompt that holds nothing to classify once normalized (white space, control or
     zero-width characters only)."""
 

@@ -8,16 +8,12 @@ from dataclasses import replace
 import numpy as np
 
 from tierpick.classifier import RoutingPolicy, TierClassifier
-from tierpick.classifier.errors import TierpickError
+from tierpick.classifier.errors import RequestError
 from tierpick.classifier.routing import POLICY_FIELDS, POLICY_KEYS, call_costs, overlay
 from tierpick.serving._proto.tierpick.v1 import tierpick_pb2 as pb
 from tierpick.serving.conversations import Conversations, conversation_key
 from tierpick.serving.decisions import DecisionLog, policy_fields
 from tierpick.serving.guard import BudgetGuard
-
-
-class RequestError(TierpickError):
-    """A request that cannot be served as sent (INVALID_ARGUMENT)."""
 
 
 def request_prompt(req: pb.ClassifyRequest, clf: TierClassifier) -> str:

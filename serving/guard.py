@@ -24,14 +24,18 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Annotated, Any
 
 import numpy as np
 import numpy.typing as npt
+from pydantic import Field, ValidationInfo, field_validator
 
 from tierpick.classifier import RoutingPolicy, TierClassifier
 from tierpick.classifier.errors import ConfigError
-from tierpick.classifier.routing import call_costs, utility_choice
+from tierpick.classifier.routing import call_costs, clip, utility_choice
+from tierpick.classifier.settings import Settings, StrictInt
 
 LOWEST_WEIGHT, HIGHEST_WEIGHT = 1e-4, 1e3  # the cost weights the guard may use
 KINDS = ("share", "spend", "quality")
@@ -212,6 +216,59 @@ class BudgetGuard:
             else:
                 lo = mid
         return math.exp(hi if rising else lo)
+
+
+class Hold(Settings):
+    """The ``hold:`` mapping of the gateway's config and the LiteLLM plug-in's: a target held
+    on the traffic the config's policy routes."""
+
+    window: Annotated[StrictInt, Field(ge=100, le=10_000_000)] = 1000
+    target: Annotated[
+        Target, Field(description="frontier=0.2, spend=2 or quality=0.95")
+    ]  # parsed with the window above
+
+    @field_validator("target", mode="before")
+    @classmethod
+    def _target(cls, value: object, info: ValidationInfo) -> Target:
+        if not isinstance(value, str):
+            raise ValueError(
+                f"must be a string such as frontier=0.2, spend=2 or quality=0.95, got {clip(value)}"
+            )
+        return Target.parse(value, info.data.get("window", 1000))
+
+    def conflicts(self, policy: RoutingPolicy, tiers: list[str]) -> Iterator[tuple[str, str]]:
+        """(key, problem) for what keeps this target from being held with ``policy``."""
+        if self.target.kind == "share" and tiers and self.target.tier not in tiers:
+            yield "hold.target", f"no tier {self.target.tier!r} in {tiers}"
+        if policy.min_success > 0:
+            yield "hold", "adjusts the utility rule's cost weight: policy.min_success must be 0"
+
+
+def guard_gauges(guard: Callable[[], BudgetGuard | None], registry: Any) -> None:
+    """Export a guard's state on ``registry`` (``tierpick_guard_*``): the one ``guard()``
+    returns when scraped (0 while there is none)."""
+    from prometheus_client import Gauge
+
+    def read(field: Callable[[BudgetGuard], float]) -> Callable[[], float]:
+        return lambda: field(g) if (g := guard()) is not None else 0.0
+
+    for name, what, field in (
+        ("cost_weight", "The cost weight the budget guard routes with", lambda g: g.weight),
+        ("window_value", "The guard's figure over its last window", lambda g: g.window_value),
+        ("target_value", "The guard's target", lambda g: g.target.value),
+    ):
+        Gauge(f"tierpick_guard_{name}", what, registry=registry).set_function(read(field))
+
+
+def guard_for(hold: Hold, clf: TierClassifier, policy: RoutingPolicy) -> BudgetGuard:
+    """The guard of a config's ``hold`` for ``clf``, starting at ``policy``'s cost weight,
+    refused at start when no weight meets its target (:func:`check_reachable`)."""
+    start = policy.cost_weight
+    guard = BudgetGuard(
+        hold.target, clf.tiers, clf.manifest.default_cost_weight if start is None else start
+    )
+    check_reachable(guard, clf, policy)
+    return guard
 
 
 def check_reachable(guard: BudgetGuard, clf: TierClassifier, policy: RoutingPolicy) -> None:

@@ -255,22 +255,6 @@ class Metrics:
             )
             gauge.set_function(functools.partial(getattr, decisions, name))
 
-    def watch_guard(self, guard: Any) -> None:
-        """Export a :class:`~tierpick.serving.guard.BudgetGuard`'s state."""
-        from prometheus_client import Gauge
-
-        t = guard.target
-        for name, what, read in (
-            ("cost_weight", "The cost weight the budget guard routes with", lambda: guard.weight),
-            (
-                "window_value",
-                f"The guard's figure over its last window: {t.describe()}",
-                lambda: guard.window_value,
-            ),
-            ("target_value", f"The guard's target: {t.describe()}", lambda: t.value),
-        ):
-            Gauge(f"tierpick_guard_{name}", what, registry=self.registry).set_function(read)
-
     def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
         """Expose /metrics on ``port`` (0 = any free port); returns the bound port."""
         from prometheus_client import start_http_server

@@ -38,6 +38,7 @@ file named by ``$TIERPICK_LITELLM_CONFIG``::
       failure: {mode: open}        # open: the fallback tier; closed: 503 (proxy)
       policy: {cost_weight: 0.2}   # the base policy (or a policy file)
       request_policy: {enabled: true, fields: [cost_weight], tiers: [local, mid]}
+      hold: {target: frontier=0.2}  # a plain target held live (with model: only)
 
 The proxy config names ``tierpick.serving.litellm_plugin.plugin`` as the complexity router's
 ``classifier_plugin`` and in ``litellm_settings.callbacks``; at start-up the plug-in checks the
@@ -58,6 +59,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import grpc
+import numpy as np
 from pydantic import Field, model_validator
 
 from tierpick import classifier
@@ -65,12 +67,14 @@ from tierpick.classifier import Router, RoutingPolicy, TierClassifier, conversat
 from tierpick.classifier.errors import (
     ConfigError,
     MissingDependencyError,
+    NotClassifiable,
     PolicyError,
     PromptError,
+    RequestError,
     TierpickError,
 )
 from tierpick.classifier.files import load_yaml
-from tierpick.classifier.routing import POLICY_KEYS, within_grant
+from tierpick.classifier.routing import POLICY_KEYS, call_costs, within_grant
 from tierpick.classifier.settings import (
     Name,
     PolicyValue,
@@ -90,6 +94,7 @@ from tierpick.serving.decisions import (
     basis,
     policy_fields,
 )
+from tierpick.serving.guard import BudgetGuard, Hold, guard_for, guard_gauges
 
 try:
     from litellm.integrations.custom_logger import CustomLogger
@@ -107,12 +112,8 @@ ROUTER_MODEL = "auto_router/complexity_router"
 OUTCOMES = ("classified", "not-classified", "fallback", "rejected", "bad-request", "shadow")
 
 
-class BadRequest(TierpickError):
-    """A per-request policy that cannot be applied: HTTP 400 on the proxy."""
-
-
-class NotClassified(TierpickError):
-    """A request with nothing to classify: the fallback tier, with the reason."""
+BadRequest = RequestError  # a per-request policy that cannot be applied: HTTP 400 on the proxy
+NotClassified = NotClassifiable  # nothing to classify: the fallback tier, with the reason
 
 
 class Decision(dict[str, Any]):
@@ -159,6 +160,9 @@ class PluginConfig(Settings):
     # fallback tier, any other group untouched)
     mode: Literal[MODES] = "route"  # type: ignore[valid-type]
     decision_log: DecisionLogConfig | None = None
+    # a policy in plain terms held on the traffic the config's policy routes (in process: with
+    # a service, the service holds it, tierpick serve --hold)
+    hold: Hold | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -171,6 +175,14 @@ class PluginConfig(Settings):
     def problems(self) -> Iterator[tuple[str, str]]:
         if self.model is not None and self.service is not None:
             yield "", "give service (host:port) or model (a directory), not both"
+        if self.hold is not None:
+            if self.model is None:
+                yield (
+                    "hold",
+                    "needs model: (classify in process); with a service, the service holds the "
+                    "target (tierpick serve --hold)",
+                )
+            yield from self.hold.conflicts(self.policy, [])
         allowed, granted = self.policy.allowed_tiers, self.request_policy.tiers
         if allowed and granted and not set(allowed) & set(granted):
             yield (
@@ -293,9 +305,13 @@ class Plugin(CustomLogger):
         self._clients: dict[int, tuple[Any, Any]] = {}  # one grpc.aio channel per event loop
         cfg_log = self.config.decision_log
         self.decisions = DecisionLog(cfg_log) if cfg_log is not None else None
+        self.guard: BudgetGuard | None = None  # a policy in plain terms, held live
         if self.config.model is not None:  # "default": the shipped model
             model = self.config.model
             self._clf = classifier.load(None if model == "default" else model)
+            if self.config.hold is not None:
+                self.guard = guard_for(self.config.hold, self._clf, self.config.policy)
+                _watch(self.guard)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Plugin:
         """The plug-in itself: LiteLLM's ``Router`` deep-copies its ``model_list``, and the
@@ -345,8 +361,9 @@ class Plugin(CustomLogger):
             BadRequest: a value out of range or of the wrong type, or a tier not granted.
         """
         cfg = self.config
+        base = self.base_policy()
         if raw is None or (isinstance(raw, Mapping) and not raw):
-            return cfg.policy, []
+            return base, []
         where = f"metadata.{POLICY_KEY}"
         if not isinstance(raw, dict):
             raise BadRequest(f"{where}: must be an object of {list(POLICY_KEYS)}")
@@ -354,12 +371,12 @@ class Plugin(CustomLogger):
         granted = [k for k in raw if enabled and k in cfg.request_policy.fields]
         ignored = [str(k)[:50] for k in raw if k not in granted][:10]
         if not granted:  # nothing the operator allows: not even read
-            return cfg.policy, ignored
+            return base, ignored
         try:  # only what is granted is read (an ungranted field is ignored, even if invalid)
             asked = policy_from_mapping({k: raw[k] for k in granted}, where)
         except ConfigError as exc:
             raise BadRequest(str(exc)) from None
-        policy = cfg.policy
+        policy = base
         for key in granted:
             policy = replace(policy, **{key: getattr(asked, key)})
         if granted:
@@ -371,6 +388,12 @@ class Plugin(CustomLogger):
             except PolicyError as exc:
                 raise BadRequest(str(exc)) from None
         return policy, ignored
+
+    def base_policy(self) -> RoutingPolicy:
+        """The config's policy, at the cost weight the guard holds now (``hold``)."""
+        if self.guard is None:
+            return self.config.policy
+        return replace(self.config.policy, cost_weight=self.guard.weight)
 
     def _tiers(self) -> list[str]:
         if self._clf is not None:
@@ -452,6 +475,10 @@ class Plugin(CustomLogger):
                 key = conversation_key(conversation, messages)
                 index, held = self.conversations.hold(key, clf.tiers.index(d.tier), router.allowed)
                 d = replace(d, tier=clf.tiers[index])
+            if self.guard is not None and policy == self.base_policy():  # the config's traffic
+                usd = call_costs([len(prompt)], clf.manifest.tiers)
+                chosen = np.array([clf.tiers.index(d.tier)])
+                self.guard.observe(reading.proba, chosen, usd, router.costs, router.allowed)
             self._log(prompt, d.tier, d.probabilities, clf.version, router, requested_model)
             proba = {t: round(p, 4) for t, p in d.probabilities.items()}
             made = basis(router, reading.proba[0], reading.cut[0], held)
@@ -684,6 +711,17 @@ def _http_error(code: int, message: str, kind: str) -> Exception:
 
 
 _METRIC: Any = None
+_GUARD: list[BudgetGuard] = []  # the guard the tierpick_guard_* gauges read (the latest)
+
+
+def _watch(guard: BudgetGuard) -> None:
+    """Export ``guard`` on prometheus_client's default registry (LiteLLM's ``/metrics``); the
+    gauges are made once per process and read the latest plug-in's guard."""
+    if not _GUARD:
+        from prometheus_client import REGISTRY
+
+        guard_gauges(lambda: _GUARD[-1] if _GUARD else None, REGISTRY)
+    _GUARD[:] = [guard]
 
 
 def _metric() -> Any:

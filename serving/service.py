@@ -20,13 +20,13 @@ import grpc
 from grpc_health.v1 import health
 
 from tierpick.classifier import Router, RoutingPolicy, TierClassifier
-from tierpick.classifier.errors import ConfigError
+from tierpick.classifier.errors import ConfigError, RequestError
 from tierpick.serving import _convert
 from tierpick.serving._proto.tierpick.v1 import tierpick_pb2 as pb
 from tierpick.serving._proto.tierpick.v1 import tierpick_pb2_grpc as pb_grpc
 from tierpick.serving.conversations import Conversations
 from tierpick.serving.decisions import DecisionLog, DecisionLogConfig
-from tierpick.serving.guard import BudgetGuard, Target, check_reachable
+from tierpick.serving.guard import BudgetGuard, Target, check_reachable, guard_gauges
 from tierpick.serving.lifecycle import (
     TLS,
     AppSpec,
@@ -115,7 +115,7 @@ class TierRouterServicer(pb_grpc.TierRouterServicer):
     ) -> pb.ClassifyBatchResponse:
         n = len(request.requests)
         if n > self.config.max_batch:
-            raise _convert.RequestError(
+            raise RequestError(
                 f"batch of {n} requests is over the maximum of {self.config.max_batch}"
             )
         clf = self.holder.current
@@ -223,7 +223,7 @@ def create_server(
         )
         guard = BudgetGuard(hold, clf.tiers, start)
         check_reachable(guard, clf, policy)
-        metrics.watch_guard(guard)
+        guard_gauges(lambda: guard, metrics.registry)
     pool = futures.ThreadPoolExecutor(config.workers, thread_name_prefix="tierpick-batch")
     decisions = DecisionLog(decision_log) if decision_log is not None else None
     if decisions is not None:

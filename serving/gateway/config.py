@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BeforeValidator, Field, ValidationInfo, field_validator
+from pydantic import AfterValidator, BeforeValidator, Field
 
 from tierpick.classifier import RoutingPolicy, TierClassifier
 from tierpick.classifier.errors import ConfigError
@@ -27,7 +27,7 @@ from tierpick.classifier.settings import (
     parse_settings,
 )
 from tierpick.serving.decisions import MODES, DecisionLogConfig
-from tierpick.serving.guard import Target
+from tierpick.serving.guard import Hold
 
 POLICY_HEADERS = tuple(f.header for f in POLICY_FIELDS)  # x-tierpick-...
 
@@ -122,25 +122,6 @@ class RequestPolicy(Grant):
         return {k.sha256: k for k in self.api_keys}
 
 
-class Hold(Settings):
-    """A policy in plain terms held on the traffic the config's policy routes
-    (:mod:`tierpick.serving.guard`)."""
-
-    window: Annotated[StrictInt, Field(ge=100, le=10_000_000)] = 1000
-    target: Annotated[
-        Target, Field(description="frontier=0.2, spend=2 or quality=0.95")
-    ]  # parsed with the window above
-
-    @field_validator("target", mode="before")
-    @classmethod
-    def _target(cls, value: object, info: ValidationInfo) -> Target:
-        if not isinstance(value, str):
-            raise ValueError(
-                f"must be a string such as frontier=0.2, spend=2 or quality=0.95, got {clip(value)}"
-            )
-        return Target.parse(value, info.data.get("window", 1000))
-
-
 class GatewayConfig(Settings):
     """The gateway's settings, as its YAML file holds them (see docs/gateway.md);
     :func:`load_gateway_config` reads and validates them."""
@@ -191,11 +172,7 @@ class GatewayConfig(Settings):
                     "a request that sets its own policy would have no tier to go to",
                 )
         if self.hold is not None:
-            held = self.hold.target
-            if held.kind == "share" and held.tier not in tiers:
-                yield "hold.target", f"no tier {held.tier!r} in {tiers}"
-            if self.policy.min_success > 0:
-                yield "hold", "adjusts the utility rule's cost weight: policy.min_success must be 0"
+            yield from self.hold.conflicts(self.policy, tiers)
 
 
 def parse_gateway_config(raw: object) -> GatewayConfig:

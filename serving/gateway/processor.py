@@ -19,8 +19,10 @@ import numpy as np
 from tierpick.classifier import RoutingPolicy, TierClassifier
 from tierpick.classifier.errors import (
     MissingDependencyError,
+    NotClassifiable,
     PolicyError,
     PromptError,
+    RequestError,
     TierpickError,
 )
 from tierpick.classifier.routing import POLICY_FIELDS, call_costs, clip, overlay, within_grant
@@ -38,7 +40,7 @@ from tierpick.serving.gateway.config import (
     Grant,
     check_model_tiers,
 )
-from tierpick.serving.guard import BudgetGuard, check_reachable
+from tierpick.serving.guard import BudgetGuard, guard_for, guard_gauges
 from tierpick.serving.lifecycle import (
     AppSpec,
     GrpcApp,
@@ -76,12 +78,7 @@ def is_virtual(model: object, virtual: tuple[str, ...]) -> bool:
     return any(name == v.strip().casefold() for v in virtual)
 
 
-class BadRequest(TierpickError):
-    """A request whose tierpick headers are invalid: answered with HTTP 400."""
-
-
-class NotClassifiable(TierpickError):
-    """A body with nothing to classify: passed through untouched."""
+BadRequest = RequestError  # a request whose tierpick headers are invalid: HTTP 400
 
 
 def parse_body(body: bytes) -> dict[str, Any]:
@@ -183,15 +180,8 @@ class TierpickProcessor:
         self.conversations = Conversations()  # a sticky policy's state: this processor's
         self.guard: BudgetGuard | None = None  # a policy in plain terms, held live
         if cfg.hold is not None:
-            clf = holder.current
-            start = cfg.policy.cost_weight
-            self.guard = BudgetGuard(
-                cfg.hold.target,
-                clf.tiers,
-                clf.manifest.default_cost_weight if start is None else start,
-            )
-            check_reachable(self.guard, clf, cfg.policy)
-            metrics.watch_guard(self.guard)
+            self.guard = guard_for(cfg.hold, holder.current, cfg.policy)
+            guard_gauges(lambda: self.guard, metrics.registry)
         self.ep, self.base, self.http_status = ep, base_pb2, http_status_pb2
 
     async def Process(self, requests: AsyncIterator[Any], context: Any) -> AsyncIterator[Any]:

@@ -143,3 +143,46 @@ def test_the_gateway_holds_a_share_through_a_shift_in_the_mix() -> None:
                 "hold": {"target": "gold=0.2"},
             }
         )
+
+
+def test_the_litellm_plugin_holds_a_share_through_a_shift_in_the_mix() -> None:
+    """The LiteLLM plug-in (model in process) with `hold:` in its settings, on the same shift:
+    the share after the window; with a service instead, the settings are refused (the service
+    holds the target itself)."""
+    pytest.importorskip("litellm", reason="the litellm extra is not installed")
+    import asyncio
+
+    from prometheus_client import REGISTRY
+
+    from tierpick.serving.litellm_plugin import Plugin, parse_plugin_config
+
+    arena, questions = _prompts()
+    cfg = parse_plugin_config(
+        {"model": "default", "hold": {"target": "frontier=0.2", "window": WINDOW}}
+    )
+    plugin = Plugin(cfg)
+
+    async def route(phase: list[str]) -> list[bool]:
+        out = []
+        for i in range(2 * WINDOW):
+            messages = [{"role": "user", "content": phase[i % len(phase)]}]
+            out.append((await plugin.decide(messages, None))["tier"] == "frontier")
+        return out
+
+    shares = [float(np.mean(asyncio.run(route(phase))[WINDOW:])) for phase in (arena, questions)]
+    print(f"LiteLLM plug-in frontier share after the window: {shares}")
+    assert all(abs(s - 0.2) <= 0.03 for s in shares), shares
+    assert REGISTRY.get_sample_value("tierpick_guard_target_value") == 0.2
+    assert plugin.guard is not None and plugin.base_policy().cost_weight == plugin.guard.weight
+    for bad, match in [
+        ({"hold": {"target": "frontier=0.2"}}, "hold: needs model:"),
+        ({"model": "default", "hold": {"target": "spend=x"}}, r"hold\.target"),
+        (
+            {"model": "default", "policy": {"min_success": 0.6}, "hold": {"target": "spend=2"}},
+            "policy.min_success must be 0",
+        ),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            parse_plugin_config(bad)
+    with pytest.raises(ConfigError, match="no tier 'gold'"):
+        Plugin(parse_plugin_config({"model": "default", "hold": {"target": "gold=0.2"}}))
