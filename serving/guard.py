@@ -272,8 +272,11 @@ def guard_for(hold: Hold, clf: TierClassifier, policy: RoutingPolicy) -> BudgetG
 
 
 def check_reachable(guard: BudgetGuard, clf: TierClassifier, policy: RoutingPolicy) -> None:
-    """Refuse a live target no weight meets, judged before any traffic on the model's
-    reference prompts (training prompts near its centroids), when it has them."""
+    """Before any traffic, on the model's reference prompts (training prompts near its
+    centroids, in the artifact), when it has them: refuse a live target no weight meets, and
+    start the guard at the weight that meets it there. The plain target is so translated into
+    the rule's knob by the model itself, and the first window is routed near the target rather
+    than at the policy's weight."""
     reference = clf.reference
     if reference is None or reference.exemplars is None:
         return
@@ -281,4 +284,6 @@ def check_reachable(guard: BudgetGuard, clf: TierClassifier, policy: RoutingPoli
     router = clf.router(policy)
     usd = call_costs([len(t) for t in texts], clf.manifest.tiers)
     what = f"{len(texts)} of the model's reference training prompts"
-    guard.check_reachable(clf.predict_proba(texts), usd, router.costs, router.allowed, what)
+    proba = clf.predict_proba(texts).astype(np.float64)
+    guard.check_reachable(proba, usd, router.costs, router.allowed, what)
+    guard.weight = guard.solve(proba, usd, router.costs, router.allowed)
