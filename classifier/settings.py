@@ -1,13 +1,15 @@
-"""Declarative settings: every YAML settings file (the gateway config, the LiteLLM plug-in's
-section, policy files, the ``decision_log:`` and ``hold:`` mappings) is a pydantic model whose
-fields carry their type, range and default, each written once.
+"""Declarative settings: every settings file (the gateway config, the LiteLLM plug-in's section,
+the label config, the training config, policy files, the ``decision_log:`` and ``hold:``
+mappings) is a pydantic model, or a dataclass whose annotations are its schema, its fields
+carrying their type, range and default, each written once.
 
 :func:`parse_settings` validates a parsed mapping against one and raises one
 :class:`~tierpick.classifier.errors.ConfigError` listing **every** problem with its key path
-(``processor.port: ...``, ``tiers.frontir: ...``, ``envoy: unknown key 'listen'; allowed:
+(``processor.port: ...``, ``tiers.frontir: ...``, ``envoy: unknown key(s) ['listen']; allowed:
 ...``). Checks that relate fields to each other (a fallback tier among the tiers) run once
-every field is valid, through :meth:`Settings.problems`, and are reported the same way, all
-together.
+every field is valid, through a ``problems()`` method, and are reported the same way, all
+together. :func:`add_flags` and :func:`from_flags` make a command's flags of a settings
+dataclass's fields (``tierpick serve``'s limits). Policy files are read and written here too.
 """
 
 from __future__ import annotations
@@ -68,9 +70,7 @@ def _adapter(model: type[Any]) -> TypeAdapter[Any]:
     return _ADAPTERS[model]
 
 
-def parse_settings(
-    model: type[S], raw: object, where: str, context: Mapping[str, Any] | None = None
-) -> S:
+def parse_settings(model: type[S], raw: object, where: str) -> S:
     """``raw`` (a parsed YAML mapping; None: every default) validated as ``model``: a
     :class:`Settings` model, or a dataclass whose field annotations carry the schema (with
     ``extra="forbid"`` set by ``pydantic.with_config``). A ``problems()`` method, when the
@@ -88,7 +88,7 @@ def parse_settings(
     if not isinstance(raw, dict):
         raise ConfigError(f"{at(where, '')}: must be a mapping, got {type(raw).__name__}")
     try:
-        settings: S = _adapter(model).validate_python(raw, context=dict(context or {}))
+        settings: S = _adapter(model).validate_python(raw)
     except ValidationError as exc:
         raise ConfigError(_report(where, _describe(model, exc))) from None
     problems = getattr(settings, "problems", None)
@@ -168,11 +168,9 @@ _YAML_WORDS = (
 
 
 def _is_branch_tag(part: int | str) -> bool:
-    # pydantic names the union branch or the validator a value went through in the location
-    # ("function-after[...]", "str", "int"): not a key of the file
-    return isinstance(part, str) and (
-        "[" in part or part in ("str", "int", "float", "bool", "dict", "list", "tuple", "none")
-    )
+    # pydantic may name the validator a value went through in the location
+    # ("function-after[...]"): not a key of the file
+    return isinstance(part, str) and "[" in part
 
 
 def _fields_at(model: type[Any], loc: tuple[int | str, ...]) -> list[str]:
@@ -331,6 +329,20 @@ PolicySettings = cast(
 )
 
 
+def grant_problems(
+    policy: RoutingPolicy, granted: tuple[str, ...], where: str
+) -> Iterator[tuple[str, str]]:
+    """A grant (the tiers a request that sets its own policy is routed within) that shares no
+    tier with the base policy's: such a request would have no tier to go to."""
+    allowed = policy.allowed_tiers
+    if allowed and granted and not set(allowed) & set(granted):
+        yield (
+            f"{where}.tiers",
+            f"{list(granted)} has no tier in policy.allowed_tiers {list(allowed)}: a request "
+            "that sets its own policy would have no tier to go to",
+        )
+
+
 def policy_value(raw: object) -> RoutingPolicy:
     """A policy setting: a mapping of the policy's fields, or the path of a policy file."""
     if isinstance(raw, RoutingPolicy):
@@ -405,6 +417,7 @@ __all__ = [
     "add_flags",
     "at",
     "from_flags",
+    "grant_problems",
     "key_path",
     "parse_settings",
     "policy_from_mapping",

@@ -260,12 +260,13 @@ def guard_gauges(guard: Callable[[], BudgetGuard | None], registry: Any) -> None
         Gauge(f"tierpick_guard_{name}", what, registry=registry).set_function(read(field))
 
 
-def guard_for(hold: Hold, clf: TierClassifier, policy: RoutingPolicy) -> BudgetGuard:
-    """The guard of a config's ``hold`` for ``clf``, starting at ``policy``'s cost weight,
-    refused at start when no weight meets its target (:func:`check_reachable`)."""
+def guard_for(target: Target, clf: TierClassifier, policy: RoutingPolicy) -> BudgetGuard:
+    """The guard of ``target`` (``--hold``, a config's ``hold``) for ``clf`` and the base
+    ``policy``, refused at start when no weight meets it, else started at the weight that meets
+    it on the model's reference prompts (:func:`check_reachable`)."""
     start = policy.cost_weight
     guard = BudgetGuard(
-        hold.target, clf.tiers, clf.manifest.default_cost_weight if start is None else start
+        target, clf.tiers, clf.manifest.default_cost_weight if start is None else start
     )
     check_reachable(guard, clf, policy)
     return guard

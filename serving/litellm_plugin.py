@@ -82,6 +82,7 @@ from tierpick.classifier.settings import (
     StrictBool,
     StrictInt,
     StrictStr,
+    grant_problems,
     parse_settings,
     policy_from_mapping,
 )
@@ -183,13 +184,7 @@ class PluginConfig(Settings):
                     "target (tierpick serve --hold)",
                 )
             yield from self.hold.conflicts(self.policy, [])
-        allowed, granted = self.policy.allowed_tiers, self.request_policy.tiers
-        if allowed and granted and not set(allowed) & set(granted):
-            yield (
-                "request_policy.tiers",
-                f"{list(granted)} has no tier in policy.allowed_tiers {list(allowed)}: a request "
-                "that sets its own policy would have no tier to go to",
-            )
+        yield from grant_problems(self.policy, self.request_policy.tiers, "request_policy")
 
 
 def parse_plugin_config(raw: object, where: str = "tierpick") -> PluginConfig:
@@ -310,7 +305,7 @@ class Plugin(CustomLogger):
             model = self.config.model
             self._clf = classifier.load(None if model == "default" else model)
             if self.config.hold is not None:
-                self.guard = guard_for(self.config.hold, self._clf, self.config.policy)
+                self.guard = guard_for(self.config.hold.target, self._clf, self.config.policy)
                 _watch(self.guard)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Plugin:

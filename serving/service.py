@@ -26,7 +26,7 @@ from tierpick.serving._proto.tierpick.v1 import tierpick_pb2 as pb
 from tierpick.serving._proto.tierpick.v1 import tierpick_pb2_grpc as pb_grpc
 from tierpick.serving.conversations import Conversations
 from tierpick.serving.decisions import DecisionLog, DecisionLogConfig
-from tierpick.serving.guard import BudgetGuard, Target, check_reachable, guard_gauges
+from tierpick.serving.guard import BudgetGuard, Target, guard_for, guard_gauges
 from tierpick.serving.lifecycle import (
     TLS,
     AppSpec,
@@ -215,14 +215,7 @@ def create_server(
     holder = ModelHolder(model, metrics, check=fits)  # loaded and warmed before anything listens
     guard = None
     if hold is not None:
-        clf = holder.current
-        start = (
-            policy.cost_weight
-            if policy.cost_weight is not None
-            else clf.manifest.default_cost_weight
-        )
-        guard = BudgetGuard(hold, clf.tiers, start)
-        check_reachable(guard, clf, policy)
+        guard = guard_for(hold, holder.current, policy)
         guard_gauges(lambda: guard, metrics.registry)
     pool = futures.ThreadPoolExecutor(config.workers, thread_name_prefix="tierpick-batch")
     decisions = DecisionLog(decision_log) if decision_log is not None else None

@@ -24,6 +24,7 @@ from tierpick.classifier.settings import (
     StrictBool,
     StrictInt,
     StrictStr,
+    grant_problems,
     parse_settings,
 )
 from tierpick.serving.decisions import MODES, DecisionLogConfig
@@ -165,12 +166,8 @@ class GatewayConfig(Settings):
         for where, grant in grants:
             if unknown := [t for t in grant.tiers if t not in tiers]:
                 yield f"{where}.tiers", f"must list tiers of {tiers}, got {clip(unknown)}"
-            elif allowed and grant.tiers and not set(allowed) & set(grant.tiers):
-                yield (
-                    f"{where}.tiers",
-                    f"{list(grant.tiers)} has no tier in policy.allowed_tiers {list(allowed)}: "
-                    "a request that sets its own policy would have no tier to go to",
-                )
+            else:
+                yield from grant_problems(self.policy, grant.tiers, where)
         if self.hold is not None:
             yield from self.hold.conflicts(self.policy, tiers)
 

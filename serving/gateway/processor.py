@@ -180,7 +180,7 @@ class TierpickProcessor:
         self.conversations = Conversations()  # a sticky policy's state: this processor's
         self.guard: BudgetGuard | None = None  # a policy in plain terms, held live
         if cfg.hold is not None:
-            self.guard = guard_for(cfg.hold, holder.current, cfg.policy)
+            self.guard = guard_for(cfg.hold.target, holder.current, cfg.policy)
             guard_gauges(lambda: self.guard, metrics.registry)
         self.ep, self.base, self.http_status = ep, base_pb2, http_status_pb2
 
