@@ -426,7 +426,11 @@ def register_tune(sub: Any) -> None:
         "gateway config (policy: FILE) and tierpick.read_policy().",
     )
     p.add_argument(
-        "inputs", nargs="+", metavar="INPUT", help="prompt logs, as tierpick score reads"
+        "inputs",
+        nargs="*",
+        metavar="INPUT",
+        help="prompt logs, as tierpick score reads (none: the model's reference training "
+        "prompts, a plain target translated into the knob before there is a log)",
     )
     p.add_argument("--model", help="model directory or models:/ URI (default: shipped model)")
     p.add_argument(

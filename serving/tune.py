@@ -25,6 +25,7 @@ constraint can be trusted on next week's traffic.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -286,6 +287,29 @@ def score_log(
     return out
 
 
+def reference_prompts(clf: TierClassifier) -> list[str]:
+    """The training prompts the artifact keeps as its reference (near its centroids), the
+    traffic a plain target is translated on before there is a log.
+
+    Raises:
+        ConfigError: the model has none (exported before references were added).
+    """
+    if clf.reference is None or clf.reference.exemplars is None:
+        raise ConfigError(
+            f"model {clf.version} has no reference prompts (reference.npz): give a prompt log"
+        )
+    return [str(t) for t in clf.reference.exemplars[0]]
+
+
+def reference_log(clf: TierClassifier, folder: Path) -> Path:
+    """:func:`reference_prompts` as a JSONL prompt log in ``folder``."""
+    path = folder / "reference-prompts.jsonl"
+    with path.open("w", encoding="utf-8") as fh:
+        for prompt in reference_prompts(clf):
+            fh.write(json.dumps({"prompt": prompt}) + "\n")
+    return path
+
+
 def render_markdown(t: Tuned, source: str, clf: TierClassifier) -> str:
     tiers = list(clf.tiers)
     knob = "cost_weight" if t.rule == "utility" else "min_success"
@@ -479,6 +503,14 @@ def run_tune(
     opts = opts or ScoreOptions()
     source = ", ".join(inputs) if len(inputs) <= 3 else f"{inputs[0]} and {len(inputs) - 1} more"
     with tempfile.TemporaryDirectory(prefix="tierpick-tune-") as work:
+        if not inputs:  # no log yet: the model's own reference training prompts stand for one
+            if scored:
+                raise ConfigError("--scored needs the scored log as INPUT")
+            inputs, source = (
+                [str(reference_log(clf, Path(work)))],
+                (f"the model's {len(reference_prompts(clf))} reference training prompts"),
+            )
+            opts = replace(opts, prompt_field="prompt")
         if scored:
             if len(inputs) != 1:
                 raise ConfigError("--scored takes one scored file or directory")

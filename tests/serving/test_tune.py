@@ -189,3 +189,27 @@ def test_an_unmeetable_constraint_exits_2_and_writes_no_policy(tmp_path: Path) -
     assert main(["tune", str(ARENA), "--max-share", "premium=0.1", "--out", str(out)]) == 2
     assert main(["tune", str(ARENA), "--max-share", "frontier", "--out", str(out)]) == 2
     assert not out.exists()
+
+
+def test_without_a_log_the_model_translates_a_plain_target_on_its_reference_prompts(
+    tmp_path: Path, clf: classifier.TierClassifier, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before there is traffic: `tune --max-share frontier=0.2` with no log chooses the cost
+    weight on the model's reference training prompts (in the artifact), the same weight the
+    live guard starts at for that target."""
+    from tierpick.serving.guard import Target, guard_for
+
+    out = tmp_path / "p.yaml"
+    assert main(["tune", "--max-share", "frontier=0.2", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "reference training prompts" in text
+    weight = read_policy(out).cost_weight
+    assert weight is not None
+    guard = guard_for(Target.parse("frontier=0.2"), clf, RoutingPolicy())
+    assert weight == pytest.approx(guard.weight, rel=0.02), (weight, guard.weight)
+    # the translation meets the target on those prompts
+    import yaml
+
+    chosen = yaml.safe_load(out.read_text())["tuned"]["chosen_on_log"]
+    assert 0.15 < chosen["mix"]["frontier"] <= 0.2, chosen
+    assert main(["tune", "--scored", "--max-share", "frontier=0.2"]) == 2
