@@ -267,6 +267,12 @@ class TrainConfig:
     loso_min_prompts: Positive = 50  # families with fewer prompts are not held out on their own
 
 
+def _loader_only(value: object) -> object:
+    if value is not None and not isinstance(value, Path):  # a key of the file, not the loader
+        raise ValueError("unknown key: the config's own path is set when the file is read")
+    return value
+
+
 @with_config(SCHEMA)
 @dataclass(frozen=True)
 class TierConfig:
@@ -281,7 +287,7 @@ class TierConfig:
     decontamination: Annotated[Decontamination, Field(alias="decontaminate")] = Decontamination()
     split: SplitConfig = SplitConfig()
     train: TrainConfig = TrainConfig()
-    path: Path | None = None
+    path: Annotated[Path | None, BeforeValidator(_loader_only)] = None
 
     def problems(self) -> Iterator[tuple[str, str]]:
         """The checks across entries (each entry's own run as it is read)."""
@@ -353,12 +359,12 @@ def parse_config(
     label = f"{where}:"
     if isinstance(raw, dict):
         root_value = data_root or os.environ.get("TIERPICK_DATA_ROOT") or raw.get("data_root", ".")
-        raw = {k: v for k, v in raw.items() if k not in ("path",)}
+        raw = dict(raw)
         if isinstance(root_value, str) and root_value.strip():
             root = Path(os.path.expanduser(root_value))
             raw["data_root"] = (root if root.is_absolute() else base_dir / root).resolve()
         else:
             raw["data_root"] = root_value  # refused below, naming data_root
-        if where != "config":
+        if where != "config" and "path" not in raw:  # a "path" key of the file is refused
             raw["path"] = Path(where)
     return parse_settings(TierConfig, raw, label)

@@ -63,6 +63,7 @@ def test_default_config_resolves_data_root_relative_to_file(
             "sources[0].format: Input should be",
         ),
         (lambda c: c.update(colour="red"), "unknown key(s) ['colour']"),
+        (lambda c: c.update(path="elsewhere.yaml"), "path: unknown key"),
         (lambda c: c.update(split={"val_fraction": 0.6, "test_fraction": 0.5}), "must be < 1"),
         (
             lambda c: c.update(split={"holdout": {"column": "model", "values": ["x"]}}),
