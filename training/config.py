@@ -218,7 +218,7 @@ class StudentConfig:
     sentence embedding; a tier head then reads the student's own embedding (see
     ``training.encoders``)."""
 
-    # the kind of student (training.student.kinds()); the fields below are the static one's
+    # the kind of student (training.student.KINDS); the fields below are the static one's
     kind: Name = "static"
     dim: Positive = 256  # PCA dimension of the static embeddings
     # SIF weight a / (a + p(token)) on each static vector, p from the training data's token
@@ -231,9 +231,8 @@ class StudentConfig:
     batch_size: Positive = 64
     lr: NonNegative = 1e-3
     embedding_lr: NonNegative = 3e-4
-    vocab: Literal["full", "seen"] = (
-        "full"  # "full" tokenizer vocabulary, or "seen": only tokens in the dataset
-    )
+    # "full" tokenizer vocabulary, or "seen": only tokens in the dataset
+    vocab: Literal["full", "seen"] = "full"
     # "meanmax": mean and max of the token vectors, concatenated; "mean": the mean only
     pooling: Literal["mean", "meanmax"] = "meanmax"
     hidden: Count = 384  # width of the projection's hidden layer (0: a linear projection)
@@ -256,11 +255,10 @@ class TrainConfig:
     student: StudentConfig = StudentConfig()
     head: HeadConfig = HeadConfig()
     calibration: Literal["platt", "none"] = "platt"  # "platt" per tier, or "none"
-    export_teacher: StrictBool = True  # also write the teacher as an ONNX artifact in the workdir
-    target_quality: Annotated[float, Field(strict=True, gt=0, le=1)] = (
-        0.95  # default cost weight: the cheapest utility-rule routing
-    )
-    # reaching this share of the top tier's quality on the validation split
+    export_teacher: StrictBool = True  # also write the teacher as an ONNX artifact (workdir)
+    # default cost weight: the cheapest utility-rule routing reaching this share of the top
+    # tier's quality on the validation split
+    target_quality: Annotated[float, Field(strict=True, gt=0, le=1)] = 0.95
     # leave-one-family-out evaluation in `tierpick train` (one student per source family,
     # trained without it and evaluated on it); `tierpick evaluate --loso` runs it on its own
     loso: StrictBool = True
@@ -303,11 +301,12 @@ class TierConfig:
                         "tier",
                     )
                 owner.setdefault(model, tier.name)
-            if i and tier.price_input + tier.price_output < sum(self.prices(i - 1)):
+            prev = self.tiers[i - 1] if i else None
+            if prev and tier.price_input + tier.price_output < prev.price_input + prev.price_output:
                 yield (
                     f"tiers[{i}]",
-                    "tiers must be ordered cheapest first: "
-                    f"{tier.name!r} costs less than {self.tiers[i - 1].name!r}",
+                    f"tiers must be ordered cheapest first: {tier.name!r} costs less than "
+                    f"{prev.name!r}",
                 )
         for i, source in enumerate(self.sources):
             if source.format not in FORMATS:
@@ -315,9 +314,6 @@ class TierConfig:
                     f"sources[{i}].format",
                     f"must be one of {list(FORMATS)}, got {source.format!r}",
                 )
-
-    def prices(self, i: int) -> tuple[float, float]:
-        return self.tiers[i].price_input, self.tiers[i].price_output
 
     @property
     def tier_names(self) -> tuple[str, ...]:

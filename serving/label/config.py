@@ -97,7 +97,7 @@ class Judge:
     api_key_env: EnvName | None = None
     price_input: Price = 0.0
     price_output: Price = 0.0
-    command: Annotated[tuple[Annotated[str, Field(strict=True, min_length=1)], ...], Field()] = ()
+    command: tuple[Annotated[str, Field(strict=True, min_length=1)], ...] = ()
     pass_grade: Annotated[float, _between(1.0, 10.0)] = 8.0
     max_tokens: Annotated[StrictInt, Field(ge=16, le=32768)] = 512  # explanation and grade
     timeout_s: Annotated[float, _between(0.1, 3600)] = 60.0  # a grader command's time limit
