@@ -29,7 +29,7 @@ import os
 import queue
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
@@ -165,15 +165,7 @@ class DecisionRecord:
         return {HEADER_PREFIX + k: clip(v, MAX_HEADER_CHARS) for k, v in out.items() if v}
 
 
-_RECORD_KEYS = (
-    "status",
-    "tier",
-    "probabilities",
-    "model_version",
-    "reason",
-    "basis",
-    "shadow_tier",
-)
+_RECORD_KEYS = tuple(f.name for f in fields(DecisionRecord))
 
 
 def basis_headers(b: Mapping[str, Any]) -> dict[str, str]:
