@@ -34,7 +34,7 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from tierpick.classifier import RoutingPolicy, TierClassifier
 from tierpick.classifier.errors import ConfigError
-from tierpick.classifier.routing import call_costs, clip, utility_choice
+from tierpick.classifier.routing import Router, call_costs, clip, utility_choice
 from tierpick.classifier.settings import Settings, StrictInt
 
 LOWEST_WEIGHT, HIGHEST_WEIGHT = 1e-4, 1e3  # the cost weights the guard may use
@@ -242,6 +242,26 @@ class Hold(Settings):
             yield "hold.target", f"no tier {self.target.tier!r} in {tiers}"
         if policy.min_success > 0:
             yield "hold", "adjusts the utility rule's cost weight: policy.min_success must be 0"
+
+
+def describe_policy(router: Router, hold: Target | None = None) -> str:
+    """The active policy in one line: every door's start-up log and ``tierpick_policy``
+    metric, and the service's ``GetModelInfo``."""
+    if router.rule == "threshold":
+        what = f"threshold rule, min_success {router.min_success:g}"
+    elif hold is not None:
+        what = (
+            f"utility rule, cost weight adjusted to hold {hold.describe()}; now "
+            f"{router.cost_weight:.4g}"
+        )
+    else:
+        what = f"utility rule, cost_weight {router.cost_weight:g}"
+    allowed = [t for t, ok in zip(router.tiers, router.allowed, strict=True) if ok]
+    return (
+        what
+        + (f"; tiers {allowed}" if len(allowed) < len(router.tiers) else "")
+        + ("; sticky conversations" if router.sticky else "")
+    )
 
 
 def guard_gauges(guard: Callable[[], BudgetGuard | None], registry: Any) -> None:

@@ -95,7 +95,7 @@ from tierpick.serving.decisions import (
     basis,
     policy_fields,
 )
-from tierpick.serving.guard import BudgetGuard, Hold, guard_for, guard_gauges
+from tierpick.serving.guard import BudgetGuard, Hold, describe_policy, guard_for, guard_gauges
 
 try:
     from litellm.integrations.custom_logger import CustomLogger
@@ -383,6 +383,14 @@ class Plugin(CustomLogger):
             except PolicyError as exc:
                 raise BadRequest(str(exc)) from None
         return policy, ignored
+
+    def active_policy(self) -> str:
+        """The policy of requests that set none, in one line (in process; with a service, the
+        service's ``GetModelInfo.active_policy`` says it)."""
+        if self._clf is None:
+            return f"the service's at {self.config.service}, with this config's over it"
+        hold = self.config.hold.target if self.config.hold is not None else None
+        return describe_policy(self._clf.router(self.base_policy()), hold)
 
     def base_policy(self) -> RoutingPolicy:
         """The config's policy, at the cost weight the guard holds now (``hold``)."""
@@ -777,8 +785,9 @@ def __getattr__(name: str) -> Any:
     if _PLUGIN is None:
         _PLUGIN = from_litellm_config(_proxy_config_path())
         log.info(
-            "tierpick LiteLLM plug-in: %s, routing %s",
+            "tierpick LiteLLM plug-in: %s, routing %s; policy: %s",
             _PLUGIN.config.model or _PLUGIN.config.service,
             sorted(_PLUGIN.routed),
+            _PLUGIN.active_policy(),
         )
     return _PLUGIN

@@ -19,14 +19,14 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health
 
-from tierpick.classifier import Router, RoutingPolicy, TierClassifier
+from tierpick.classifier import RoutingPolicy, TierClassifier
 from tierpick.classifier.errors import ConfigError, RequestError
 from tierpick.serving import _convert
 from tierpick.serving._proto.tierpick.v1 import tierpick_pb2 as pb
 from tierpick.serving._proto.tierpick.v1 import tierpick_pb2_grpc as pb_grpc
 from tierpick.serving.conversations import Conversations
 from tierpick.serving.decisions import DecisionLog, DecisionLogConfig
-from tierpick.serving.guard import BudgetGuard, Target, guard_for, guard_gauges
+from tierpick.serving.guard import BudgetGuard, Target, describe_policy, guard_for, guard_gauges
 from tierpick.serving.lifecycle import (
     TLS,
     AppSpec,
@@ -269,22 +269,3 @@ def serve(
     """Run until SIGTERM/SIGINT (graceful: :meth:`GrpcApp.shutdown`); SIGHUP reloads the model."""
     app = create_server(f"{host}:{port}", model, config, tls, policy, decision_log, hold)
     return run_app(app, "tierpick serving", metrics_port, host)
-
-
-def describe_policy(router: Router, hold: Target | None = None) -> str:
-    """The active policy in one line (the start-up log)."""
-    if router.rule == "threshold":
-        what = f"threshold rule, min_success {router.min_success:g}"
-    elif hold is not None:
-        what = (
-            f"utility rule, cost weight adjusted to hold {hold.describe()}; now "
-            f"{router.cost_weight:.4g}"
-        )
-    else:
-        what = f"utility rule, cost_weight {router.cost_weight:g}"
-    allowed = [t for t, ok in zip(router.tiers, router.allowed, strict=True) if ok]
-    return (
-        what
-        + (f"; tiers {allowed}" if len(allowed) < len(router.tiers) else "")
-        + ("; sticky conversations" if router.sticky else "")
-    )

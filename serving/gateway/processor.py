@@ -40,7 +40,7 @@ from tierpick.serving.gateway.config import (
     Grant,
     check_model_tiers,
 )
-from tierpick.serving.guard import BudgetGuard, guard_for, guard_gauges
+from tierpick.serving.guard import BudgetGuard, describe_policy, guard_for, guard_gauges
 from tierpick.serving.lifecycle import (
     AppSpec,
     GrpcApp,
@@ -522,7 +522,16 @@ def create_gateway(
         )
     )
     atexit.register(app.shutdown, 0)  # a running aio server would hold the interpreter at exit
-    log.info("tierpick ext_proc processor on port %d (model %s)", app.port, holder.current.version)
+    active = describe_policy(
+        holder.current.router(cfg.policy), cfg.hold.target if cfg.hold is not None else None
+    )
+    metrics.policy.info({"policy": active})
+    log.info(
+        "tierpick ext_proc processor on port %d (model %s); policy: %s",
+        app.port,
+        holder.current.version,
+        active,
+    )
     return app
 
 

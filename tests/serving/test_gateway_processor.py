@@ -337,6 +337,9 @@ def test_the_gateway_server_limits_counts_and_reflects_like_the_service() -> Non
 
     proc = _processor()
     app = create_gateway(proc.cfg, "127.0.0.1:0", ServerConfig(max_concurrency=1, watch_seconds=0))
+    # the gateway says which policy is active, as the service does (metric and start-up log)
+    info = next(m for m in app.metrics.registry.collect() if m.name == "tierpick_policy")
+    assert info.samples[0].labels["policy"].startswith("utility rule, cost_weight ")
     ep, base = proc.ep, proc.base
     service = "envoy.service.ext_proc.v3.ExternalProcessor"
     key = {"grpc_type": "bidi_stream", "grpc_service": service, "grpc_method": "Process"}

@@ -179,6 +179,7 @@ def test_the_litellm_plugin_holds_a_share_through_a_shift_in_the_mix() -> None:
     assert abs(first - 0.2) <= 0.03, first
     assert REGISTRY.get_sample_value("tierpick_guard_target_value") == 0.2
     assert plugin.guard is not None and plugin.base_policy().cost_weight == plugin.guard.weight
+    assert cfg.hold is not None and cfg.hold.target.describe() in plugin.active_policy()
     for bad, match in [
         ({"hold": {"target": "frontier=0.2"}}, "hold: needs model:"),
         ({"model": "default", "hold": {"target": "spend=x"}}, r"hold\.target"),
