@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 
 import numpy as np
 
 from tierpick.classifier import RoutingPolicy, TierClassifier
 from tierpick.classifier.errors import RequestError
-from tierpick.classifier.routing import POLICY_FIELDS, POLICY_KEYS, call_costs, overlay
+from tierpick.classifier.routing import POLICY_FIELDS, POLICY_KEYS, overlay
 from tierpick.serving._proto.tierpick.v1 import tierpick_pb2 as pb
 from tierpick.serving.conversations import Conversations, conversation_key
 from tierpick.serving.decisions import DecisionLog, policy_fields
@@ -77,7 +76,7 @@ def classify(
     how far each prompt is from the training data (about 50 us more a prompt)."""
     base = base or RoutingPolicy()
     if guard is not None:
-        base = replace(base, cost_weight=guard.weight)
+        base = guard.policy(base)
     prompts = [request_prompt(r, clf) for r in requests]
     policies = [to_policy(r.policy if r.HasField("policy") else default, base) for r in requests]
     keys = [
@@ -103,8 +102,8 @@ def classify(
         utility[rows] = routers[p].utilities(proba[rows])
     if guard is not None and base in groups:
         rows = groups[base]
-        usd = call_costs([len(prompts[i]) for i in rows], clf.manifest.tiers)
-        guard.observe(proba[rows], chosen[rows], usd, routers[base].costs, routers[base].allowed)
+        chars = [len(prompts[i]) for i in rows]
+        guard.record(chars, proba[rows], chosen[rows], routers[base], clf.manifest.tiers)
     held = np.zeros(len(requests), dtype=bool)
     if conversations is not None:
         for i, key in enumerate(keys):

@@ -21,11 +21,14 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import numpy as np
 import numpy.typing as npt
 
 from tierpick.classifier.errors import PolicyError
+from tierpick.classifier.routing import Router
+from tierpick.classifier.runtime import Decision, TierClassifier
 
 MAX_ID_CHARS = 256
 MAX_CONVERSATIONS = 100_000
@@ -69,6 +72,23 @@ class Conversations:
 
     def __len__(self) -> int:
         return len(self._tiers)
+
+    def hold_decision(
+        self,
+        conversation: str,
+        messages: object,
+        decision: Decision,
+        clf: TierClassifier,
+        router: Router,
+    ) -> tuple[Decision, bool]:
+        """One request's ``decision`` (of ``clf``) under ``router``: when it is sticky, its tier
+        held to its conversation's (named by ``conversation``, else by ``messages``' opening,
+        :func:`conversation_key`) by :meth:`hold`; and whether it was raised."""
+        if not router.sticky:
+            return decision, False
+        key = conversation_key(conversation, messages)
+        index, held = self.hold(key, clf.tiers.index(decision.tier), router.allowed)
+        return replace(decision, tier=clf.tiers[index]), held
 
     def hold(
         self, key: str | None, chosen: int, allowed: npt.NDArray[np.bool_]

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import Annotated, Any
 
 import numpy as np
@@ -34,7 +34,7 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from tierpick.classifier import RoutingPolicy, TierClassifier
 from tierpick.classifier.errors import ConfigError
-from tierpick.classifier.routing import Router, call_costs, clip, utility_choice
+from tierpick.classifier.routing import Router, TierPrices, call_costs, clip, utility_choice
 from tierpick.classifier.settings import Settings, StrictInt
 
 LOWEST_WEIGHT, HIGHEST_WEIGHT = 1e-4, 1e3  # the cost weights the guard may use
@@ -112,6 +112,23 @@ class BudgetGuard:
         self._seen = 0  # decisions observed, all time
         self._since = 0  # since the last adjustment
         self._lock = threading.Lock()
+
+    def policy(self, base: RoutingPolicy) -> RoutingPolicy:
+        """``base`` at the cost weight the guard holds now."""
+        return replace(base, cost_weight=self.weight)
+
+    def record(
+        self,
+        chars: npt.ArrayLike,
+        proba: npt.ArrayLike,
+        chosen: npt.ArrayLike,
+        router: Router,
+        prices: Sequence[TierPrices],
+    ) -> None:
+        """Decisions ``router`` made on prompts of ``chars`` characters: :meth:`observe`, each
+        call's cost estimated as report and tune estimate it (the tiers' ``prices``)."""
+        usd = call_costs(chars, prices)
+        self.observe(proba, chosen, usd, router.costs, router.allowed)
 
     def observe(
         self,

@@ -59,7 +59,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import grpc
-import numpy as np
 from pydantic import Field, model_validator
 
 from tierpick import classifier
@@ -74,7 +73,7 @@ from tierpick.classifier.errors import (
     TierpickError,
 )
 from tierpick.classifier.files import load_yaml
-from tierpick.classifier.routing import POLICY_KEYS, call_costs, within_grant
+from tierpick.classifier.routing import POLICY_KEYS, within_grant
 from tierpick.classifier.settings import (
     Name,
     PolicyValue,
@@ -396,7 +395,7 @@ class Plugin(CustomLogger):
         """The config's policy, at the cost weight the guard holds now (``hold``)."""
         if self.guard is None:
             return self.config.policy
-        return replace(self.config.policy, cost_weight=self.guard.weight)
+        return self.guard.policy(self.config.policy)
 
     def _tiers(self) -> list[str]:
         if self._clf is not None:
@@ -473,15 +472,10 @@ class Plugin(CustomLogger):
                 raise NotClassified(str(exc)) from None
             reading = clf.read([prompt])
             d = clf.route_proba(reading.proba, router)[0]
-            held = False
-            if router.sticky:
-                key = conversation_key(conversation, messages)
-                index, held = self.conversations.hold(key, clf.tiers.index(d.tier), router.allowed)
-                d = replace(d, tier=clf.tiers[index])
+            d, held = self.conversations.hold_decision(conversation, messages, d, clf, router)
             if self.guard is not None and policy == self.base_policy():  # the config's traffic
-                usd = call_costs([len(prompt)], clf.manifest.tiers)
-                chosen = np.array([clf.tiers.index(d.tier)])
-                self.guard.observe(reading.proba, chosen, usd, router.costs, router.allowed)
+                chosen = [clf.tiers.index(d.tier)]
+                self.guard.record([len(prompt)], reading.proba, chosen, router, clf.manifest.tiers)
             self._log(prompt, d.tier, d.probabilities, clf.version, router, requested_model)
             proba = {t: round(p, 4) for t, p in d.probabilities.items()}
             made = basis(router, reading.proba[0], reading.cut[0], held)

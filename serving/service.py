@@ -13,7 +13,6 @@ import ctypes
 import logging
 from collections.abc import Sequence
 from concurrent import futures
-from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -170,7 +169,7 @@ class TierRouterServicer(pb_grpc.TierRouterServicer):
         """The policy calls that set none are routed by, now (the guard's weight included)."""
         policy = self.policy
         if self.guard is not None:
-            policy = replace(policy, cost_weight=self.guard.weight)
+            policy = self.guard.policy(policy)
         return describe_policy(clf.router(policy), self.guard.target if self.guard else None)
 
 

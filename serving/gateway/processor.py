@@ -14,8 +14,6 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import replace
 from typing import Any
 
-import numpy as np
-
 from tierpick.classifier import RoutingPolicy, TierClassifier
 from tierpick.classifier.errors import (
     MissingDependencyError,
@@ -25,7 +23,7 @@ from tierpick.classifier.errors import (
     RequestError,
     TierpickError,
 )
-from tierpick.classifier.routing import POLICY_FIELDS, call_costs, clip, overlay, within_grant
+from tierpick.classifier.routing import POLICY_FIELDS, clip, overlay, within_grant
 from tierpick.serving.conversations import Conversations, conversation_key
 from tierpick.serving.decisions import (
     HEADER_PREFIX,
@@ -236,9 +234,8 @@ class TierpickProcessor:
             allowed, grant = cfg.request_policy.headers, cfg.request_policy.tiers
         granted = [h for h in present if enabled and h in allowed]
         ignored = [h for h in present if h not in granted]
-        base = cfg.policy
-        if self.guard is not None:  # the config's policy at the weight the guard holds now
-            base = replace(base, cost_weight=self.guard.weight)
+        # the config's policy, at the weight the guard holds now
+        base = cfg.policy if self.guard is None else self.guard.policy(cfg.policy)
         try:
             policy = request_policy(
                 base, {HEADER_PREFIX + h: headers[HEADER_PREFIX + h] for h in granted}
@@ -302,13 +299,9 @@ class TierpickProcessor:
             reading = clf.read([prompt], familiarity=True)
             proba = reading.proba
             decision = clf.route_proba(proba, router)[0]
-            held = False
-            if router.sticky:
-                key = conversation_key(conversation, obj.get("messages"))
-                index, held = self.conversations.hold(
-                    key, clf.tiers.index(decision.tier), router.allowed
-                )
-                decision = replace(decision, tier=clf.tiers[index])
+            decision, held = self.conversations.hold_decision(
+                conversation, obj.get("messages"), decision, clf, router
+            )
         except (NotClassifiable, PromptError) as exc:
             if explicit:  # shadow mode: nothing to log, the request goes as it would
                 return self._explicit_model(model)
@@ -340,9 +333,8 @@ class TierpickProcessor:
         self.metrics.tiers.labels(decision.tier).inc()
         self.metrics.observe_reading(clf.tiers, proba, reading.familiarity)
         if self.guard is not None and by_config:
-            usd = call_costs([len(prompt)], clf.manifest.tiers)
-            chosen = np.array([clf.tiers.index(decision.tier)])
-            self.guard.observe(proba, chosen, usd, router.costs, router.allowed)
+            chosen = [clf.tiers.index(decision.tier)]
+            self.guard.record([len(prompt)], proba, chosen, router, clf.manifest.tiers)
         reason = ""
         if ignored:
             named = [h for h in ignored if h != "explicit-model"]
