@@ -67,6 +67,7 @@ class Reading:
     cut: list[bool]
     # each prompt's familiarity to the training data (``read(familiarity=True)``, a reference)
     familiarity: npt.NDArray[np.float32] | None = None
+    embedding: npt.NDArray[np.float32] | None = None  # the graph's, when familiarity was read
 
 
 @dataclass(frozen=True)
@@ -445,7 +446,7 @@ class TierClassifier:
         if familiarity and self.reference is not None:
             logits, emb = self.infer_outputs(ids, [LOGITS_OUTPUT, EMBEDDING_OUTPUT])
             known = self.reference.familiarity(emb)
-            return Reading(self.calibrate(logits), texts, ids, cut, known)
+            return Reading(self.calibrate(logits), texts, ids, cut, known, emb)
         return Reading(self.calibrate(self.infer(ids)), texts, ids, cut)
 
     # ------------------------------------------------------------------ routing

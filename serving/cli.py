@@ -83,9 +83,9 @@ def explain(clf: Any, prompts: list[str], policy: Any, nearest: int = 0) -> list
     the success each tier's models had on them (a model with a reference)."""
     router = clf.router(policy)
     reading = clf.read(prompts, familiarity=nearest > 0)
-    near = (
-        clf.reference.nearest(clf.embed(prompts), nearest)
-        if nearest and clf.reference is not None
+    near = (  # the embeddings of the same run of the graph
+        clf.reference.nearest(reading.embedding, nearest)
+        if nearest and clf.reference is not None and reading.embedding is not None
         else [[] for _ in prompts]
     )
     proba = reading.proba
