@@ -14,6 +14,7 @@ per tier (:func:`platt`); a :class:`RoutingPolicy`, validated once against a mod
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -176,6 +177,49 @@ class Router:
         """Each tier's probability - cost_weight x normalized cost (-inf where not allowed)."""
         value: FloatArray = np.where(self.allowed, proba - self.cost_weight * self.costs, -np.inf)
         return value
+
+    def knob_ranges(self, proba_row: FloatArray) -> list[tuple[float, float] | None]:
+        """For one prompt's probabilities, the values of the active rule's knob (``cost_weight``
+        under the utility rule, ``min_success`` under the threshold rule) at which each tier
+        would be chosen, all else equal: ``(lo, hi)`` per tier (``hi`` may be ``inf``), None
+        for a tier no value of the knob chooses. What it would take to move the decision.
+
+        Utility: a tier is chosen for ``lo <= cost_weight < hi`` (at a bound, ties go to the
+        cheaper tier). Threshold: for ``lo < min_success <= hi``, within (0, 1]."""
+        p = np.asarray(proba_row, dtype=np.float64)
+        ok = np.flatnonzero(self.allowed)
+        ranges: list[tuple[float, float] | None] = [None] * len(p)
+        if self.min_success > 0:
+            below = 0.0  # the best probability of the cheaper allowed tiers
+            for j in ok:
+                hi = 1.0 if j == ok[-1] else float(p[j])  # the dearest also takes the rest
+                if hi > below:
+                    ranges[j] = (below, hi)
+                below = max(below, float(p[j]))
+            return ranges
+        # the utility rule's choice only moves to cheaper tiers as cost_weight grows: it is
+        # piecewise constant between the weights where two tiers' utilities cross
+        c = self.costs
+        cuts = sorted(
+            {0.0}
+            | {
+                float((p[j] - p[k]) / (c[j] - c[k]))
+                for j in ok
+                for k in ok
+                if c[j] > c[k] and p[j] > p[k]
+            }
+        )
+        probes = [(a + b) / 2 for a, b in itertools.pairwise(cuts)] + [cuts[-1] + 1.0]
+        # the tier chosen on each open segment between consecutive cuts, and past the last
+        chosen_at = [int(utility_choice(p[None, :], c, w, self.allowed)[0]) for w in probes]
+        start = 0.0
+        for i, tier in enumerate(chosen_at):
+            if i + 1 < len(chosen_at) and chosen_at[i + 1] == tier:
+                continue
+            hi = cuts[i + 1] if i + 1 < len(cuts) else math.inf
+            ranges[tier] = (start, hi)
+            start = hi
+        return ranges
 
 
 def within_grant(

@@ -91,9 +91,11 @@ def explain(clf: Any, prompts: list[str], policy: Any, nearest: int = 0) -> list
     proba = reading.proba
     chosen, met = router.choose(proba)
     utility = router.utilities(proba)
+    knob = "min_success" if router.rule == "threshold" else "cost_weight"
     m = clf.manifest
     out = []
     for i, prompt in enumerate(prompts):
+        ranges = router.knob_ranges(proba[i])
         out.append(
             {
                 "tier": clf.tiers[int(chosen[i])],
@@ -110,6 +112,10 @@ def explain(clf: Any, prompts: list[str], policy: Any, nearest: int = 0) -> list
                         if not router.allowed[j]
                         else round(float(utility[i, j]), 6),
                         "allowed": bool(router.allowed[j]),
+                        # the knob's values that would choose this tier, all else equal
+                        "chosen_when": None
+                        if ranges[j] is None
+                        else {knob: [round(r, 6) if math.isfinite(r) else None for r in ranges[j]]},
                     }
                     for j, t in enumerate(clf.tiers)
                 ],
@@ -158,16 +164,22 @@ def _classify(args: argparse.Namespace) -> int:
             else f"utility rule, cost_weight {d['cost_weight']:g}"
         )
         print(f"tier: {d['tier']}   ({rule}; model {d['model']['name']} {d['model']['version']})")
+        knob = "min_success" if d["rule"] == "threshold" else "cost_weight"
         rows = [
             [
                 t["tier"] + (" <-" if t["tier"] == d["tier"] else ""),
                 t["probability"],
                 t["normalized_cost"],
                 "not allowed" if t["utility"] is None else t["utility"],
+                _knob_range(t, knob),
             ]
             for t in d["tiers"]
         ]
-        print(format_table(["tier", "p(success)", "normalized cost", "utility"], rows))
+        print(
+            format_table(
+                ["tier", "p(success)", "normalized cost", "utility", f"chosen at {knob}"], rows
+            )
+        )
         cut = "cut before the model saw it" if d["truncated"] else "not cut"
         print(
             f"prompt: {d['prompt_chars']} characters, {d['model_chars']} as the model reads it, "
@@ -185,6 +197,20 @@ def _classify(args: argparse.Namespace) -> int:
             print(f"  near ({n['similarity']:.2f}): {text!r}\n    observed success: {seen}")
         print()
     return 0
+
+
+def _knob_range(tier: dict[str, Any], knob: str) -> str:
+    """A tier's ``chosen_when`` as ``classify`` prints it: ``0.0673 to 1.01``, ``>= 1.01``."""
+    if not tier["allowed"]:
+        return "-"
+    if tier["chosen_when"] is None:
+        return "never" if knob == "cost_weight" else "never (a cheaper tier is as likely)"
+    lo, hi = tier["chosen_when"][knob]
+    if knob == "min_success":  # lo < min_success <= hi
+        return f"above {lo:.3g} up to {hi:.3g}"
+    if hi is None:
+        return f">= {lo:.3g}"
+    return f"below {hi:.3g}" if lo == 0 else f"{lo:.3g} to {hi:.3g}"
 
 
 def _prompt_argument(text: str, clf: Any) -> str:

@@ -104,11 +104,17 @@ def test_classify_explains_the_decision(capsys: pytest.CaptureFixture[str]) -> N
         for t in row["tiers"]:
             assert t["probability"] == pytest.approx(decision.probabilities[t["tier"]], abs=1e-5)
             assert t["utility"] == pytest.approx(t["probability"] - 0.3 * t["normalized_cost"])
+        # what it would take to move the decision: the chosen tier's range holds 0.3
+        lo, hi = next(t for t in row["tiers"] if t["tier"] == row["tier"])["chosen_when"][
+            "cost_weight"
+        ]
+        assert lo <= 0.3 < (hi if hi is not None else float("inf"))
     assert rows[0]["truncated"] is False and rows[1]["truncated"] is True
     # the human form, under a threshold policy that restricts the tiers
     assert main(["classify", "--min-success", "0.99", "--allowed-tiers", "local,mid", "hi"]) == 0
     out = capsys.readouterr().out
     assert "threshold rule, min_success 0.99" in out and "not allowed" in out
+    assert "chosen at min_success" in out
     assert "no allowed tier reached it" in out
     assert main(["classify", "--allowed-tiers", "premium", "hi"]) == 2
     assert "unknown tier" in capsys.readouterr().err

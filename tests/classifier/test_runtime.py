@@ -1,9 +1,11 @@
 """The torch-free runtime: loading, verification, probabilities and routing policies."""
 
+import itertools
 import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +84,6 @@ def test_bad_policies(model_dir: Path, policy: RoutingPolicy, message: str) -> N
 
 def test_every_policy_routes_within_its_allowed_tiers_or_is_refused(model_dir: Path) -> None:
     """inf x a zero cost is NaN: cost_weight=inf once routed to a tier outside allowed_tiers."""
-    import itertools
     import math
 
     clf = classifier.load(model_dir)
@@ -108,6 +109,45 @@ def test_every_policy_routes_within_its_allowed_tiers_or_is_refused(model_dir: P
     for bad in (math.inf, math.nan):
         with pytest.raises(PolicyError, match="cost_weight must be >= 0 and finite"):
             clf.route(["hi"], RoutingPolicy(cost_weight=bad, allowed_tiers=("frontier",)))
+
+
+def test_knob_ranges_say_which_setting_would_choose_each_tier(model_dir: Path) -> None:
+    """``Router.knob_ranges`` (``classify``'s "chosen at" column) against the router itself: a
+    knob value inside a tier's range chooses that tier, the ranges tile the knob's whole span,
+    and a tier with no range is chosen at none of the values probed."""
+    clf = classifier.load(model_dir)
+    rng = np.random.default_rng(0)
+    proba = np.vstack(
+        [
+            clf.predict_proba(["hi", "What is 2+2?", "Prove the Riemann hypothesis."]),
+            rng.uniform(size=(20, 3)),
+            [[0.5, 0.5, 0.5], [0.9, 0.2, 0.1], [0.2, 0.2, 0.9]],  # ties and inversions
+        ]
+    )
+    probe_w = np.concatenate([[0.0], np.geomspace(1e-4, 1e4, 150)])
+    probe_t = np.linspace(0.005, 1.0, 150)
+    for policy, probes, field in [
+        (RoutingPolicy(), probe_w, "cost_weight"),
+        (RoutingPolicy(allowed_tiers=("local", "frontier")), probe_w, "cost_weight"),
+        (RoutingPolicy(min_success=0.5), probe_t, "min_success"),
+        (RoutingPolicy(min_success=0.5, allowed_tiers=("mid", "frontier")), probe_t, "min_success"),
+    ]:
+        for p in proba:
+            router = clf.router(policy)
+            ranges = router.knob_ranges(p)
+            spans = sorted(r for r in ranges if r is not None)
+            top = 1.0 if field == "min_success" else np.inf
+            assert spans[0][0] == 0.0 and spans[-1][1] == top
+            assert all(a[1] == b[0] for a, b in itertools.pairwise(spans)), spans
+            for v in probes:
+                chosen = replace(router, **{field: float(v)}).choose(p[None, :])[0][0]
+                inside = [
+                    j
+                    for j, r in enumerate(ranges)
+                    if r is not None
+                    and (r[0] < v <= r[1] if field == "min_success" else r[0] <= v < r[1])
+                ]
+                assert inside == [chosen], (policy, p, v, ranges)
 
 
 def test_prompt_with_nothing_left_once_normalized_is_refused(model_dir: Path) -> None:
