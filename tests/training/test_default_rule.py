@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tierpick.training import default_rule
@@ -29,7 +30,13 @@ def test_the_study_measures_every_rule_as_the_evaluation_does(tiny_trained, tmp_
     argv = [str(loso), "--model", str(tiny_trained.model_dir), "--out", str(tmp_path / "dr")]
     assert default_rule.main([*argv, "--report", str(report)]) == 0
     res = json.loads((tmp_path / "dr" / "default_rule.json").read_text())
-    assert set(res["rules"]) == {"utility", "threshold", "margin", "centered"}
+    assert set(res["rules"]) == {"utility", "threshold", "margin", "centered", "local floor"}
+    # the local floor is the utility rule plus the cheapest tier from p >= 1 - 4 x cost_weight
+    p = np.array([[0.5, 0.9, 0.95], [0.5, 0.9, 0.95], [0.2, 0.5, 0.99]])
+    c = np.array([0.0, 0.1, 1.0])
+    floor = next(r for r in default_rule.RULES if r.name == "local floor")
+    assert floor.choose(p, c, 0.125, c).tolist() == [0, 0, 2]  # floor 0.5; 0.2 is below it
+    assert floor.choose(p, c, 0.05, c).tolist() == [2, 2, 2]  # floor 0.8: utility decides
     # the utility and threshold rows are the evaluation's own student columns, fold by fold
     for family, figures in tiny_trained.report["loso"]["families"].items():
         for rule, column in (("utility", "student"), ("threshold", "student_threshold_rule")):
@@ -38,6 +45,9 @@ def test_the_study_measures_every_rule_as_the_evaluation_does(tiny_trained, tmp_
     for rule in res["rules"].values():
         fi = rule["first_impression"]
         assert 0 <= fi["easy"] <= 1 and 0 <= fi["hard"] <= 1
+    # the choice is read from the table: the rule with the best mean leads
+    best = max(res["rules"], key=lambda r: res["rules"][r]["loso_mean"])
+    assert f"**{best}** leads" in (tmp_path / "dr" / "default_rule.md").read_text()
     shares = res["default_policy"]["easy"]
     assert sum(shares.values()) == pytest.approx(1.0)
     # the section sits right after leave-one-family-out, once, however often it is written
