@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from tierpick.classifier.artifact import EMBEDDING_OUTPUT, LOGITS_OUTPUT
-from tierpick.classifier.cluster import assign, kmeans
+from tierpick.classifier.cluster import assign, kmeans, unit_rows
 from tierpick.classifier.errors import ArtifactError
 from tierpick.classifier.routing import sigmoid
 
@@ -68,6 +68,16 @@ class Memory:
     def features(self, e: Array) -> Array:
         blocks = [np.eye(len(c))[assign(e, c)] for c in self.centroids]
         return np.hstack([*blocks, (e - self.mean) / self.scale])
+
+    def ambiguous(self, e: Array, tol: float = 1e-4) -> Array:
+        """Rows within ``tol`` of a cluster boundary in some clustering: their two nearest
+        centroids are about as near, so the graph (float32) may assign them to either one.
+        Both are the memory's answer; a check that the graph reproduces it skips these."""
+        out: Array = np.zeros(len(e), dtype=bool)
+        for c in self.centroids:
+            near = np.sort(unit_rows(e) @ c.T, axis=1)
+            out |= near[:, -1] - near[:, -2] < tol  # every clustering has 2 clusters or more
+        return out
 
     def logits(self, z: Array, e: Array) -> Array:
         out: Array = z * self.a + self.b + self.features(e) @ self.weight.T

@@ -297,11 +297,6 @@ def _choice(res: Mapping[str, Any]) -> list[str]:
         f"{d['hard'][dear]:.0%} of the research-level set to {dear} (target "
         f"{TARGETS['frontier']:.0%}) and {d['easy'][cheap]:.0%} of the easy set to {cheap} "
         f"(target {TARGETS['local']:.0%}).",
-        "",
-        "Fold models are not reproducible bit for bit (the shipped model is): between identical "
-        "runs of `make model` the folds' figures moved by up to 0.033 (measured 2026-12-06). "
-        "The rules in this table are compared on one run's folds; the leave-one-family-out "
-        "table above may come from another.",
     ]
     return lines
 

@@ -340,3 +340,17 @@ def test_adapt_says_which_outcome_rows_it_dropped(
     assert "3 outcome rows dropped" in printed
     for line in (1, 2, 3):
         assert f"{bad}:{line}" in printed
+
+
+def test_a_prompt_on_a_cluster_boundary_is_known_to_go_either_way() -> None:
+    """The graph assigns clusters in float32: a graded prompt whose two nearest centroids are
+    equally near may land in either, so adapt's check that the written graph reproduces the
+    memory skips such prompts (``Memory.ambiguous``) instead of refusing a sound model (the
+    default model's adapt study met one among 1,000 MMLU-Pro prompts and stopped)."""
+    from tierpick.training.adapt_memory import Memory
+
+    mem = Memory([np.eye(3), np.eye(3)[[2, 0, 1]]], np.zeros(3), np.ones(3), np.zeros((3, 9)),
+                 np.ones(3), np.zeros(3))  # fmt: skip
+    rows = np.array([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [2.0, 1.0, 0.5], [0.3, 0.3 + 1e-6, 5.0]])
+    assert mem.ambiguous(rows).tolist() == [True, False, False, False]
+    assert mem.ambiguous(rows, tol=0.6).tolist() == [True, False, True, False]
