@@ -29,7 +29,7 @@ other (no torch), and the memory's graph is checked to reproduce what was evalua
 
 Measured as a team meets it (``training.adapt_study``: each source family of ../shared/data
 from the model trained without it, 500 of its prompts graded, the rest routed, 3 draws):
-N-tier APGR 0.671 (parent) -> 0.689 (calibration) -> 0.709 (memory); ``adapt``'s choice 0.711.
+N-tier APGR 0.666 (parent) -> 0.682 (calibration) -> 0.706 (memory); ``adapt``'s choice 0.702.
 """
 
 from __future__ import annotations

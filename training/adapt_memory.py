@@ -18,8 +18,8 @@ exactly.
 
 Measured per family of ../shared/data, each from the model trained without it (leave one
 family out), fitted on 500 of its prompts and evaluated on the rest (3 random draws,
-``training.adapt_study``): N-tier APGR 0.671 (parent) -> 0.689 (calibration alone) -> 0.709
-(this), against 0.674 for a kNN over the same embedding fitted on the same outcomes. Settings
+``training.adapt_study``): N-tier APGR 0.666 (parent) -> 0.682 (calibration alone) -> 0.706
+(this), against 0.675 for a kNN over the same embedding fitted on the same outcomes. Settings
 were chosen on those draws in a prototype: pooled token vectors beat the projected embedding
 (+0.015), 3 clusterings beat 1 (+0.006), a cluster one-hot beat the embedding alone (+0.012),
 penalties 10/600 beat 3/1000, 10/300, 30/300 and 10/1000 by 0.001-0.005; a tier's own weights
