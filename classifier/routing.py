@@ -165,6 +165,11 @@ class Router:
     def rule(self) -> str:
         return "threshold" if self.min_success > 0 else "utility"
 
+    @property
+    def knob(self) -> str:
+        """The policy field the active rule turns on (see :meth:`knob_ranges`)."""
+        return "min_success" if self.min_success > 0 else "cost_weight"
+
     def choose(self, proba: FloatArray) -> tuple[IndexArray, Mask]:
         """Tier index per row, and whether the threshold was met (always True under the
         utility rule)."""

@@ -91,7 +91,6 @@ def explain(clf: Any, prompts: list[str], policy: Any, nearest: int = 0) -> list
     proba = reading.proba
     chosen, met = router.choose(proba)
     utility = router.utilities(proba)
-    knob = "min_success" if router.rule == "threshold" else "cost_weight"
     m = clf.manifest
     out = []
     for i, prompt in enumerate(prompts):
@@ -100,6 +99,7 @@ def explain(clf: Any, prompts: list[str], policy: Any, nearest: int = 0) -> list
             {
                 "tier": clf.tiers[int(chosen[i])],
                 "rule": router.rule,
+                "knob": router.knob,
                 "min_success": router.min_success,
                 "cost_weight": router.cost_weight,
                 "met_threshold": bool(met[i]),
@@ -115,7 +115,11 @@ def explain(clf: Any, prompts: list[str], policy: Any, nearest: int = 0) -> list
                         # the knob's values that would choose this tier, all else equal
                         "chosen_when": None
                         if ranges[j] is None
-                        else {knob: [round(r, 6) if math.isfinite(r) else None for r in ranges[j]]},
+                        else {
+                            router.knob: [
+                                round(r, 6) if math.isfinite(r) else None for r in ranges[j]
+                            ]
+                        },
                     }
                     for j, t in enumerate(clf.tiers)
                 ],
@@ -164,7 +168,7 @@ def _classify(args: argparse.Namespace) -> int:
             else f"utility rule, cost_weight {d['cost_weight']:g}"
         )
         print(f"tier: {d['tier']}   ({rule}; model {d['model']['name']} {d['model']['version']})")
-        knob = "min_success" if d["rule"] == "threshold" else "cost_weight"
+        knob = d["knob"]
         rows = [
             [
                 t["tier"] + (" <-" if t["tier"] == d["tier"] else ""),

@@ -99,7 +99,11 @@ def test_classify_explains_the_decision(capsys: pytest.CaptureFixture[str]) -> N
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     expected = clf.route(prompts, RoutingPolicy(cost_weight=0.3))
     for row, decision in zip(rows, expected, strict=True):
-        assert row["tier"] == decision.tier and row["rule"] == "utility"
+        assert (
+            row["tier"] == decision.tier
+            and row["rule"] == "utility"
+            and row["knob"] == "cost_weight"
+        )
         assert row["cost_weight"] == 0.3 and row["model"]["version"] == clf.version
         for t in row["tiers"]:
             assert t["probability"] == pytest.approx(decision.probabilities[t["tier"]], abs=1e-5)

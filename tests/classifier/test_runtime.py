@@ -134,6 +134,7 @@ def test_knob_ranges_say_which_setting_would_choose_each_tier(model_dir: Path) -
     ]:
         for p in proba:
             router = clf.router(policy)
+            assert router.knob == field
             ranges = router.knob_ranges(p)
             spans = sorted(r for r in ranges if r is not None)
             top = 1.0 if field == "min_success" else np.inf
