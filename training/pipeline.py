@@ -99,7 +99,8 @@ def run_training(
     train_settings = dataclasses.asdict(tcfg)
     if train_settings["student"]["kind"] == "static":
         # the field came after versions were first named: the static student at its default
-        # keeps the version an unchanged recipe had (make model reproduces the shipped one)
+        # keeps the version an unchanged recipe had (a rerun of make model names its model as
+        # the shipped one; from the same cached teacher embeddings it rebuilt it bit for bit)
         del train_settings["student"]["kind"]
     contract = {"train": train_settings, "graph_outputs": list(GRAPH_OUTPUTS)}
     cfg_hash = hashlib.sha256(json.dumps(contract, sort_keys=True).encode())
