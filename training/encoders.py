@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import os
 import random
@@ -213,6 +214,22 @@ def text_key(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
+ENCODER_LIBRARIES = ("torch", "transformers", "tokenizers", "numpy")
+
+
+def made_with() -> dict[str, str]:
+    """The versions of the libraries that compute a teacher embedding, as a cache records them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ENCODER_LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
 class EmbeddingCache:
     """The teacher encoder's sentence embedding of each text, on disk, keyed by a hash of the
     text (as the encoder sees it) and the encoder's settings.
@@ -220,6 +237,12 @@ class EmbeddingCache:
     A training run, every leave-one-family-out fold, a retrain on more data and a run that was
     interrupted all compute only the texts not seen before: the cache is written every
     ``flush_every`` new texts.
+
+    The cache also records the library versions its embeddings were computed with (``made_with``,
+    every set that added rows). A model is rebuilt bit for bit from the same cache, and not
+    necessarily from embeddings computed afresh (measured 2026-12-07: the shipped model's recipe
+    rerun from an empty cache gave probabilities up to 0.12 apart), so a cache made with other
+    versions than this run's is reported when it is opened.
     """
 
     def __init__(self, path: Path, cfg: TeacherConfig, max_chars: int, flush_every: int = 2048):
@@ -229,11 +252,28 @@ class EmbeddingCache:
         self.flush_every = flush_every
         self._rows: dict[str, FloatArray] = {}
         self._encoder: nn.Module | None = None
+        self.made_with: list[dict[str, str]] = []  # every set of versions that added rows
         if path.exists():
             with np.load(path) as cached:
                 if "keys" in cached.files and "vectors" in cached.files:  # else: another layout
                     keys = [str(k) for k in cached["keys"]]
                     self._rows = dict(zip(keys, cached["vectors"], strict=True))
+                    self.made_with = (
+                        json.loads(str(cached["made_with"]))
+                        if "made_with" in cached.files
+                        else [{"libraries": "unrecorded"}]  # written before caches said
+                    )
+        now = made_with()
+        if self._rows and self.made_with != [now]:
+            log.warning(
+                "teacher cache %s: %d embeddings made with %s; this run has %s. A model "
+                "trained from them can differ from one trained from embeddings computed afresh "
+                "(delete the file to recompute them)",
+                path,
+                len(self._rows),
+                self.made_with,
+                now,
+            )
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -273,10 +313,18 @@ class EmbeddingCache:
         return np.stack([self._rows[k] for k in keys]) if keys else np.zeros((0, dim), np.float32)
 
     def save(self) -> None:
+        """Write the cache; the versions of this run join ``made_with`` (it has added rows)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp.npz")
         keys = list(self._rows)
-        np.savez(tmp, keys=np.array(keys), vectors=np.stack([self._rows[k] for k in keys]))
+        if (now := made_with()) not in self.made_with:
+            self.made_with.append(now)
+        np.savez(
+            tmp,
+            keys=np.array(keys),
+            vectors=np.stack([self._rows[k] for k in keys]),
+            made_with=np.array(json.dumps(self.made_with)),
+        )
         tmp.replace(self.path)
 
 

@@ -111,6 +111,44 @@ def test_teacher_embeddings_are_cached_and_resume_after_an_interruption(
     np.testing.assert_allclose(again, straight, atol=1e-5)
 
 
+def test_a_teacher_cache_says_what_made_it_and_another_is_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The cache records the library versions of its embeddings; a cache made with others, or
+    before caches said, is reported when a run opens it (a model is rebuilt bit for bit from
+    the same cache, not necessarily from embeddings computed afresh)."""
+    import json
+    import logging
+
+    from tierpick.training import encoders
+    from tierpick.training.config import TeacherConfig
+
+    cfg = TeacherConfig(max_tokens=32, inference_batch=16)
+    path = tmp_path / "t.npz"
+    cache = encoders.EmbeddingCache(path, cfg, 512)
+    cache.get(["What is 2+2?", "Name the capital of France."])
+    with np.load(path) as saved:
+        assert json.loads(str(saved["made_with"])) == [encoders.made_with()]
+    with caplog.at_level(logging.WARNING, logger="tierpick.train"):
+        assert len(encoders.EmbeddingCache(path, cfg, 512)) == 2
+        assert not caplog.records  # made with this run's libraries
+        with np.load(path) as saved:  # the same rows, as an older tierpick wrote them
+            np.savez(tmp_path / "old.npz", keys=saved["keys"], vectors=saved["vectors"])
+        old = encoders.EmbeddingCache(tmp_path / "old.npz", cfg, 512)
+    assert len(old) == 2 and "unrecorded" in caplog.text and "computed afresh" in caplog.text
+    older = dict(encoders.made_with(), torch="1.0.0")
+    np.savez(
+        path,
+        keys=np.array(["k"]),
+        vectors=np.zeros((1, 384), np.float32),
+        made_with=np.array(json.dumps([older])),
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tierpick.train"):
+        encoders.EmbeddingCache(path, cfg, 512)
+    assert "'torch': '1.0.0'" in caplog.text
+
+
 def test_leave_one_family_out_never_trains_on_the_family(tiny_trained) -> None:  # type: ignore[no-untyped-def]
     """Each family is evaluated on all of its prompts by a fit whose train and val sets are
     the other families' train and val splits only."""
