@@ -83,6 +83,9 @@ def utility_choice(
     return chosen
 
 
+RULE_KNOB = {"utility": "cost_weight", "threshold": "min_success"}  # the field each rule turns on
+
+
 @dataclass(frozen=True)
 class RoutingPolicy:
     """How probabilities become a tier; set per request, separate from the model.
@@ -168,7 +171,7 @@ class Router:
     @property
     def knob(self) -> str:
         """The policy field the active rule turns on (see :meth:`knob_ranges`)."""
-        return "min_success" if self.min_success > 0 else "cost_weight"
+        return RULE_KNOB[self.rule]
 
     def choose(self, proba: FloatArray) -> tuple[IndexArray, Mask]:
         """Tier index per row, and whether the threshold was met (always True under the

@@ -137,6 +137,12 @@ class Reference:
         """The width of the embeddings it describes."""
         return int(self.mean.shape[0])
 
+    @property
+    def prompts(self) -> list[str]:
+        """The exemplars' texts (training prompts near the centroids; none in a reference
+        without exemplars): the traffic a plain target is translated on before a log exists."""
+        return [] if self.exemplars is None else [str(t) for t in self.exemplars[0]]
+
     def nearest(
         self, embedding: npt.NDArray[np.floating[Any]], k: int = 3
     ) -> list[list[tuple[str, float, npt.NDArray[np.float32]]]]:

@@ -315,10 +315,9 @@ def check_reachable(guard: BudgetGuard, clf: TierClassifier, policy: RoutingPoli
     start the guard at the weight that meets it there. The plain target is so translated into
     the rule's knob by the model itself, and the first window is routed near the target rather
     than at the policy's weight."""
-    reference = clf.reference
-    if reference is None or reference.exemplars is None:
+    texts = clf.reference.prompts if clf.reference is not None else []
+    if not texts:
         return
-    texts = [str(t) for t in reference.exemplars[0]]
     router = clf.router(policy)
     usd = call_costs([len(t) for t in texts], clf.manifest.tiers)
     what = f"{len(texts)} of the model's reference training prompts"

@@ -37,7 +37,7 @@ import numpy.typing as npt
 
 from tierpick.classifier import RoutingPolicy, TierClassifier
 from tierpick.classifier.errors import ConfigError, MissingDependencyError, TierpickError
-from tierpick.classifier.routing import CHARS_PER_TOKEN, OUTPUT_TOKENS
+from tierpick.classifier.routing import CHARS_PER_TOKEN, OUTPUT_TOKENS, RULE_KNOB
 from tierpick.serving.report import Costs, read_scored
 from tierpick.serving.scoring import ScoreOptions, score
 
@@ -294,11 +294,12 @@ def reference_prompts(clf: TierClassifier) -> list[str]:
     Raises:
         ConfigError: the model has none (exported before references were added).
     """
-    if clf.reference is None or clf.reference.exemplars is None:
+    prompts = clf.reference.prompts if clf.reference is not None else []
+    if not prompts:
         raise ConfigError(
             f"model {clf.version} has no reference prompts (reference.npz): give a prompt log"
         )
-    return [str(t) for t in clf.reference.exemplars[0]]
+    return prompts
 
 
 def reference_log(clf: TierClassifier, folder: Path) -> Path:
@@ -312,7 +313,7 @@ def reference_log(clf: TierClassifier, folder: Path) -> Path:
 
 def render_markdown(t: Tuned, source: str, clf: TierClassifier) -> str:
     tiers = list(clf.tiers)
-    knob = "cost_weight" if t.rule == "utility" else "min_success"
+    knob = RULE_KNOB[t.rule]
     head = "| | " + " | ".join(tiers) + " | USD per 1k requests | predicted success |"
     rule = "|---|" + "---:|" * (len(tiers) + 2)
 
